@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - create .venv if absent, install hasten, run the demo on 2 processes
+#   make test   - create .venv if absent, install hasten with its test extra, run the tests
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+.PHONY: demo test bench typecheck clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+
+$(VENV)/.hasten: $(PY) pyproject.toml constraints.txt
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.hasten-test: $(VENV)/.hasten
+	$(PIP) -e '.[test]'
+	touch $@
+
+$(VENV)/.hasten-bench: $(VENV)/.hasten
+	$(PIP) -e '.[bench]'
+	touch $@
+
+demo: $(VENV)/.hasten
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 examples/quickstart.py
+
+test: $(VENV)/.hasten-test
+	$(PY) -m pytest -q tests
+	$(PY) -m mypy
+
+bench: $(VENV)/.hasten-bench
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

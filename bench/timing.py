@@ -1,0 +1,71 @@
+"""Shared timing helpers for the benchmarks (never run by the test suite).
+
+Each ``bench/bench_*.py`` runs hasten and its comparison (Accelerate, raw torch,
+optree) side by side in one process and prints a Markdown table of times and
+ratios, ready to paste into ``docs/benchmarks.md`` with the command that made it.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Timing:
+    """Seconds per call of one contender: best and median over the repeats."""
+
+    name: str
+    best: float
+    median: float
+
+
+def measure(name: str, function: Callable[[], Any], repeat: int = 7, number: int | None = None,
+            budget: float = 0.2) -> Timing:
+    """Time ``function()``: ``repeat`` rounds of ``number`` calls (chosen to fill ``budget`` s when ``None``)."""
+    function()  # warm-up
+    if number is None:
+        start = time.perf_counter()
+        function()
+        once = max(time.perf_counter() - start, 1e-7)
+        number = max(1, int(budget / once))
+    rounds = []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeat):
+            start = time.perf_counter()
+            for _ in range(number):
+                function()
+            rounds.append((time.perf_counter() - start) / number)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return Timing(name, min(rounds), statistics.median(rounds))
+
+
+def fmt_seconds(seconds: float) -> str:
+    """A duration with a unit that keeps three significant digits."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def table(title: str, rows: Sequence[tuple[str, Sequence[Timing]]], baseline: int = 0) -> str:
+    """A Markdown table: one row per case, each contender's median time and its ratio to ``baseline``."""
+    names = [timing.name for timing in rows[0][1]]
+    head = ["case", *names, *[f"{names[baseline]} vs {n}" for i, n in enumerate(names) if i != baseline]]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for case, timings in rows:
+        base = timings[baseline].median
+        ratios = [f"{timing.median / base:.2f}×" for i, timing in enumerate(timings) if i != baseline]
+        lines.append("| " + " | ".join([case, *[fmt_seconds(t.median) for t in timings], *ratios]) + " |")
+    lines.append("")
+    lines.append(f"Ratios are the other contender's median time over {names[baseline]}'s: above 1× means "
+                 f"{names[baseline]} is faster.")
+    return "\n".join(lines)

@@ -1,0 +1,706 @@
+"""The state every process shares with itself: who it is, which device it uses, its process group.
+
+:class:`PartialState` is created from the environment a launcher leaves
+(``torchrun``, ``hasten launch``, MPI) or, with none, describes a single
+process. Every ``PartialState()`` in a process reads the same shared record;
+the process group is created once, by the first one. Tests reset the record
+with ``PartialState._reset_state()`` (and ``AcceleratorState._reset_state``,
+``GradientState._reset_state``), which leaves the process group alone.
+
+:class:`AcceleratorState` adds mixed precision and the engine plugins,
+:class:`GradientState` the gradient-accumulation bookkeeping that the
+``Accelerator`` and its data loaders share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from hasten.utils.dataclasses.enums import DistributedType, PrecisionType
+from hasten.utils.device import device_for_local_process
+from hasten.utils.environment import parse_choice_from_env, parse_flag_from_env
+from hasten.utils.errors import ConfigurationError, ProcessGroupError, RendezvousTimeoutError
+from hasten.utils.process_env import LaunchEnvironment
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_BACKEND_FOR_DEVICE = {"cuda": "nccl", "xpu": "xccl", "npu": "hccl", "cpu": "gloo", "mps": "gloo"}
+_DISTRIBUTED_TYPE_FOR_DEVICE = {
+    "cuda": DistributedType.MULTI_GPU,
+    "xpu": DistributedType.MULTI_XPU,
+    "npu": DistributedType.MULTI_NPU,
+    "cpu": DistributedType.MULTI_CPU,
+    "mps": DistributedType.MULTI_CPU,
+}
+_BACKEND_NEEDS = {"nccl": "cuda", "xccl": "xpu", "hccl": "npu"}
+
+
+@dataclass(frozen=True)
+class _ProcessState:
+    launch: LaunchEnvironment
+    distributed_type: DistributedType
+    backend: str | None
+    device: torch.device
+    num_processes: int
+    process_index: int
+    local_process_index: int
+    cpu: bool
+    debug: bool
+    fork_launched: bool
+
+
+def _do_nothing(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _timeout(value: Any) -> datetime.timedelta | None:
+    if value is None or isinstance(value, datetime.timedelta):
+        return value
+    if isinstance(value, (int, float)) and value > 0:
+        return datetime.timedelta(seconds=value)
+    raise ConfigurationError(f"timeout={value!r} must be a datetime.timedelta or a positive number of seconds.")
+
+
+def _choose_backend(requested: str | None, device: torch.device) -> str:
+    backend = (requested or _BACKEND_FOR_DEVICE.get(device.type, "gloo")).lower()
+    needs = _BACKEND_NEEDS.get(backend)
+    if needs is not None and device.type != needs:
+        raise ConfigurationError(
+            f"backend={backend!r} needs a {needs} device, but this process computes on {device.type!r}. "
+            f"Use backend='gloo' on CPU (the default), or run where a {needs} device is present."
+        )
+    return backend
+
+
+def _join_process_group(launch: LaunchEnvironment, backend: str, kwargs: dict[str, Any]) -> None:
+    timeout = _timeout(kwargs.pop("timeout", None))
+    init_method = kwargs.pop("init_method", None) or launch.init_method
+    extra: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
+    try:
+        dist.init_process_group(
+            backend=backend, init_method=init_method, rank=launch.rank, world_size=launch.world_size, **extra, **kwargs
+        )
+    except dist.DistError as error:
+        waited = f"{timeout.total_seconds():g} s" if timeout is not None else "the default timeout"
+        if launch.rank == 0:
+            cause = "the other ranks did not all connect to it"
+        else:
+            cause = "rank 0 could not be reached there"
+        raise RendezvousTimeoutError(
+            f"Rank {launch.rank} of {launch.world_size} could not join the process group at {init_method} "
+            f"within {waited}: {cause}. Start all {launch.world_size} processes with the same MASTER_ADDR and "
+            "MASTER_PORT, check that rank 0 is reachable from every machine, or give slow starters more time "
+            f"with InitProcessGroupKwargs(timeout=...). Underlying error: {str(error).splitlines()[0]}"
+        ) from error
+
+
+def _adopt_process_group(launch: LaunchEnvironment) -> tuple[int, int, int]:
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    local_rank = launch.local_rank if launch.world_size == world_size else rank
+    return rank, world_size, local_rank
+
+
+def _create_state(cpu: bool, kwargs: dict[str, Any]) -> _ProcessState:
+    """Read the launch environment and join (or adopt) the process group it describes."""
+    cpu = cpu or parse_flag_from_env("ACCELERATE_USE_CPU")
+    launch = LaunchEnvironment.from_environ()
+    requested_backend = kwargs.pop("backend", None)
+    already = dist.is_available() and dist.is_initialized()
+    wants_group = already or launch.is_distributed or (launch.launched and launch.master_addr is not None)
+    if not wants_group:
+        if kwargs or requested_backend:
+            logger.debug("Single process: process-group arguments %s ignored.", sorted(kwargs))
+        return _ProcessState(
+            launch=launch,
+            distributed_type=DistributedType.NO,
+            backend=None,
+            device=device_for_local_process(0, cpu),
+            num_processes=1,
+            process_index=0,
+            local_process_index=0,
+            cpu=cpu,
+            debug=parse_flag_from_env("ACCELERATE_DEBUG_MODE"),
+            fork_launched=parse_flag_from_env("FORK_LAUNCHED"),
+        )
+    if already:
+        rank, world_size, local_rank = _adopt_process_group(launch)
+        device = device_for_local_process(local_rank, cpu)
+        backend = str(dist.get_backend())
+    else:
+        rank, world_size, local_rank = launch.rank, launch.world_size, launch.local_rank
+        device = device_for_local_process(local_rank, cpu)
+        backend = _choose_backend(requested_backend, device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        _join_process_group(launch, backend, kwargs)
+    return _ProcessState(
+        launch=launch,
+        distributed_type=_DISTRIBUTED_TYPE_FOR_DEVICE.get(device.type, DistributedType.MULTI_CPU),
+        backend=backend,
+        device=device,
+        num_processes=world_size,
+        process_index=rank,
+        local_process_index=local_rank,
+        cpu=cpu,
+        debug=parse_flag_from_env("ACCELERATE_DEBUG_MODE"),
+        fork_launched=parse_flag_from_env("FORK_LAUNCHED"),
+    )
+
+
+class PartialState:
+    """This process's place in the job: rank, device, process group and the helpers built on them.
+
+    Args:
+        cpu: compute on the CPU even when an accelerator is present (``ACCELERATE_USE_CPU``).
+        **kwargs: passed to ``torch.distributed.init_process_group`` when the group is created:
+            ``backend`` (default ``gloo`` on CPU, ``nccl`` on CUDA), ``init_method`` and ``timeout``
+            (a ``timedelta`` or seconds), as :class:`InitProcessGroupKwargs` produces them.
+
+    Raises:
+        ValueError: the launch environment is inconsistent (checked before any network call).
+        RendezvousTimeoutError: the other processes did not all arrive within the timeout.
+    """
+
+    _shared: ClassVar[_ProcessState | None] = None
+
+    def __init__(self, cpu: bool = False, **kwargs: Any) -> None:
+        if PartialState._shared is None:
+            PartialState._shared = _create_state(cpu, dict(kwargs))
+            return
+        backend = kwargs.get("backend")
+        live = PartialState._shared.backend
+        if backend is not None and live is not None and backend.lower() != live:
+            raise ConfigurationError(
+                f"backend={backend!r} was requested, but this process already joined a {live!r} process group. "
+                "Pass the backend the first time the state is created (or reset it and destroy the group first)."
+            )
+
+    @classmethod
+    def _reset_state(cls) -> None:
+        """Forget the shared record (for tests); the process group, if any, stays up and is adopted next time."""
+        PartialState._shared = None
+
+    @property
+    def _state(self) -> _ProcessState:
+        if PartialState._shared is None:
+            raise RuntimeError("The process state was reset; create `PartialState()` again before using it.")
+        return PartialState._shared
+
+    def __repr__(self) -> str:
+        s = self._state
+        return (
+            f"Distributed environment: {s.distributed_type.value}{'  Backend: ' + s.backend if s.backend else ''}\n"
+            f"Num processes: {s.num_processes}\nProcess index: {s.process_index}\n"
+            f"Local process index: {s.local_process_index}\nDevice: {s.device}\n"
+        )
+
+    # --- who and where ------------------------------------------------------------------------
+
+    @property
+    def initialized(self) -> bool:
+        """Whether the shared state exists in this process."""
+        return PartialState._shared is not None
+
+    @property
+    def distributed_type(self) -> DistributedType:
+        """How the processes share the work (``NO`` for a single process)."""
+        return self._state.distributed_type
+
+    @property
+    def backend(self) -> str | None:
+        """The process-group backend (``"gloo"``, ``"nccl"``, …), ``None`` for a single process."""
+        return self._state.backend
+
+    @property
+    def device(self) -> torch.device:
+        """The device this process computes on."""
+        return self._state.device
+
+    @property
+    def default_device(self) -> torch.device:
+        """The device a process with this local rank uses by default (same as :attr:`device`)."""
+        return self._state.device
+
+    @property
+    def num_processes(self) -> int:
+        """How many processes take part in the job."""
+        return self._state.num_processes
+
+    @property
+    def process_index(self) -> int:
+        """This process's global rank."""
+        return self._state.process_index
+
+    @property
+    def local_process_index(self) -> int:
+        """This process's rank on its machine."""
+        return self._state.local_process_index
+
+    @property
+    def debug(self) -> bool:
+        """Whether ``ACCELERATE_DEBUG_MODE`` asked collectives to check their inputs first."""
+        return self._state.debug
+
+    @property
+    def fork_launched(self) -> bool:
+        """Whether the processes were forked by a notebook launcher."""
+        return self._state.fork_launched
+
+    @property
+    def use_distributed(self) -> bool:
+        """Whether more than one process takes part through a process group."""
+        return self._state.distributed_type != DistributedType.NO and self._state.num_processes > 1
+
+    @property
+    def is_main_process(self) -> bool:
+        """Whether this is the global rank 0."""
+        return self._state.process_index == 0
+
+    @property
+    def is_local_main_process(self) -> bool:
+        """Whether this is local rank 0 on its machine."""
+        return self._state.local_process_index == 0
+
+    @property
+    def is_last_process(self) -> bool:
+        """Whether this is the highest global rank."""
+        return self._state.process_index == self._state.num_processes - 1
+
+    # --- synchronisation ----------------------------------------------------------------------
+
+    def wait_for_everyone(self) -> None:
+        """Block until every process reaches this point.
+
+        On gloo, a monitored barrier names the ranks that did not arrive when the timeout passes.
+
+        Raises:
+            RendezvousTimeoutError: some ranks did not arrive before the process-group timeout.
+        """
+        if not self.use_distributed:
+            return
+        if self.backend != "gloo":
+            dist.barrier()
+            return
+        try:
+            dist.monitored_barrier(wait_all_ranks=True)
+        except RuntimeError as error:
+            raise RendezvousTimeoutError(
+                f"wait_for_everyone on rank {self.process_index}: not every rank arrived before the timeout. "
+                f"{str(error).splitlines()[0]}. A rank that crashed or skipped this call is the usual cause."
+            ) from error
+
+    @contextlib.contextmanager
+    def _goes_first(self, first: bool) -> Iterator[None]:
+        if not first:
+            self.wait_for_everyone()
+        yield
+        if first:
+            self.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def main_process_first(self) -> Iterator[None]:
+        """Run the block on the main process first, then on the others (e.g. to fill a cache once)."""
+        with self._goes_first(self.is_main_process):
+            yield
+
+    @contextlib.contextmanager
+    def local_main_process_first(self) -> Iterator[None]:
+        """Run the block on each machine's local main process first, then on the others."""
+        with self._goes_first(self.is_local_main_process):
+            yield
+
+    # --- running code on some processes -------------------------------------------------------
+
+    def _only_if(self, runs_here: bool, function: F | None) -> F:
+        if function is None:
+            raise TypeError("Pass the function to decorate (use these as `@state.on_main_process`).")
+        return function if runs_here else _do_nothing  # type: ignore[return-value]
+
+    def on_main_process(self, function: F | None = None) -> F:
+        """Decorator: the function runs on the main process and does nothing elsewhere."""
+        return self._only_if(self.is_main_process or not self.use_distributed, function)
+
+    def on_local_main_process(self, function: F | None = None) -> F:
+        """Decorator: the function runs on each machine's local main process only."""
+        return self._only_if(self.is_local_main_process or not self.use_distributed, function)
+
+    def on_last_process(self, function: F | None = None) -> F:
+        """Decorator: the function runs on the last process only."""
+        return self._only_if(self.is_last_process or not self.use_distributed, function)
+
+    def on_process(self, function: F | None = None, process_index: int | None = None) -> Any:
+        """Decorator: the function runs on the process with global rank ``process_index`` only.
+
+        Usable as ``@state.on_process(process_index=1)``.
+        """
+        if process_index is None:
+            raise TypeError("on_process needs process_index=<rank>, e.g. `@state.on_process(process_index=1)`.")
+        if function is None:
+            return lambda fn: self.on_process(fn, process_index=process_index)
+        return self._only_if(self.process_index == process_index or not self.use_distributed, function)
+
+    def on_local_process(self, function: F | None = None, local_process_index: int | None = None) -> Any:
+        """Decorator: the function runs on the process with local rank ``local_process_index`` only."""
+        if local_process_index is None:
+            raise TypeError(
+                "on_local_process needs local_process_index=<rank>, e.g. `@state.on_local_process(local_process_index=1)`."
+            )
+        if function is None:
+            return lambda fn: self.on_local_process(fn, local_process_index=local_process_index)
+        runs = self.local_process_index == local_process_index or not self.use_distributed
+        return self._only_if(runs, function)
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """``print`` on the local main process only."""
+        if self.is_local_main_process:
+            print(*args, **kwargs)
+
+    # --- splitting inputs ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def split_between_processes(self, inputs: Any, apply_padding: bool = False) -> Iterator[Any]:
+        """Yield this process's share of ``inputs``: contiguous, in rank order, sizes differing by at most one.
+
+        ``inputs`` may be a list, tuple, tensor (split on dim 0) or a dict whose values are all
+        of those with one common length. With ``apply_padding``, shorter shares are padded with
+        their last element so every process gets the same length (useful before ``gather``).
+
+        Raises:
+            ValueError: the values of a dict have different lengths.
+        """
+        if self.num_processes == 1:
+            yield inputs
+            return
+        yield _split_for_process(inputs, self.process_index, self.num_processes, apply_padding)
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    def set_device(self) -> None:
+        """Make :attr:`device` the current device of its accelerator type (no-op on CPU)."""
+        device = self.device
+        if device.type in ("cpu", "mps"):
+            return
+        getattr(torch, device.type).set_device(device)
+
+    def destroy_process_group(self, group: Any = None) -> None:
+        """Destroy ``group`` (the default group when ``None``) if it exists."""
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group(group)
+
+
+def _split_bounds(length: int, process_index: int, num_processes: int) -> tuple[int, int, int]:
+    per_process, extras = divmod(length, num_processes)
+    start = process_index * per_process + min(process_index, extras)
+    end = start + per_process + (1 if process_index < extras else 0)
+    return start, end, per_process + (1 if extras else 0)
+
+
+def _split_for_process(inputs: Any, process_index: int, num_processes: int, apply_padding: bool) -> Any:
+    if isinstance(inputs, dict):
+        lengths = {key: len(value) for key, value in inputs.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(
+                f"split_between_processes needs every value of the dict to have the same length; got {lengths}."
+            )
+        return {key: _split_for_process(value, process_index, num_processes, apply_padding) for key, value in inputs.items()}
+    if not isinstance(inputs, (list, tuple, torch.Tensor)):
+        raise TypeError(
+            f"split_between_processes takes a list, tuple, tensor or dict of those; got {type(inputs).__name__}."
+        )
+    start, end, padded_length = _split_bounds(len(inputs), process_index, num_processes)
+    missing = padded_length - (end - start)
+    if not apply_padding or missing <= 0 or len(inputs) == 0:
+        return inputs[start:end]
+    last = end - 1 if end > start else len(inputs) - 1  # pad with this share's last item (or the very last)
+    if isinstance(inputs, torch.Tensor):
+        return torch.cat([inputs[start:end], inputs[last : last + 1].expand(missing, *inputs.shape[1:])])
+    padded = list(inputs[start:end]) + [inputs[last]] * missing
+    return padded if isinstance(inputs, list) else tuple(padded)
+
+
+class _HasToKwargs(Protocol):
+    def to_kwargs(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class _AcceleratorStateData:
+    mixed_precision: PrecisionType
+    distributed_type: DistributedType
+    dynamo_plugin: Any = None
+    deepspeed_plugins: dict[str, Any] | None = None
+    fsdp_plugin: Any = None
+    torch_tp_plugin: Any = None
+    megatron_lm_plugin: Any = None
+    parallelism_config: Any = None
+
+
+def _resolve_mixed_precision(mixed_precision: str | None) -> PrecisionType:
+    if mixed_precision is not None:
+        return PrecisionType.parse(mixed_precision, "mixed_precision")
+    return PrecisionType.parse(parse_choice_from_env("ACCELERATE_MIXED_PRECISION", "no"), "ACCELERATE_MIXED_PRECISION")
+
+
+def _engine_distributed_type(base: DistributedType, deepspeed: Any, fsdp: Any, megatron: Any) -> DistributedType:
+    if base == DistributedType.NO and not any((deepspeed, fsdp, megatron)):
+        return base
+    if deepspeed is not None or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return DistributedType.DEEPSPEED
+    if fsdp is not None or parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return DistributedType.FSDP
+    if megatron is not None or parse_flag_from_env("ACCELERATE_USE_MEGATRON_LM"):
+        return DistributedType.MEGATRON_LM
+    return base
+
+
+class AcceleratorState(PartialState):
+    """:class:`PartialState` plus the training set-up: mixed precision and engine plugins.
+
+    Everything :class:`PartialState` offers is available here too. ``distributed_type``
+    becomes ``DEEPSPEED``, ``FSDP`` or ``MEGATRON_LM`` when the matching plugin is given
+    or ``ACCELERATE_USE_*`` asks for it.
+
+    Raises:
+        ValueError: ``mixed_precision`` is not one of ``no``, ``fp16``, ``bf16``, ``fp8``, or
+            differs from the one the live state was created with.
+    """
+
+    _accelerator: ClassVar[_AcceleratorStateData | None] = None
+
+    def __init__(
+        self,
+        mixed_precision: str | None = None,
+        cpu: bool = False,
+        dynamo_plugin: Any = None,
+        deepspeed_plugin: Any = None,
+        fsdp_plugin: Any = None,
+        torch_tp_plugin: Any = None,
+        megatron_lm_plugin: Any = None,
+        parallelism_config: Any = None,
+        _from_accelerator: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(cpu, **kwargs)
+        live = AcceleratorState._accelerator
+        if live is not None:
+            if mixed_precision is not None and PrecisionType.parse(mixed_precision, "mixed_precision") != live.mixed_precision:
+                raise ValueError(
+                    f"mixed_precision={mixed_precision!r} differs from the {live.mixed_precision.value!r} this "
+                    "process's AcceleratorState was created with; it cannot change once set. Pass it the first "
+                    "time (to `Accelerator(mixed_precision=...)`), or reset the state in tests."
+                )
+            return
+        deepspeed_plugins: dict[str, Any] | None
+        if isinstance(deepspeed_plugin, dict):
+            deepspeed_plugins = deepspeed_plugin
+        else:
+            deepspeed_plugins = None if deepspeed_plugin is None else {"default": deepspeed_plugin}
+        AcceleratorState._accelerator = _AcceleratorStateData(
+            mixed_precision=_resolve_mixed_precision(mixed_precision),
+            distributed_type=_engine_distributed_type(
+                super().distributed_type, deepspeed_plugins, fsdp_plugin, megatron_lm_plugin
+            ),
+            dynamo_plugin=dynamo_plugin,
+            deepspeed_plugins=deepspeed_plugins,
+            fsdp_plugin=fsdp_plugin,
+            torch_tp_plugin=torch_tp_plugin,
+            megatron_lm_plugin=megatron_lm_plugin,
+            parallelism_config=parallelism_config,
+        )
+
+    @classmethod
+    def _reset_state(cls, reset_partial_state: bool = False) -> None:
+        """Forget the accelerator record (for tests); with ``reset_partial_state``, the process record too."""
+        AcceleratorState._accelerator = None
+        if reset_partial_state:
+            PartialState._reset_state()
+
+    @property
+    def _data(self) -> _AcceleratorStateData:
+        if AcceleratorState._accelerator is None:
+            raise RuntimeError("The accelerator state was reset; create `AcceleratorState()` again before using it.")
+        return AcceleratorState._accelerator
+
+    @property
+    def initialized(self) -> bool:
+        """Whether the accelerator record exists in this process."""
+        return AcceleratorState._accelerator is not None
+
+    @property
+    def distributed_type(self) -> DistributedType:
+        """How the work is shared, including the engine (``DEEPSPEED``, ``FSDP``, ``MEGATRON_LM``)."""
+        return self._data.distributed_type
+
+    @property
+    def mixed_precision(self) -> str:
+        """The mixed-precision mode: ``"no"``, ``"fp16"``, ``"bf16"`` or ``"fp8"``."""
+        return self._data.mixed_precision.value
+
+    @property
+    def dynamo_plugin(self) -> Any:
+        """The ``TorchDynamoPlugin`` in use, if any."""
+        return self._data.dynamo_plugin
+
+    @property
+    def deepspeed_plugins(self) -> dict[str, Any] | None:
+        """The DeepSpeed plugins by name, if any."""
+        return self._data.deepspeed_plugins
+
+    @property
+    def deepspeed_plugin(self) -> Any:
+        """The DeepSpeed plugin in use (the first one when several were given), if any."""
+        plugins = self._data.deepspeed_plugins
+        return next(iter(plugins.values())) if plugins else None
+
+    @property
+    def fsdp_plugin(self) -> Any:
+        """The ``FullyShardedDataParallelPlugin`` in use, if any."""
+        return self._data.fsdp_plugin
+
+    @property
+    def torch_tp_plugin(self) -> Any:
+        """The tensor-parallel plugin in use, if any."""
+        return self._data.torch_tp_plugin
+
+    @property
+    def megatron_lm_plugin(self) -> Any:
+        """The ``MegatronLMPlugin`` in use, if any."""
+        return self._data.megatron_lm_plugin
+
+    @property
+    def parallelism_config(self) -> Any:
+        """The n-D parallelism layout in use, if any."""
+        return self._data.parallelism_config
+
+
+@dataclass
+class _GradientStateData:
+    plugin_kwargs: dict[str, Any] = field(default_factory=dict)
+    sync_gradients: bool = True
+    active_dataloader: Any = None
+    dataloader_references: list[Any] = field(default_factory=lambda: [None])
+    is_xla_gradients_synced: bool = False
+
+
+class GradientState:
+    """Gradient-accumulation bookkeeping shared by the ``Accelerator``, its data loaders and schedulers.
+
+    Args:
+        gradient_accumulation_plugin: a ``GradientAccumulationPlugin`` (anything with ``to_kwargs()``);
+            its settings replace the current ones.
+    """
+
+    _shared: ClassVar[_GradientStateData | None] = None
+
+    def __init__(self, gradient_accumulation_plugin: _HasToKwargs | None = None) -> None:
+        if GradientState._shared is None:
+            GradientState._shared = _GradientStateData()
+        if gradient_accumulation_plugin is not None:
+            GradientState._shared.plugin_kwargs = dict(gradient_accumulation_plugin.to_kwargs())
+
+    @classmethod
+    def _reset_state(cls) -> None:
+        """Forget the gradient record (for tests)."""
+        GradientState._shared = None
+
+    @property
+    def _data(self) -> _GradientStateData:
+        if GradientState._shared is None:
+            raise RuntimeError("The gradient state was reset; create `GradientState()` again before using it.")
+        return GradientState._shared
+
+    @property
+    def initialized(self) -> bool:
+        """Whether the gradient record exists in this process."""
+        return GradientState._shared is not None
+
+    @property
+    def plugin_kwargs(self) -> dict[str, Any]:
+        """The gradient-accumulation settings in effect."""
+        return self._data.plugin_kwargs
+
+    @property
+    def num_steps(self) -> int:
+        """How many batches each optimizer step accumulates."""
+        return int(self._data.plugin_kwargs.get("num_steps", 1))
+
+    @property
+    def adjust_scheduler(self) -> bool:
+        """Whether schedulers step once per accumulated step instead of once per batch."""
+        return bool(self._data.plugin_kwargs.get("adjust_scheduler", False))
+
+    @property
+    def sync_with_dataloader(self) -> bool:
+        """Whether gradients are synchronised at the end of each data loader."""
+        return bool(self._data.plugin_kwargs.get("sync_with_dataloader", True))
+
+    @property
+    def sync_each_batch(self) -> bool:
+        """Whether gradients are synchronised on every batch even while accumulating."""
+        return bool(self._data.plugin_kwargs.get("sync_each_batch", False))
+
+    @property
+    def sync_gradients(self) -> bool:
+        """Whether the next backward pass synchronises gradients across processes."""
+        return self._data.sync_gradients
+
+    @property
+    def active_dataloader(self) -> Any:
+        """The data loader being iterated, if any."""
+        return self._data.active_dataloader
+
+    @property
+    def dataloader_references(self) -> list[Any]:
+        """The stack of data loaders being iterated (``None`` at the bottom)."""
+        return self._data.dataloader_references
+
+    @property
+    def in_dataloader(self) -> bool:
+        """Whether a data loader is being iterated."""
+        return self._data.active_dataloader is not None
+
+    @property
+    def end_of_dataloader(self) -> bool:
+        """Whether the active data loader has yielded its last batch."""
+        loader = self._data.active_dataloader
+        return bool(loader is not None and getattr(loader, "end_of_dataloader", False))
+
+    @property
+    def remainder(self) -> int:
+        """How many samples the active data loader's last batch holds beyond an even split (-1 when unknown)."""
+        loader = self._data.active_dataloader
+        return -1 if loader is None else int(getattr(loader, "remainder", -1))
+
+    @property
+    def is_xla_gradients_synced(self) -> bool:
+        """Whether XLA gradients were already all-reduced for this step."""
+        return self._data.is_xla_gradients_synced
+
+    def _set_sync_gradients(self, sync_gradients: bool) -> None:
+        self._data.sync_gradients = sync_gradients
+
+    def _add_dataloader(self, dataloader: Any) -> None:
+        self._data.active_dataloader = dataloader
+        self._data.dataloader_references.append(dataloader)
+
+    def _remove_dataloader(self, dataloader: Any) -> None:
+        references = self._data.dataloader_references
+        if dataloader in references:
+            references.remove(dataloader)
+        self._data.active_dataloader = references[-1]
+
+    def __repr__(self) -> str:
+        return (
+            f"Sync Gradients: {self.sync_gradients}\nAt end of current dataloader: {self.end_of_dataloader}\n"
+            f"Extra samples added: {self.remainder}\nGradient accumulation plugin: {self.plugin_kwargs}\n"
+        )
+

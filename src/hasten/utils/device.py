@@ -1,0 +1,40 @@
+"""Which accelerator this process computes on, decided without initialising CUDA."""
+
+from __future__ import annotations
+
+import torch
+
+from hasten.utils.imports import is_cuda_available, is_mps_available, is_npu_available, is_xpu_available
+
+
+def accelerator_type() -> str:
+    """The device type of the accelerator present: ``"cuda"``, ``"xpu"``, ``"npu"``, ``"mps"`` or ``"cpu"``."""
+    if is_cuda_available():
+        return "cuda"
+    if is_xpu_available():
+        return "xpu"
+    if is_npu_available():
+        return "npu"
+    if is_mps_available():
+        return "mps"
+    return "cpu"
+
+
+def accelerator_count(device_type: str | None = None) -> int:
+    """How many devices of ``device_type`` (the present accelerator by default) this process sees."""
+    device_type = device_type or accelerator_type()
+    if device_type == "cpu":
+        return 0
+    if device_type == "mps":
+        return 1
+    module = getattr(torch, device_type, None)
+    return int(module.device_count()) if module is not None else 0
+
+
+def device_for_local_process(local_process_index: int, cpu: bool = False) -> torch.device:
+    """The device a process with this local index should use (``cpu`` forces the CPU)."""
+    kind = "cpu" if cpu else accelerator_type()
+    if kind in ("cpu", "mps"):
+        return torch.device(kind)
+    count = accelerator_count(kind)
+    return torch.device(kind, local_process_index % count if count else 0)

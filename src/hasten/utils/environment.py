@@ -1,0 +1,214 @@
+"""The one place hasten parses environment variables, and helpers that scope changes to them.
+
+Every boolean read from the environment goes through :func:`str_to_bool`, every
+integer through :func:`get_int_from_env`, so ``ACCELERATE_*`` variables mean the
+same thing everywhere in hasten (and the same thing they mean in Accelerate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Callable, Literal, TypeVar, overload
+
+from hasten.utils.numa import cpus_of_accelerator
+
+logger = logging.getLogger(__name__)
+
+_TRUE = ("y", "yes", "t", "true", "on", "1")
+_FALSE = ("n", "no", "f", "false", "off", "0")
+
+T = TypeVar("T")
+
+
+@overload
+def str_to_bool(value: str, to_bool: Literal[False] = ...) -> int: ...
+@overload
+def str_to_bool(value: str, to_bool: Literal[True]) -> bool: ...
+def str_to_bool(value: str, to_bool: bool = False) -> int | bool:
+    """Read a yes/no string: ``1`` (or ``True``) for y, yes, t, true, on, 1; ``0`` for their opposites.
+
+    Raises:
+        ValueError: the string is neither; the message lists both spellings.
+
+    >>> str_to_bool("Yes"), str_to_bool("off", to_bool=True)
+    (1, False)
+    """
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True if to_bool else 1
+    if lowered in _FALSE:
+        return False if to_bool else 0
+    raise ValueError(f"Cannot read {value!r} as a boolean; use one of {_TRUE} or {_FALSE}.")
+
+
+def parse_flag_from_env(key: str, default: bool = False) -> bool:
+    """Read the environment variable ``key`` as a boolean, ``default`` when unset or empty."""
+    value = os.environ.get(key, "")
+    if not value.strip():
+        return default
+    try:
+        return str_to_bool(value, to_bool=True)
+    except ValueError as error:
+        raise ValueError(f"Environment variable {key}={value!r}: {error}") from None
+
+
+def parse_choice_from_env(key: str, default: str = "no") -> str:
+    """Read the environment variable ``key`` as a string, ``default`` when unset."""
+    return os.environ.get(key, str(default))
+
+
+def get_int_from_env(env_keys: Iterable[str], default: int) -> int:
+    """The first non-negative integer found among the variables ``env_keys``, else ``default``.
+
+    Raises:
+        ValueError: a variable is set to something that is not an integer.
+    """
+    for key in env_keys:
+        raw = os.environ.get(key)
+        if raw is None or not raw.strip():
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"Environment variable {key}={raw!r} must be an integer.") from None
+        if value >= 0:
+            return value
+    return default
+
+
+def are_libraries_initialized(*library_names: str) -> list[str]:
+    """The names among ``library_names`` that have already been imported in this process."""
+    import sys
+
+    return [name for name in library_names if name in sys.modules]
+
+
+@contextlib.contextmanager
+def patch_environment(**kwargs: Any) -> Iterator[None]:
+    """Set environment variables for the duration of a ``with`` block, then restore exactly.
+
+    Keys are upper-cased and values converted with ``str``. On exit (also on an
+    exception) each key gets back its previous value, and keys that were absent
+    are removed again.
+
+    >>> with patch_environment(hasten_doc_example=1):
+    ...     os.environ["HASTEN_DOC_EXAMPLE"]
+    '1'
+    >>> "HASTEN_DOC_EXAMPLE" in os.environ
+    False
+    """
+    updates = {key.upper(): str(value) for key, value in kwargs.items()}
+    previous = {key: os.environ.get(key) for key in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def clear_environment() -> Iterator[None]:
+    """Empty ``os.environ`` for the duration of a ``with`` block, then restore it exactly.
+
+    ``os.environ`` keeps its identity, so references to it held elsewhere stay valid.
+    """
+    saved = dict(os.environ)
+    os.environ.clear()
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _restore_accelerate_variables(before: Mapping[str, str]) -> None:
+    for key in [key for key in os.environ if key.startswith("ACCELERATE_")]:
+        if key not in before:
+            del os.environ[key]
+    for key, value in before.items():
+        os.environ[key] = value
+
+
+def _purged(function: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        before = {key: value for key, value in os.environ.items() if key.startswith("ACCELERATE_")}
+        try:
+            return function(*args, **kwargs)
+        finally:
+            _restore_accelerate_variables(before)
+
+    return wrapper
+
+
+def purge_accelerate_environment(func_or_cls: T) -> T:
+    """Decorator: undo every ``ACCELERATE_*`` variable a function (or each ``test*`` method) sets.
+
+    Some calls (building a plugin from a config, for instance) export
+    ``ACCELERATE_*`` variables; decorating a test or helper with this keeps
+    them from leaking into whatever runs next.
+    """
+    if inspect.isclass(func_or_cls):
+        for name, member in list(vars(func_or_cls).items()):
+            if name.startswith("test") and callable(member):
+                setattr(func_or_cls, name, _purged(member))
+        return func_or_cls
+    if callable(func_or_cls):
+        return _purged(func_or_cls)  # type: ignore[return-value]
+    raise TypeError(f"purge_accelerate_environment decorates a function or a class, not {func_or_cls!r}.")
+
+
+def convert_dict_to_env_variables(current_env: Mapping[str, Any]) -> list[str]:
+    """Render a mapping as ``KEY=value`` lines for an environment file, refusing unsafe entries.
+
+    Raises:
+        ValueError: a key is empty or contains ``=``, or a key or value contains a newline,
+            carriage return or NUL (which would inject extra variables into the file).
+    """
+    lines = []
+    for key, value in current_env.items():
+        text = str(value)
+        if not key or "=" in key or any(bad in key or bad in text for bad in ("\n", "\r", "\0")):
+            raise ValueError(
+                f"Cannot write environment variable {key!r}={text!r}: keys must be non-empty without '=', "
+                "and neither keys nor values may contain newlines or NUL characters."
+            )
+        lines.append(f"{key}={text}\n")
+    return lines
+
+
+def override_numa_affinity(local_process_index: int, verbose: bool | None = None) -> None:
+    """Pin this process to the CPUs of the NUMA node that holds its local accelerator.
+
+    On a host without accelerators, or one whose sysfs does not report the node,
+    this does nothing and says why in a debug log.
+    """
+    if verbose is None:
+        verbose = parse_flag_from_env("ACCELERATE_DEBUG_MODE")
+    cpus = cpus_of_accelerator(local_process_index)
+    if cpus is None:
+        logger.debug("No NUMA information for local process %d; CPU affinity left as is.", local_process_index)
+        return
+    os.sched_setaffinity(0, cpus)
+    if verbose:
+        logger.info("Process %d pinned to CPUs %s.", local_process_index, sorted(cpus))
+
+
+_numa_done: set[int] = set()
+
+
+def set_numa_affinity(local_process_index: int, verbose: bool | None = None) -> None:
+    """Like :func:`override_numa_affinity`, but only the first time for each local process index."""
+    if local_process_index in _numa_done:
+        return
+    override_numa_affinity(local_process_index, verbose=verbose)
+    _numa_done.add(local_process_index)
