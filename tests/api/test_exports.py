@@ -83,7 +83,7 @@ PENDING: dict[str, set[str]] = {
         "dispatch_model", "cpu_offload", "cpu_offload_with_hook", "disk_offload", "load_checkpoint_and_dispatch",
     },
     "issue 8 (memory, random, XLA, quantization)": {
-        "find_executable_batch_size", "release_memory", "clear_device_cache", "set_seed", "synchronize_rng_state",
+        "find_executable_batch_size", "release_memory", "set_seed", "synchronize_rng_state",
         "synchronize_rng_states", "install_xla", "load_and_quantize_model",
     },
     "issue 9 (command line and launchers)": {"debug_launcher", "notebook_launcher"},

@@ -79,6 +79,7 @@ from hasten.utils.imports import (
     is_wandb_available,
     is_xpu_available,
 )
+from hasten.utils.memory import clear_device_cache
 from hasten.utils.versions import compare_versions, is_torch_version
 
 __all__ = [
@@ -115,6 +116,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "WEIGHTS_PATTERN_NAME",
     "are_libraries_initialized",
+    "clear_device_cache",
     "clear_environment",
     "compare_versions",
     "convert_dict_to_env_variables",
