@@ -98,7 +98,11 @@ SIGNATURE_DIFFERENCES: dict[str, str] = {
 }
 
 # Where Accelerate keeps names it does not re-export from the facade hasten mirrors.
-ACCELERATE_HOMES = ["accelerate.state", "accelerate.utils.dataclasses"]
+ACCELERATE_HOMES = [
+    "accelerate.state", "accelerate.utils.dataclasses", "accelerate.utils.memory", "accelerate.utils.modeling",
+    "accelerate.utils.operations", "accelerate.utils.environment", "accelerate.utils.offload",
+    "accelerate.utils.random", "accelerate.big_modeling", "accelerate.hooks", "accelerate.launchers",
+]  # fmt: skip
 NOT_IN_ACCELERATE = {"is_ipex_available": "Accelerate 1.x dropped it; API.md keeps it"}
 
 
