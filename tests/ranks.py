@@ -126,10 +126,11 @@ def _collect(
             try:
                 replies[rank] = conn.recv()
             except EOFError:
+                exit_codes[rank].join(timeout=5)
                 replies[rank] = ("error", f"rank {rank} exited with code {exit_codes[rank].exitcode} without replying")
         if any(status == "error" for status, _ in replies.values()):
             # Give the others a moment to finish; ranks stuck in a collective will not.
-            grace = min(5.0, max(0.0, deadline - time.monotonic()))
+            grace = min(3.0, max(0.0, deadline - time.monotonic()))
             for conn in wait(list(pending), timeout=grace):
                 rank = pending.pop(conn)  # type: ignore[call-overload]
                 try:
@@ -232,7 +233,7 @@ def run_on_ranks(
         return _collect(conns, procs, timeout, getattr(function, "__name__", repr(function)), labels)
     finally:
         for proc in procs:
-            proc.join(timeout=10)
+            proc.join(timeout=3)  # ranks left hanging after a failure are killed
             if proc.is_alive():
                 proc.kill()
                 proc.join()

@@ -57,6 +57,8 @@ class _ProcessState:
     cpu: bool
     debug: bool
     fork_launched: bool
+    timeout: datetime.timedelta
+    """How long collectives wait for every rank (the process group's timeout)."""
 
 
 def _do_nothing(*args: Any, **kwargs: Any) -> None:
@@ -104,6 +106,15 @@ def _join_process_group(launch: LaunchEnvironment, backend: str, kwargs: dict[st
         ) from error
 
 
+def _group_timeout() -> datetime.timedelta:
+    """The live default group's timeout (read from its CPU backend; torch's default when hidden)."""
+    try:
+        timeout = dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout  # type: ignore[union-attr]
+    except (AttributeError, RuntimeError):
+        return dist.default_pg_timeout
+    return timeout if isinstance(timeout, datetime.timedelta) else dist.default_pg_timeout
+
+
 def _adopt_process_group(launch: LaunchEnvironment) -> tuple[int, int, int]:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     local_rank = launch.local_rank if launch.world_size == world_size else rank
@@ -131,6 +142,7 @@ def _create_state(cpu: bool, kwargs: dict[str, Any]) -> _ProcessState:
             cpu=cpu,
             debug=parse_flag_from_env("ACCELERATE_DEBUG_MODE"),
             fork_launched=parse_flag_from_env("FORK_LAUNCHED"),
+            timeout=dist.default_pg_timeout,
         )
     if already:
         rank, world_size, local_rank = _adopt_process_group(launch)
@@ -154,6 +166,7 @@ def _create_state(cpu: bool, kwargs: dict[str, Any]) -> _ProcessState:
         cpu=cpu,
         debug=parse_flag_from_env("ACCELERATE_DEBUG_MODE"),
         fork_launched=parse_flag_from_env("FORK_LAUNCHED"),
+        timeout=_group_timeout(),
     )
 
 
@@ -252,6 +265,11 @@ class PartialState:
         return self._state.debug
 
     @property
+    def timeout(self) -> datetime.timedelta:
+        """How long collectives and barriers wait for every rank before raising."""
+        return self._state.timeout
+
+    @property
     def fork_launched(self) -> bool:
         """Whether the processes were forked by a notebook launcher."""
         return self._state.fork_launched
@@ -292,7 +310,7 @@ class PartialState:
             dist.barrier()
             return
         try:
-            dist.monitored_barrier(wait_all_ranks=True)
+            dist.monitored_barrier(timeout=self._state.timeout, wait_all_ranks=True)
         except RuntimeError as error:
             raise RendezvousTimeoutError(
                 f"wait_for_everyone on rank {self.process_index}: not every rank arrived before the timeout. "
@@ -451,8 +469,7 @@ def _resolve_mixed_precision(mixed_precision: str | None) -> PrecisionType:
 
 
 def _engine_distributed_type(base: DistributedType, deepspeed: Any, fsdp: Any, megatron: Any) -> DistributedType:
-    if base == DistributedType.NO and not any((deepspeed, fsdp, megatron)):
-        return base
+    """The engine's type when a plugin or ``ACCELERATE_USE_*`` asks for one (also on a single process)."""
     if deepspeed is not None or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
         return DistributedType.DEEPSPEED
     if fsdp is not None or parse_flag_from_env("ACCELERATE_USE_FSDP"):

@@ -42,7 +42,12 @@ def package_version(name: str) -> str | None:
 
     Looks only at the import system and the installed metadata; never imports ``name``.
     """
-    if importlib.util.find_spec(name) is None:
+    if not all(part.isidentifier() for part in name.split(".")):
+        return None  # not a module name (a version string, say)
+    try:
+        if importlib.util.find_spec(name) is None:
+            return None
+    except (ImportError, ValueError):  # a parent package of a dotted name is missing
         return None
     for dist in (_DISTRIBUTIONS.get(name, name), name, name.replace("_", "-")):
         try:

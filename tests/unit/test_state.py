@@ -1,0 +1,190 @@
+"""PartialState, AcceleratorState and GradientState in a single process (no launcher variables)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from hasten.state import AcceleratorState, GradientState, PartialState
+from hasten.utils.dataclasses.enums import DistributedType
+from hasten.utils.environment import patch_environment
+from hasten.utils.errors import ConfigurationError
+from tests.ranks import free_port
+
+
+def test_single_process_without_launcher() -> None:
+    state = PartialState()
+    assert state.initialized
+    assert (state.num_processes, state.process_index, state.local_process_index) == (1, 0, 0)
+    assert state.distributed_type is DistributedType.NO and state.backend is None
+    assert state.device == torch.device("cpu") == state.default_device
+    assert state.is_main_process and state.is_local_main_process and state.is_last_process
+    assert not state.use_distributed and not state.debug
+    assert not dist.is_initialized()
+    state.wait_for_everyone()
+    with state.main_process_first(), state.local_main_process_first():
+        pass
+    assert "Distributed environment: NO" in repr(state)
+
+
+def test_every_instance_shares_one_record() -> None:
+    first = PartialState()
+    second = PartialState(cpu=True)  # later arguments do not re-create the state
+    assert first._state is second._state
+
+
+def test_reset_forgets_and_old_instances_say_so() -> None:
+    state = PartialState()
+    PartialState._reset_state()
+    with pytest.raises(RuntimeError, match=r"The process state was reset; create `PartialState\(\)` again"):
+        state.num_processes
+    assert PartialState().num_processes == 1
+
+
+def test_debug_flag_from_environment() -> None:
+    with patch_environment(ACCELERATE_DEBUG_MODE="1"):
+        assert PartialState().debug
+
+
+def test_decorators_run_everything_on_one_process() -> None:
+    state = PartialState()
+    assert state.on_main_process(lambda: "main")() == "main"
+    assert state.on_local_main_process(lambda: "local")() == "local"
+    assert state.on_last_process(lambda: "last")() == "last"
+    assert state.on_process(lambda: "one", process_index=1)() == "one"  # no group: everything runs
+    assert state.on_process(process_index=0)(lambda: "zero")() == "zero"
+    assert state.on_local_process(local_process_index=0)(lambda: "l0")() == "l0"
+
+
+def test_decorator_misuse_is_explained() -> None:
+    state = PartialState()
+    with pytest.raises(TypeError, match=r"on_process needs process_index=<rank>"):
+        state.on_process(lambda: None)
+    with pytest.raises(TypeError, match=r"on_local_process needs local_process_index=<rank>"):
+        state.on_local_process(lambda: None)
+    with pytest.raises(TypeError, match=r"Pass the function to decorate"):
+        state.on_main_process()
+
+
+def test_print_on_the_main_process() -> None:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        PartialState().print("hello", 1)
+    assert out.getvalue() == "hello 1\n"
+
+
+def test_split_between_processes_on_one_process_is_the_identity() -> None:
+    data = {"a": [1, 2, 3]}
+    with PartialState().split_between_processes(data, apply_padding=True) as share:
+        assert share is data
+
+
+def test_inconsistent_launch_is_a_value_error_before_any_network_call() -> None:
+    with patch_environment(RANK="2", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"):
+        with pytest.raises(ValueError, match=r"RANK=2 is not a valid rank in a world of 2 processes"):
+            PartialState()
+    assert not dist.is_initialized()
+
+
+def test_nccl_without_cuda_is_refused_before_any_network_call() -> None:
+    with patch_environment(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"):
+        with pytest.raises(ConfigurationError, match=r"backend='nccl' needs a cuda device, but this process computes on 'cpu'"):
+            PartialState(backend="nccl")
+
+
+def test_bad_timeout_is_refused() -> None:
+    with patch_environment(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"):
+        with pytest.raises(ConfigurationError, match=r"timeout='soon' must be a datetime.timedelta or a positive number"):
+            PartialState(timeout="soon")
+
+
+def test_a_launch_of_one_process_forms_a_group_of_one() -> None:
+    with patch_environment(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())):
+        state = PartialState(timeout=10)
+        assert dist.is_initialized() and state.backend == "gloo"
+        assert state.distributed_type is DistributedType.MULTI_CPU
+        assert state.num_processes == 1 and not state.use_distributed
+        with pytest.raises(ConfigurationError, match=r"backend='mpi' was requested, but this process already joined a 'gloo'"):
+            PartialState(backend="mpi")
+        state.destroy_process_group()
+    assert not dist.is_initialized()
+
+
+def test_accelerator_state_precision_from_argument_and_environment() -> None:
+    state = AcceleratorState(mixed_precision="BF16")
+    assert state.mixed_precision == "bf16" and state.num_processes == 1
+    assert state.distributed_type is DistributedType.NO
+    AcceleratorState._reset_state()
+    with patch_environment(ACCELERATE_MIXED_PRECISION="fp16"):
+        assert AcceleratorState().mixed_precision == "fp16"
+
+
+def test_accelerator_state_cannot_change_precision() -> None:
+    AcceleratorState(mixed_precision="bf16")
+    assert AcceleratorState(mixed_precision="bf16").mixed_precision == "bf16"
+    with pytest.raises(ValueError, match=r"mixed_precision='fp16' differs from the 'bf16' this process's AcceleratorState"):
+        AcceleratorState(mixed_precision="fp16")
+
+
+def test_accelerator_state_bad_precision() -> None:
+    with pytest.raises(ValueError, match=r"mixed_precision='fp32' is not valid; expected one of \['no', 'fp8', 'fp16', 'bf16'\]"):
+        AcceleratorState(mixed_precision="fp32")
+    with patch_environment(ACCELERATE_MIXED_PRECISION="half"), pytest.raises(
+        ValueError, match=r"ACCELERATE_MIXED_PRECISION='half' is not valid"
+    ):
+        AcceleratorState()
+
+
+@pytest.mark.parametrize(
+    ("variable", "expected"),
+    [("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED), ("ACCELERATE_USE_FSDP", DistributedType.FSDP),
+     ("ACCELERATE_USE_MEGATRON_LM", DistributedType.MEGATRON_LM)],
+)  # fmt: skip
+def test_engine_flags_set_the_distributed_type(variable: str, expected: DistributedType) -> None:
+    with patch_environment(**{variable: "true"}):
+        state = AcceleratorState()
+    assert state.distributed_type is expected
+    assert PartialState().distributed_type is DistributedType.NO  # the process itself is unchanged
+
+
+def test_accelerator_state_reset_keeps_or_drops_the_partial_state() -> None:
+    AcceleratorState()
+    AcceleratorState._reset_state()
+    assert PartialState._shared is not None and AcceleratorState._accelerator is None
+    AcceleratorState()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert PartialState._shared is None
+    with pytest.raises(RuntimeError, match=r"The accelerator state was reset"):
+        AcceleratorState.__new__(AcceleratorState).mixed_precision
+
+
+class _Plugin:
+    def to_kwargs(self) -> dict[str, object]:
+        return {"num_steps": 4, "adjust_scheduler": True, "sync_with_dataloader": False}
+
+
+class _Loader:
+    end_of_dataloader = True
+    remainder = 3
+
+
+def test_gradient_state() -> None:
+    state = GradientState()
+    assert (state.num_steps, state.sync_gradients, state.in_dataloader, state.end_of_dataloader) == (1, True, False, False)
+    assert state.remainder == -1 and state.sync_with_dataloader and not state.adjust_scheduler
+    GradientState(gradient_accumulation_plugin=_Plugin())
+    assert (state.num_steps, state.adjust_scheduler, state.sync_with_dataloader) == (4, True, False)
+    loader = _Loader()
+    state._add_dataloader(loader)
+    assert state.in_dataloader and state.end_of_dataloader and state.remainder == 3
+    state._remove_dataloader(loader)
+    assert state.active_dataloader is None and state.dataloader_references == [None]
+    state._set_sync_gradients(False)
+    assert not GradientState().sync_gradients
+    GradientState._reset_state()
+    with pytest.raises(RuntimeError, match=r"The gradient state was reset"):
+        state.num_steps

@@ -1,0 +1,147 @@
+"""The one environment parser and the helpers that scope environment changes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from hasten.utils.environment import (
+    are_libraries_initialized,
+    clear_environment,
+    convert_dict_to_env_variables,
+    get_int_from_env,
+    override_numa_affinity,
+    parse_choice_from_env,
+    parse_flag_from_env,
+    patch_environment,
+    purge_accelerate_environment,
+    set_numa_affinity,
+    str_to_bool,
+)
+
+
+@pytest.mark.parametrize("text", ["y", "YES", "t", "True", "on", "1", " true "])
+def test_str_to_bool_true(text: str) -> None:
+    assert str_to_bool(text) == 1
+    assert str_to_bool(text, to_bool=True) is True
+
+
+@pytest.mark.parametrize("text", ["n", "No", "f", "FALSE", "off", "0"])
+def test_str_to_bool_false(text: str) -> None:
+    assert str_to_bool(text) == 0
+    assert str_to_bool(text, to_bool=True) is False
+
+
+def test_str_to_bool_rejects_other_text_and_lists_the_spellings() -> None:
+    with pytest.raises(ValueError, match=r"Cannot read 'maybe' as a boolean; use one of .*'yes'.*'no'"):
+        str_to_bool("maybe")
+
+
+def test_parse_flag_from_env() -> None:
+    assert parse_flag_from_env("HASTEN_TEST_FLAG") is False
+    assert parse_flag_from_env("HASTEN_TEST_FLAG", default=True) is True
+    with patch_environment(HASTEN_TEST_FLAG="yes"):
+        assert parse_flag_from_env("HASTEN_TEST_FLAG") is True
+    with patch_environment(HASTEN_TEST_FLAG=""):
+        assert parse_flag_from_env("HASTEN_TEST_FLAG", default=True) is True
+    with patch_environment(HASTEN_TEST_FLAG="sometimes"), pytest.raises(
+        ValueError, match=r"Environment variable HASTEN_TEST_FLAG='sometimes': Cannot read"
+    ):
+        parse_flag_from_env("HASTEN_TEST_FLAG")
+
+
+def test_parse_choice_from_env() -> None:
+    assert parse_choice_from_env("HASTEN_TEST_CHOICE") == "no"
+    assert parse_choice_from_env("HASTEN_TEST_CHOICE", "bf16") == "bf16"
+    with patch_environment(HASTEN_TEST_CHOICE="fp16"):
+        assert parse_choice_from_env("HASTEN_TEST_CHOICE") == "fp16"
+
+
+def test_get_int_from_env_takes_the_first_non_negative() -> None:
+    with patch_environment(HASTEN_A="-1", HASTEN_B="7", HASTEN_C="9"):
+        assert get_int_from_env(["HASTEN_MISSING", "HASTEN_A", "HASTEN_B", "HASTEN_C"], 3) == 7
+    assert get_int_from_env(["HASTEN_MISSING"], 3) == 3
+    with patch_environment(HASTEN_A="four"), pytest.raises(ValueError, match=r"HASTEN_A='four' must be an integer"):
+        get_int_from_env(["HASTEN_A"], 0)
+
+
+def test_patch_environment_restores_exactly_even_on_error() -> None:
+    os.environ["HASTEN_KEEP"] = "old"
+    try:
+        with pytest.raises(RuntimeError), patch_environment(hasten_keep="new", hasten_new=3):
+            assert os.environ["HASTEN_KEEP"] == "new"
+            assert os.environ["HASTEN_NEW"] == "3"  # keys upper-cased, values str()
+            raise RuntimeError("boom")
+        assert os.environ["HASTEN_KEEP"] == "old"
+        assert "HASTEN_NEW" not in os.environ
+    finally:
+        del os.environ["HASTEN_KEEP"]
+
+
+def test_clear_environment_restores_and_keeps_identity() -> None:
+    environ = os.environ
+    before = dict(os.environ)
+    with clear_environment():
+        assert os.environ is environ and len(os.environ) == 0
+        os.environ["HASTEN_INSIDE"] = "1"
+    assert dict(os.environ) == before
+
+
+def test_purge_accelerate_environment_on_a_function() -> None:
+    @purge_accelerate_environment
+    def sets_variables() -> str:
+        os.environ["ACCELERATE_HASTEN_TEST"] = "1"
+        os.environ["ACCELERATE_USE_CPU"] = "yes"
+        return "done"
+
+    with patch_environment(ACCELERATE_USE_CPU="no"):
+        assert sets_variables() == "done"
+        assert "ACCELERATE_HASTEN_TEST" not in os.environ
+        assert os.environ["ACCELERATE_USE_CPU"] == "no"
+
+
+def test_purge_accelerate_environment_on_a_class() -> None:
+    @purge_accelerate_environment
+    class Case:
+        def test_one(self) -> None:
+            os.environ["ACCELERATE_HASTEN_TEST"] = "1"
+
+        def helper(self) -> None:
+            os.environ["ACCELERATE_HASTEN_HELPER"] = "1"
+
+    Case().test_one()
+    assert "ACCELERATE_HASTEN_TEST" not in os.environ
+    try:
+        Case().helper()  # only test* methods are wrapped
+        assert os.environ["ACCELERATE_HASTEN_HELPER"] == "1"
+    finally:
+        os.environ.pop("ACCELERATE_HASTEN_HELPER", None)
+
+
+def test_purge_accelerate_environment_rejects_other_things() -> None:
+    with pytest.raises(TypeError, match=r"decorates a function or a class, not 3"):
+        purge_accelerate_environment(3)
+
+
+def test_convert_dict_to_env_variables() -> None:
+    assert convert_dict_to_env_variables({"A": "1", "B": 2}) == ["A=1\n", "B=2\n"]
+
+
+@pytest.mark.parametrize("env", [{"A=B": "1"}, {"A": "1\nB=2"}, {"": "x"}, {"A\n": "x"}, {"A": "x\rY=1"}, {"A": "\0"}])
+def test_convert_dict_to_env_variables_refuses_injection(env: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match=r"Cannot write environment variable .* neither keys nor values may contain newlines"):
+        convert_dict_to_env_variables(env)
+
+
+def test_are_libraries_initialized() -> None:
+    assert are_libraries_initialized("torch", "hasten_no_such_library") == ["torch"]
+
+
+def test_numa_affinity_is_a_quiet_no_op_without_accelerators(caplog: pytest.LogCaptureFixture) -> None:
+    before = os.sched_getaffinity(0)
+    with caplog.at_level("DEBUG", logger="hasten.utils.environment"):
+        override_numa_affinity(0)
+        set_numa_affinity(0, verbose=True)
+    assert os.sched_getaffinity(0) == before
+    assert "No NUMA information for local process 0" in caplog.text
