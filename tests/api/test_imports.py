@@ -30,8 +30,8 @@ LAYERS: dict[str, int] = {
     "hasten.state": 3,
     "hasten.logging": 3,
     **dict.fromkeys(
-        ["hasten.utils.operations", "hasten.utils.amp", "hasten.utils.random", "hasten.utils.memory",
-         "hasten.utils.parallel"],
+        ["hasten.utils.operations", "hasten.utils.exchange", "hasten.utils.amp", "hasten.utils.random",
+         "hasten.utils.memory", "hasten.utils.parallel"],
         4,
     ),
     **dict.fromkeys(
