@@ -435,7 +435,10 @@ def _as_device(device: Any) -> torch.device:
         try:
             return torch.device(device)
         except RuntimeError as error:
-            raise ValueError(f"send_to_device: device={device!r} is not a device ({error}).") from None
+            raise ValueError(
+                f"send_to_device: device={device!r} cannot be used: {error} Pass a device this machine has, "
+                "such as 'cpu'."
+            ) from None
     raise TypeError(
         f"send_to_device: device={device!r} must be a torch.device, a device string such as 'cpu' or 'cuda:0', "
         "or an accelerator index."
