@@ -73,7 +73,7 @@ def test_check_calls_accepts_matching_calls() -> None:
 
 def test_check_calls_names_each_rank_on_every_kind_of_mismatch() -> None:
     one = call_of(Op.REDUCE, [torch.ones(2)], (0,))
-    with pytest.raises(DistributedOperationException, match=r"rank 0 reduce\(\), rank 1 gather\(\), rank 2 op 99\("):
+    with pytest.raises(DistributedOperationException, match=r"rank 0 reduce\(\), rank 1 gather\(\), rank 2 op 99\. Every rank must"):
         check_calls(_replies(one, call_of(Op.GATHER, [torch.ones(2)]), Call(99, (), ())), lambda: ["x"])
     with pytest.raises(DistributedOperationException, match=r"rank 0 \(reduction=0\), rank 1 \(reduction=2\)"):
         check_calls(_replies(one, call_of(Op.REDUCE, [torch.ones(2)], (2,))), lambda: ["x"], ("reduction",))
