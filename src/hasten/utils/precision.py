@@ -23,7 +23,7 @@ def _is_half(node: Any) -> bool:
 
 
 def _to_fp32(node: Any) -> Any:
-    return node.float()
+    return node.float() if node.dtype in _HALF else node
 
 
 def convert_to_fp32(tensor: Any) -> Any:

@@ -79,14 +79,20 @@ class _Unbuildable(Exception):
         self.problem = problem
 
 
+_NAMEDTUPLE: dict[type, bool] = {}  # sequence class -> whether it is a namedtuple (rebuilt by position)
+
+
 def _rebuild_sequence(node: Any, items: list[Any]) -> Any:
     cls = type(node)
     if cls is list:
         return items
     if cls is tuple:
         return tuple(items)
+    by_position = _NAMEDTUPLE.get(cls)
+    if by_position is None:
+        by_position = _NAMEDTUPLE[cls] = is_namedtuple(node)
     try:
-        return cls(*items) if is_namedtuple(node) else cls(items)
+        return cls(*items) if by_position else cls(items)
     except TypeError as error:
         raise _Unbuildable(node, f"{cls.__qualname__} could not be rebuilt from its items ({error})") from error
 
@@ -124,74 +130,51 @@ def _items_of(node: Any) -> Iterator[tuple[Any, Any]]:
 
 def _walker(
     func: Callable[[Any], Any],
-    is_leaf: Callable[[Any], bool] | None,
+    test: Callable[[Any], bool],
+    tensors: bool,
     strict: bool,
     skip_keys: frozenset[Any],
     leaf_first: bool,
 ) -> Callable[[Any], Any]:
-    """The general path: a visitor that applies ``func`` to leaves and rebuilds every container."""
-    tensors_only = is_leaf is None
-    test = is_torch_tensor if is_leaf is None else is_leaf
+    """A visitor that applies ``func`` to the leaves ``test`` accepts and rebuilds every container.
 
-    def visit(node: Any) -> Any:
-        cls = type(node)
-        if cls is _Tensor:  # never a container: only the leaf test matters
-            if tensors_only or test(node):
-                return func(node)
-            if strict:
-                raise _Unbuildable(node, "unsupported leaf")
-            return node
-        if cls is list:
-            return [visit(item) for item in node]
-        if cls is tuple:
-            return tuple([visit(item) for item in node])
-        if cls is dict:
-            if skip_keys:
-                return {key: value if key in skip_keys else visit(value) for key, value in node.items()}
-            return {key: visit(value) for key, value in node.items()}
-        if leaf_first and test(node):
-            return func(node)
-        if isinstance(node, (list, tuple)):
-            return _rebuild_sequence(node, [visit(item) for item in node])
-        if isinstance(node, Mapping):
-            items = {key: value if key in skip_keys else visit(value) for key, value in node.items()}
-            return _rebuild_mapping(node, items)
+    With ``tensors``, plain ``torch.Tensor`` objects are leaves without asking ``test``, and the
+    comprehensions over lists, tuples and dicts call ``func`` on them directly (the fast path:
+    no call to ``visit`` per tensor).
+    """
+
+    def leaf(node: Any) -> Any:
         if test(node):
             return func(node)
         if strict:
             raise _Unbuildable(node, "unsupported leaf")
         return node
 
+    def visit(node: Any) -> Any:
+        cls = type(node)
+        if cls is _Tensor:
+            return func(node) if tensors else leaf(node)
+        if cls is dict:
+            if skip_keys:
+                return {k: v if k in skip_keys else visit(v) for k, v in node.items()}
+            if tensors:
+                return {k: func(v) if type(v) is _Tensor else visit(v) for k, v in node.items()}
+            return {k: visit(v) for k, v in node.items()}
+        if cls is list or cls is tuple:
+            if tensors:
+                items = [func(v) if type(v) is _Tensor else visit(v) for v in node]
+            else:
+                items = [visit(v) for v in node]
+            return items if cls is list else tuple(items)
+        if leaf_first and test(node):
+            return func(node)
+        if isinstance(node, (list, tuple)):
+            return _rebuild_sequence(node, [visit(v) for v in node])
+        if isinstance(node, Mapping):
+            return _rebuild_mapping(node, {k: v if k in skip_keys else visit(v) for k, v in node.items()})
+        return leaf(node)
+
     return visit
-
-
-def _fast_flat(func: Callable[[Any], Any], data: Any, visit: Callable[[Any], Any] | None) -> Any:
-    """A dict, list or tuple of plain tensors without walking; ``visit`` finishes anything else."""
-    cls = type(data)
-    if cls is dict:
-        out = {}
-        items = iter(data.items())
-        for key, value in items:
-            if type(value) is not _Tensor:
-                if visit is None:
-                    return None
-                out[key] = visit(value)
-                for key, value in items:
-                    out[key] = visit(value)
-                break
-            out[key] = func(value)
-        return out
-    if cls is list or cls is tuple:
-        seq: list[Any] = []
-        for index, value in enumerate(data):
-            if type(value) is not _Tensor:
-                if visit is None:
-                    return None
-                seq.extend(visit(item) for item in data[index:])
-                break
-            seq.append(func(value))
-        return seq if cls is list else tuple(seq)
-    return None
 
 
 def tree_map(
@@ -199,10 +182,11 @@ def tree_map(
     data: Any,
     *,
     is_leaf: Callable[[Any], bool] | None = None,
+    tensors: bool = True,
     strict: bool = False,
     skip_keys: frozenset[Any] = frozenset(),
     leaf_first: bool = False,
-    caller: str = "tree_map",
+    caller: str | Callable[[], str] = "tree_map",
     argument: str = "data",
 ) -> Any:
     """Apply ``func`` to every leaf of ``data`` and rebuild the containers around the results.
@@ -210,59 +194,99 @@ def tree_map(
     Args:
         func: called once per leaf, in traversal order (depth first, containers in their own order).
         data: the tree.
-        is_leaf: which objects ``func`` applies to; ``None`` means tensors (the fast path).
+        is_leaf: which objects ``func`` applies to (default: tensors, subclasses included).
+        tensors: plain ``torch.Tensor`` objects are always leaves, without asking ``is_leaf``
+            (the fast path; ``func`` then decides what to do with each of them).
         strict: raise ``TypeError`` (naming the path) on a leaf that ``is_leaf`` rejects,
             instead of passing it through unchanged.
         skip_keys: Mapping keys whose values are kept as they are, at any depth.
         leaf_first: test ``is_leaf`` before treating a Mapping or sequence as a container
             (``send_to_device`` hands objects with a ``.to()`` method to that method).
-        caller, argument: how the error messages name the function and the argument.
+        caller, argument: how error messages name the function (or a function that names it)
+            and the argument.
 
     Raises:
         TypeError: ``strict`` and a leaf is not accepted, or a container cannot be rebuilt.
         TreeNestingError: ``data`` contains itself or is nested too deeply.
     """
+    test = is_torch_tensor if is_leaf is None else is_leaf
     try:
-        if is_leaf is None and not skip_keys:
-            cls = type(data)
-            if cls is _Tensor:
-                return func(data)
-            if cls is dict or cls is list or cls is tuple:
-                return _fast_flat(func, data, _walker(func, None, strict, skip_keys, leaf_first))
-        return _walker(func, is_leaf, strict, skip_keys, leaf_first)(data)
+        if tensors and not skip_keys and type(data) in _FLAT:
+            return _flat(func, data, lambda: _walker(func, test, tensors, strict, skip_keys, leaf_first))
+        return _walker(func, test, tensors, strict, skip_keys, leaf_first)(data)
     except _Unbuildable as error:
-        raise _explain(error, data, is_leaf, caller, argument) from None
+        raise _explain(error, data, test, _name(caller), argument) from None
     except RecursionError as error:
-        raise _nesting_error(data, caller, argument, error) from error
+        raise _nesting_error(data, _name(caller), argument, error) from error
+
+
+_FLAT = {dict, list, tuple, _Tensor}
+
+
+def _flat(func: Callable[[Any], Any], data: Any, make_walker: Callable[[], Callable[[Any], Any]]) -> Any:
+    """The fast path for a flat batch: a dict, list or tuple of plain tensors needs no walker.
+
+    At the first value that is not a plain tensor, a walker is made and finishes the rest, so
+    ``func`` still runs once per leaf, in order.
+    """
+    cls = type(data)
+    if cls is _Tensor:
+        return func(data)
+    if cls is dict:
+        out = {}
+        items = iter(data.items())
+        for key, value in items:
+            if type(value) is not _Tensor:
+                visit = make_walker()
+                out[key] = visit(value)
+                for key, value in items:
+                    out[key] = visit(value)
+                break
+            out[key] = func(value)
+        return out
+    done: list[Any] = []
+    for value in data:
+        if type(value) is not _Tensor:
+            visit = make_walker()
+            done.extend([visit(value) for value in data[len(done) :]])
+            break
+        done.append(func(value))
+    return done if cls is list else tuple(done)
+
+
+def _name(caller: str | Callable[[], str]) -> str:
+    return caller if isinstance(caller, str) else caller()
 
 
 def tree_leaves(
     data: Any,
     *,
     is_leaf: Callable[[Any], bool] | None = None,
+    tensors: bool = True,
     strict: bool = False,
     caller: str = "tree_leaves",
     argument: str = "data",
 ) -> list[Any]:
-    """The leaves of ``data`` in the order :func:`tree_map` visits them."""
+    """The leaves of ``data`` in the order :func:`tree_map` visits them (same arguments)."""
     leaves: list[Any] = []
     append = leaves.append
 
     def collect(leaf: Any) -> None:
         append(leaf)
 
-    tree_map(collect, data, is_leaf=is_leaf, strict=strict, caller=caller, argument=argument)
+    tree_map(collect, data, is_leaf=is_leaf, tensors=tensors, strict=strict, caller=caller, argument=argument)
     return leaves
 
 
 class TreeSpec:
     """The shape of a tree without its leaves: :meth:`unflatten` puts new leaves in their places."""
 
-    __slots__ = ("_data", "_is_leaf", "num_leaves")
+    __slots__ = ("_data", "_is_leaf", "_tensors", "num_leaves")
 
-    def __init__(self, data: Any, is_leaf: Callable[[Any], bool] | None, num_leaves: int) -> None:
+    def __init__(self, data: Any, is_leaf: Callable[[Any], bool] | None, tensors: bool, num_leaves: int) -> None:
         self._data = data
         self._is_leaf = is_leaf
+        self._tensors = tensors
         self.num_leaves = num_leaves
 
     def unflatten(self, leaves: Sequence[Any]) -> Any:
@@ -270,7 +294,7 @@ class TreeSpec:
         if len(leaves) != self.num_leaves:
             raise ValueError(f"unflatten needs {self.num_leaves} leaves for this structure, got {len(leaves)}.")
         it = iter(leaves)
-        return tree_map(lambda _: next(it), self._data, is_leaf=self._is_leaf)
+        return tree_map(lambda _: next(it), self._data, is_leaf=self._is_leaf, tensors=self._tensors)
 
     def __repr__(self) -> str:
         return f"TreeSpec({self.num_leaves} leaves)"
@@ -280,6 +304,7 @@ def tree_flatten(
     data: Any,
     *,
     is_leaf: Callable[[Any], bool] | None = None,
+    tensors: bool = True,
     strict: bool = False,
     caller: str = "tree_flatten",
     argument: str = "data",
@@ -291,8 +316,8 @@ def tree_flatten(
     >>> len(leaves), spec.unflatten(["A", "B"])
     (2, {'a': 'A', 'b': ('B', 3)})
     """
-    leaves = tree_leaves(data, is_leaf=is_leaf, strict=strict, caller=caller, argument=argument)
-    return leaves, TreeSpec(data, is_leaf, len(leaves))
+    leaves = tree_leaves(data, is_leaf=is_leaf, tensors=tensors, strict=strict, caller=caller, argument=argument)
+    return leaves, TreeSpec(data, is_leaf, tensors, len(leaves))
 
 
 def leaf_paths(data: Any, argument: str = "data") -> list[str]:
@@ -342,14 +367,14 @@ def _path_to(data: Any, target: Any) -> str | None:
     return None
 
 
-def _explain(error: _Unbuildable, data: Any, is_leaf: Callable[[Any], bool] | None, caller: str, argument: str) -> TypeError:
+def _explain(error: _Unbuildable, data: Any, test: Callable[[Any], bool], caller: str, argument: str) -> TypeError:
     path = argument + (_path_to(data, error.node) or "")
     if error.problem != "unsupported leaf":
         return TypeError(f"{caller}: {path} is a {error.problem}.")
-    test = getattr(is_leaf, "__name__", repr(is_leaf)) if is_leaf is not None else "is_torch_tensor"
+    accepts = getattr(test, "__name__", repr(test))
     return TypeError(
         f"{caller}: {path} is a {type(error.node).__qualname__} ({error.node!r:.60}), but only nested "
-        f"lists/tuples/dicts of objects accepted by `{test}` can be passed. Convert it to a tensor, or "
+        f"lists/tuples/dicts of objects accepted by `{accepts}` can be passed. Convert it to a tensor, or "
         "remove it from the structure."
     )
 
@@ -420,25 +445,35 @@ def recursively_apply(
     return tree_map(
         leaf,
         data,
-        is_leaf=None if test_type is is_torch_tensor else test_type,
+        is_leaf=test_type,
+        tensors=test_type is is_torch_tensor,
         strict=error_on_other_type,
-        caller=f"recursively_apply({getattr(func, '__name__', 'func')})",
+        caller=lambda: f"recursively_apply({getattr(func, '__name__', 'func')})",
     )
+
+
+_DEVICES: dict[Any, torch.device] = {}  # parsed device strings and indices
 
 
 def _as_device(device: Any) -> torch.device:
     if isinstance(device, torch.device):
         return device
+    known = _DEVICES.get(device) if isinstance(device, str) else None
+    if known is not None:
+        return known
     if device == "npu":
         device = "npu:0"  # torch_npu cannot find its context from a bare "npu"
     if isinstance(device, (str, int)) and not isinstance(device, bool):
         try:
-            return torch.device(device)
+            parsed = torch.device(device)
         except RuntimeError as error:
             raise ValueError(
                 f"send_to_device: device={device!r} cannot be used: {error} Pass a device this machine has, "
                 "such as 'cpu'."
             ) from None
+        if isinstance(device, str) and len(_DEVICES) < 64:
+            _DEVICES[device] = parsed
+        return parsed
     raise TypeError(
         f"send_to_device: device={device!r} must be a torch.device, a device string such as 'cpu' or 'cuda:0', "
         "or an accelerator index."
@@ -458,6 +493,14 @@ def send_to_device(
     keys named in ``skip_keys`` (a key or a list of keys, at any depth) stay where they are.
     """
     target = _as_device(device)
+    if skip_keys is None and type(tensor) is dict:  # the usual batch: a flat dict of tensors
+        moved = {}
+        for key, value in tensor.items():
+            if type(value) is not _Tensor:
+                break
+            moved[key] = value if value.device == target else value.to(target, non_blocking=non_blocking)
+        else:
+            return moved
     if skip_keys is None:
         skip: frozenset[Any] = frozenset()
     elif isinstance(skip_keys, str):
@@ -476,10 +519,6 @@ def send_to_device(
         except TypeError:  # a .to() that takes no non_blocking
             return node.to(target)
 
-    if not skip and type(tensor) is dict:
-        flat = _fast_flat(move, tensor, None)
-        if flat is not None:
-            return flat
     return tree_map(move, tensor, is_leaf=_has_to, skip_keys=skip, leaf_first=True, caller="send_to_device",
                     argument="tensor")
 
@@ -500,6 +539,7 @@ def initialize_tensors(data_structure: Any) -> Any:
         lambda info: torch.empty(*info.shape, dtype=info.dtype),
         data_structure,
         is_leaf=is_tensor_information,
+        tensors=False,
         caller="initialize_tensors",
         argument="data_structure",
     )
@@ -559,6 +599,41 @@ def _concatenate_level(items: list[Any], dim: int, path: str) -> Any:
     raise TypeError(f"concatenate: can only concatenate tensors, but data[0]{path} is a {type(first).__qualname__}.")
 
 
+def _concatenate_fast(first: Any, rest: Sequence[Any], dim: int) -> Any:
+    """:func:`concatenate` without keeping paths; any surprise raises and the careful walk takes over.
+
+    Children are zipped across batches (dict keys must come in the same order), and tensor
+    children are concatenated in the comprehension itself, without a call per leaf.
+    """
+    cls = type(first)
+    if cls is _Tensor:
+        return torch.cat([first, *rest], dim)
+    sequence = cls is list or cls is tuple
+    if not sequence and (cls is dict or isinstance(first, Mapping)):
+        keys = list(first)
+        for other in rest:
+            if list(other) != keys:
+                raise KeyError("keys differ")
+        columns = zip(first.values(), *[other.values() for other in rest])
+        merged = {
+            key: torch.cat(column, dim) if type(column[0]) is _Tensor else _concatenate_fast(column[0], column[1:], dim)
+            for key, column in zip(keys, columns)
+        }
+        return merged if cls is dict else _rebuild_mapping(first, merged)
+    if sequence or isinstance(first, (list, tuple)):
+        for other in rest:
+            if len(other) != len(first):
+                raise ValueError("lengths differ")
+        items = [
+            torch.cat(column, dim) if type(column[0]) is _Tensor else _concatenate_fast(column[0], column[1:], dim)
+            for column in zip(first, *rest)
+        ]
+        return items if cls is list else tuple(items) if cls is tuple else _rebuild_sequence(first, items)
+    if not rest:
+        return first
+    raise TypeError("not a tensor")
+
+
 def concatenate(data: Sequence[Any], dim: int = 0) -> Any:
     """Concatenate a list of same-shaped structures leaf by leaf along ``dim``.
 
@@ -567,6 +642,10 @@ def concatenate(data: Sequence[Any], dim: int = 0) -> Any:
     """
     if not isinstance(data, (list, tuple)) or len(data) == 0:
         raise ValueError(f"concatenate: data must be a non-empty list of batches, got {data!r:.80}.")
+    try:
+        return _concatenate_fast(data[0], data[1:], dim)
+    except Exception:  # noqa: BLE001 - the careful walk below explains what went wrong, with its path
+        pass
     try:
         return _concatenate_level(list(data), dim, "")
     except _Unbuildable as error:
