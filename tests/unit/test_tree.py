@@ -52,18 +52,9 @@ class FrozenMapping(Mapping):  # a Mapping that is not a dict, built from a dict
         return len(self._data)
 
 
-class NeedsTwoArguments(Mapping):  # a Mapping that cannot be rebuilt from a dict
+class NeedsTwoArguments(FrozenMapping):  # a Mapping that cannot be rebuilt from a dict
     def __init__(self, data: dict[Any, Any], extra: int) -> None:
-        self._data = dict(data)
-
-    def __getitem__(self, key: Any) -> Any:
-        return self._data[key]
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
+        super().__init__(data)
 
 
 class Movable:
