@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "hasten.utils.dataclasses": 1,
     "hasten.utils.config_file": 1,
     "hasten.utils.tree": 2,
+    "hasten.utils.batches": 2,
     "hasten.utils.precision": 2,
     "hasten.state": 3,
     "hasten.logging": 3,

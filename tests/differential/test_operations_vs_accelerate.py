@@ -16,7 +16,8 @@ import torch
 from hasten.state import PartialState
 from hasten.utils import operations as ours_ops
 from hasten.utils import precision as ours_precision
-from hasten.utils import tree as ours
+from hasten import utils as ours
+from hasten.utils.tree import tree_leaves
 from tests.ranks import RankPool
 
 accelerate_ops = pytest.importorskip("accelerate.utils.operations")
@@ -103,7 +104,8 @@ def test_pad_input_tensors_agrees_where_accelerate_pads_to_a_multiple(batch_size
 
 def test_small_helpers_agree() -> None:
     for obj in ([1], (1,), Pair(1, 2)):
-        assert accelerate_ops.honor_type(obj, iter([5, 6][: len(obj)])) == ours.honor_type(obj, iter([5, 6][: len(obj)]))
+        items = [5, 6][: len(obj)]
+        assert accelerate_ops.honor_type(obj, iter(items)) == ours.honor_type(obj, iter(items))
         assert accelerate_ops.is_namedtuple(obj) == ours.is_namedtuple(obj)
 
 
@@ -122,7 +124,7 @@ def _on_rank_collectives_agree() -> list[str]:
     checked = []
     for index, data in enumerate(corpus()):
         tensors = ours.recursively_apply(lambda t: t + rank, data)
-        if any(not isinstance(leaf, torch.Tensor) for leaf in ours.tree_leaves(tensors, is_leaf=lambda _: True)):
+        if any(not isinstance(leaf, torch.Tensor) for leaf in tree_leaves(tensors, is_leaf=lambda _: True)):
             continue  # collectives take tensors only
         assert_same(*_both("gather", tensors))
         assert_same(*_both("broadcast", ours.recursively_apply(torch.clone, tensors), from_process=1))

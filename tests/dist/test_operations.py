@@ -25,7 +25,7 @@ from hasten.utils.operations import (
     pad_across_processes,
     reduce,
 )
-from hasten.utils.tree import listify
+from hasten.utils.batches import listify
 from tests.ranks import RankPool
 
 Pair = namedtuple("Pair", ["left", "right"])

@@ -11,15 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hasten.utils.precision import convert_to_fp32
-from hasten.utils.tree import (
-    concatenate,
-    leaf_paths,
-    listify,
-    recursively_apply,
-    send_to_device,
-    tree_flatten,
-    tree_leaves,
-)
+from hasten.utils.batches import concatenate, listify, send_to_device
+from hasten.utils.tree import leaf_paths, recursively_apply, tree_flatten, tree_leaves
 
 Triple = namedtuple("Triple", ["a", "b", "c"])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool]

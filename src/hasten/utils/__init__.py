@@ -1,5 +1,19 @@
 """hasten's toolbox, the names Accelerate documents under ``accelerate.utils`` (re-exported only)."""
 
+from hasten.utils.batches import (
+    TensorInformation,
+    concatenate,
+    find_batch_size,
+    find_device,
+    get_data_structure,
+    get_shape,
+    ignorant_find_batch_size,
+    initialize_tensors,
+    is_tensor_information,
+    listify,
+    send_to_device,
+    slice_tensors,
+)
 from hasten.utils.config_file import write_basic_config
 from hasten.utils.constants import (
     FSDP_MODEL_NAME,
@@ -91,24 +105,7 @@ from hasten.utils.operations import (
     reduce,
 )
 from hasten.utils.precision import convert_outputs_to_fp32, convert_to_fp32
-from hasten.utils.tree import (
-    TensorInformation,
-    concatenate,
-    find_batch_size,
-    find_device,
-    get_data_structure,
-    get_shape,
-    honor_type,
-    ignorant_find_batch_size,
-    initialize_tensors,
-    is_namedtuple,
-    is_tensor_information,
-    is_torch_tensor,
-    listify,
-    recursively_apply,
-    send_to_device,
-    slice_tensors,
-)
+from hasten.utils.tree import honor_type, is_namedtuple, is_torch_tensor, recursively_apply
 from hasten.utils.versions import compare_versions, is_torch_version
 
 __all__ = [
