@@ -140,6 +140,8 @@ def _on_rank_collectives_agree() -> list[str]:
     assert theirs == mine
     theirs, mine = _both("broadcast_object_list", [rank, {"r": rank}], from_process=1)
     assert theirs == mine == [1, {"r": 1}]
+    shared = torch.arange(6.0).view(2, 3) if rank == 1 else None
+    assert_same(*_both("copy_tensor_to_devices", shared))
     AcceleratePartialState._reset_state()
     return checked
 

@@ -20,6 +20,7 @@ from hasten.utils.exchange import ENVELOPE_BYTES
 from hasten.utils.operations import (
     broadcast,
     broadcast_object_list,
+    copy_tensor_to_devices,
     gather,
     gather_object,
     pad_across_processes,
@@ -105,6 +106,7 @@ def _on_rank_gather_shapes() -> Any:
         "grad": gather(grad).tolist(),
         "scalar": gather(torch.tensor(rank + 0.5)).tolist(),
         "many": [t.tolist() for t in gather(many)[:2]] + [len(gather(many))],
+        "int16": gather(torch.full((ENVELOPE_BYTES,), rank - 7, dtype=torch.int16)).view(2, -1)[:, -1].tolist(),
     }
 
 
@@ -115,6 +117,7 @@ def test_gather_big_strided_grad_scalar_and_long_structures(ranks2: RankPool) ->
         assert result["grad"] == [0.0, 0.0, 1.0, 1.0]
         assert result["scalar"] == [0.5, 1.5]
         assert result["many"] == [[0, 0, 1, 0], [0, 1, 1, 1], 1500]
+        assert result["int16"] == [-7, -6]  # gloo has no int16: the bytes travel instead
 
 
 def _on_rank_gather_mismatch(case: str) -> str:
@@ -211,6 +214,8 @@ def _on_rank_reduce(reduction: str, scale: float) -> Any:
     if reduction != "mean":
         data["ints"] = torch.tensor([rank, 10 - rank])
     data["half"] = torch.tensor([rank + 0.5], dtype=torch.bfloat16)
+    if reduction in ("sum", "max"):
+        data["short"] = [torch.tensor([rank * 1000], dtype=torch.int16), torch.tensor([rank], dtype=torch.uint16)]
     before = listify(data)
     out = reduce(data, reduction=reduction, scale=scale)
     return {"out": listify(out), "unchanged": listify(data) == before}
@@ -220,7 +225,7 @@ def test_reduce_sum_mean_max_none_four_ranks(ranks4: RankPool) -> None:
     for result in ranks4.run(_on_rank_reduce, "sum", 1.0):
         assert result["unchanged"]
         assert result["out"] == {"a": [10.0, 20.0], "b": [18.0, [[6.0, 6.0], [6.0, 6.0]]], "ints": [6, 34],
-                                 "half": [8.0]}
+                                 "half": [8.0], "short": [[6000], [6]]}
     for result in ranks4.run(_on_rank_reduce, "mean", 2.0):
         assert result["out"] == {"a": [5.0, 10.0], "b": [9.0, [[3.0, 3.0], [3.0, 3.0]]], "half": [4.0]}
     for result in ranks4.run(_on_rank_reduce, "max", 1.0):
@@ -253,7 +258,7 @@ def _on_rank_broadcast(source: int) -> Any:
         "flags": [torch.tensor([rank == source, True]), torch.tensor(rank, dtype=torch.int16)],
         "half": torch.full((1,), rank, dtype=torch.float16),
     }
-    single = torch.arange(3.0) + rank
+    single = torch.arange(3, dtype=torch.int16) + rank
     out = broadcast(data, from_process=source)
     same_objects = out["f"] is data["f"] and out["flags"][0] is data["flags"][0]
     return {"out": listify(out), "single": broadcast(single, from_process=source).tolist(), "in_place": same_objects}
@@ -265,7 +270,7 @@ def test_broadcast_nested_in_place_from_any_rank(ranks4: RankPool) -> None:
         assert result["out"]["f"] == [[2.0] * 3] * 2
         assert result["out"]["strided"] == [[0, 9], [3, 12], [6, 15]]
         assert result["out"]["flags"] == [[True, True], 2] and result["out"]["half"] == [2.0]
-        assert result["single"] == [2.0, 3.0, 4.0]
+        assert result["single"] == [2, 3, 4]
 
 
 def _on_rank_broadcast_errors(case: str) -> str:
@@ -370,3 +375,31 @@ def test_debug_mode_checks_devices_and_lets_good_calls_through(ranks2: RankPool)
                in message
     for result in ranks2.run(_on_rank_debug_passes):
         assert result == [[0.0, 0.0, 1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [0, 1], [0]]
+
+
+# --- copy_tensor_to_devices ---------------------------------------------------------------------
+
+
+def _on_rank_copy_tensor(holder: int, rows: int) -> Any:
+    rank = _state().process_index
+    tensor = torch.arange(rows * 2, dtype=torch.int16).view(rows, 2) if rank == holder else None
+    out = copy_tensor_to_devices(tensor)
+    return [str(out.dtype), list(out.shape), int(out.sum())]
+
+
+def test_copy_tensor_to_devices_from_any_rank(ranks4: RankPool) -> None:
+    for rows in (3, ENVELOPE_BYTES):  # inline, then a second-round broadcast
+        expected = ["torch.int16", [rows, 2], int(torch.arange(rows * 2, dtype=torch.int16).sum())]
+        assert ranks4.run(_on_rank_copy_tensor, 2, rows) == [expected] * 4
+
+
+def _on_rank_copy_tensor_errors(everyone: bool) -> str:
+    rank = _state().process_index
+    return _raised(copy_tensor_to_devices, torch.ones(1) if everyone else None)
+
+
+def test_copy_tensor_to_devices_needs_exactly_one_holder(ranks2: RankPool) -> None:
+    for message in ranks2.run(_on_rank_copy_tensor_errors, True):
+        assert "exactly one process must pass a tensor (the others None), but ranks [0, 1] did" in message
+    for message in ranks2.run(_on_rank_copy_tensor_errors, False):
+        assert message.endswith("but none did.")

@@ -89,7 +89,7 @@ def test_check_calls_names_each_rank_on_every_kind_of_mismatch() -> None:
 def test_check_calls_for_padding_compares_only_the_number_of_dimensions() -> None:
     first = call_of(Op.PAD_ACROSS_PROCESSES, [torch.ones(2, 3)], (0, 0))
     check_calls(_replies(first, call_of(Op.PAD_ACROSS_PROCESSES, [torch.ones(5, 3)], (0, 0))), lambda: ["t"],
-                same_shape=False)
+                compare="ndim")
     with pytest.raises(DistributedOperationException, match="different numbers of dimensions:\n  - t: rank 0"):
         check_calls(_replies(first, call_of(Op.PAD_ACROSS_PROCESSES, [torch.ones(5)], (0, 0))), lambda: ["t"],
-                    same_shape=False)
+                    compare="ndim")

@@ -14,6 +14,7 @@ from hasten.utils.errors import CannotPadNestedTensorWarning, ConfigurationError
 from hasten.utils.operations import (
     broadcast,
     broadcast_object_list,
+    copy_tensor_to_devices,
     gather,
     gather_object,
     pad_across_processes,
@@ -95,3 +96,12 @@ def test_gather_and_friends_name_non_tensor_leaves_only_when_distributed() -> No
     assert gather(data) is data
     with pytest.raises(TypeError, match=r"reduce: tensor\['x'\] is a str"):
         reduce(data)
+
+
+def test_copy_tensor_to_devices_alone() -> None:
+    tensor = torch.arange(3)
+    assert copy_tensor_to_devices(tensor) is tensor
+    with pytest.raises(ValueError, match="tensor is None on the only process; pass the tensor to share"):
+        copy_tensor_to_devices(None)
+    with pytest.raises(TypeError, match="must be a torch.Tensor on one process and None on the others, got list"):
+        copy_tensor_to_devices([1, 2])  # type: ignore[arg-type]

@@ -98,6 +98,7 @@ from hasten.utils.memory import clear_device_cache
 from hasten.utils.operations import (
     broadcast,
     broadcast_object_list,
+    copy_tensor_to_devices,
     gather,
     gather_object,
     pad_across_processes,
@@ -153,6 +154,7 @@ __all__ = [
     "convert_dict_to_env_variables",
     "convert_outputs_to_fp32",
     "convert_to_fp32",
+    "copy_tensor_to_devices",
     "find_batch_size",
     "find_device",
     "gather",

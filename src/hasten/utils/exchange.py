@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -44,6 +44,7 @@ class Op(enum.IntEnum):
     BROADCAST_OBJECT_LIST = 4
     REDUCE = 5
     PAD_ACROSS_PROCESSES = 6
+    COPY_TENSOR_TO_DEVICES = 7
 
     @property
     def label(self) -> str:
@@ -65,6 +66,13 @@ _DTYPE_CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
 def dtype_code(dtype: torch.dtype) -> int:
     """A number for ``dtype`` that every rank agrees on (-1 for a dtype outside the list)."""
     return _DTYPE_CODE.get(dtype, -1)
+
+
+def dtype_of(code: int) -> torch.dtype:
+    """The dtype :func:`dtype_code` gave ``code`` (``ValueError`` for -1, a dtype outside the list)."""
+    if not 0 <= code < len(_DTYPES):
+        raise ValueError(f"No dtype has the code {code}; the tensor's dtype is not one hasten can send.")
+    return _DTYPES[code]
 
 
 def _dtype_name(code: int) -> str:
@@ -135,6 +143,11 @@ def call_of(op: Op, leaves: Sequence[torch.Tensor], arguments: Sequence[int] = (
 
 
 # --- byte packing -------------------------------------------------------------------------------
+
+
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's memory as a 1-D uint8 view, so any dtype can travel (gloo has no int16, ...)."""
+    return tensor.reshape(-1).view(torch.uint8)
 
 
 def packed_offsets(leaves: Sequence[torch.Tensor]) -> tuple[list[int], int]:
@@ -261,7 +274,7 @@ def check_calls(
     replies: Sequence[Reply],
     paths: Callable[[], Sequence[str]],
     argument_names: Sequence[str] = (),
-    same_shape: bool = True,
+    compare: Literal["shape", "ndim", "none"] = "shape",
 ) -> None:
     """Raise the same :class:`DistributedOperationException` on every rank when the calls do not fit.
 
@@ -270,8 +283,8 @@ def check_calls(
         paths: gives how this rank's leaves are named (``tensor['logits']``), in leaf order; called
             only to write a message.
         argument_names: the names of the call's agreed arguments, for the message.
-        same_shape: whether every leaf must have the same dtype and shape on every rank
-            (otherwise only the same number of dimensions).
+        compare: what must match leaf by leaf: dtype and ``"shape"``, only the number of
+            dimensions (``"ndim"``), or nothing, not even the number of leaves (``"none"``).
     """
     calls = [reply.call for reply in replies]
     first = calls[0]
@@ -288,6 +301,8 @@ def check_calls(
             f"{op.label} was called with different arguments: {_per_rank([f'({s})' for s in shown])}. "
             "Pass the same values on every rank."
         )
+    if compare == "none":
+        return
     if any(len(call.leaves) != len(first.leaves) for call in calls):
         listing = "\n".join(
             f"  - rank {rank}: {len(call.leaves)} tensors "
@@ -301,13 +316,13 @@ def check_calls(
 
     def differs(index: int) -> bool:
         leaf = first.leaves[index]
-        if same_shape:
+        if compare == "shape":
             return any(call.leaves[index] != leaf for call in calls)
         return any(len(call.leaves[index][1]) != len(leaf[1]) for call in calls)
 
     lines = _leaf_lines(calls, paths(), differs) if any(map(differs, range(len(first.leaves)))) else []
     if lines:
-        what = "dtypes or shapes" if same_shape else "numbers of dimensions"
+        what = "dtypes or shapes" if compare == "shape" else "numbers of dimensions"
         raise DistributedOperationException(
             f"{op.label}: the ranks passed tensors of different {what}:\n" + "\n".join(lines) + f"\n{_HINTS[op]}"
         )

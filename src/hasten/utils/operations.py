@@ -30,12 +30,14 @@ from hasten.state import PartialState
 from hasten.utils.errors import CannotPadNestedTensorWarning, ConfigurationError, DistributedOperationException
 from hasten.utils.exchange import (
     all_gather_into,
+    as_bytes,
     ENVELOPE_BYTES,
     Call,
     Op,
     call_of,
     check_calls,
     comm_device,
+    dtype_of,
     exchange,
     pack_into,
     packed_offsets,
@@ -51,6 +53,7 @@ __all__ = [
     "DistributedOperationException",
     "broadcast",
     "broadcast_object_list",
+    "copy_tensor_to_devices",
     "gather",
     "gather_object",
     "pad_across_processes",
@@ -86,7 +89,7 @@ def _debug_check(state: PartialState, op: Op, leaves: Sequence[torch.Tensor], da
         return
     _check_devices(state, leaves, data, op.label, argument)
     replies = exchange(call_of(op, leaves, arguments))
-    check_calls(replies, _paths(data, argument), names, same_shape=True)
+    check_calls(replies, _paths(data, argument), names)
 
 
 # --- gather -------------------------------------------------------------------------------------
@@ -143,7 +146,7 @@ def gather(tensor: Any) -> Any:
     if len(ready) == 1:  # one tensor: straight into its output, no packing
         (leaf,) = ready
         out = torch.empty((world * leaf.shape[0], *leaf.shape[1:]), dtype=leaf.dtype, device=leaf.device)
-        all_gather_into(out, leaf)
+        all_gather_into(as_bytes(out), as_bytes(leaf))
         return spec.unflatten([out])
     send = torch.empty(total, dtype=torch.uint8, device=device)
     pack_into(send, offsets, ready)
@@ -255,6 +258,53 @@ def broadcast_object_list(object_list: list[Any], from_process: int = 0) -> list
     return object_list
 
 
+def copy_tensor_to_devices(tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """Share a tensor that exists on one process with all of them; the others pass ``None``.
+
+    Unlike :func:`broadcast`, the receivers need not know its shape or dtype. A small tensor
+    travels in the one exchange that tells the others who has it; a larger one follows in a
+    broadcast from that process.
+
+    Raises:
+        ValueError: no process passed a tensor (on a single process: ``tensor`` is ``None``).
+        TypeError: ``tensor`` is neither a tensor nor ``None``.
+        DistributedOperationException: not exactly one process passed a tensor.
+    """
+    if tensor is not None and not isinstance(tensor, torch.Tensor):
+        raise TypeError(
+            f"copy_tensor_to_devices: tensor must be a torch.Tensor on one process and None on the others, got "
+            f"{type(tensor).__qualname__}."
+        )
+    state = _distributed()
+    if state is None:
+        if tensor is None:
+            raise ValueError("copy_tensor_to_devices: tensor is None on the only process; pass the tensor to share.")
+        return tensor.to(PartialState().device)
+    leaves = [] if tensor is None else [tensor.detach().contiguous()]
+    payload = None
+    if leaves:
+        offsets, total = packed_offsets(leaves)
+        payload = torch.empty(total, dtype=torch.uint8, device=comm_device(state))
+        pack_into(payload, offsets, leaves)
+    replies = exchange(call_of(Op.COPY_TENSOR_TO_DEVICES, leaves), payload)
+    check_calls(replies, lambda: [], compare="none")
+    holders = [rank for rank, reply in enumerate(replies) if reply.call.leaves]
+    if len(holders) != 1:
+        raise DistributedOperationException(
+            f"copy_tensor_to_devices: exactly one process must pass a tensor (the others None), but "
+            f"{'none did' if not holders else f'ranks {holders} did'}."
+        )
+    source = holders[0]
+    code, shape = replies[source].call.leaves[0]
+    received = replies[source].payload
+    if received is not None:
+        out = view_leaf(received, 0, dtype_of(code), shape).clone()
+    else:
+        out = leaves[0] if leaves else torch.empty(shape, dtype=dtype_of(code), device=comm_device(state))
+        dist.broadcast(as_bytes(out), src=source)
+    return out.to(state.device)
+
+
 # --- broadcast and reduce -----------------------------------------------------------------------
 
 
@@ -276,7 +326,7 @@ def broadcast(tensor: Any, from_process: int = 0) -> Any:
     _debug_check(state, Op.BROADCAST, leaves, tensor, "tensor", (source,), ("from_process",))
     with torch.no_grad():
         if len(leaves) == 1 and leaves[0].is_contiguous():
-            dist.broadcast(leaves[0], src=source)
+            dist.broadcast(as_bytes(leaves[0]), src=source)
             return spec.unflatten(leaves)
         offsets, total = packed_offsets(leaves)
         device = comm_device(state)
@@ -289,6 +339,15 @@ def broadcast(tensor: Any, from_process: int = 0) -> Any:
             for offset, leaf in zip(offsets, leaves):
                 leaf.copy_(view_leaf(buffer, offset, leaf.dtype, leaf.shape))
     return spec.unflatten(leaves)
+
+
+# Dtypes gloo cannot reduce, and the wider dtype that gives the same result (sums wrap the same way).
+_REDUCE_AS: dict[torch.dtype, torch.dtype] = {
+    dtype: wider
+    for name, wider in (("int16", torch.int32), ("uint16", torch.int32), ("uint32", torch.int64),
+                        ("float8_e4m3fn", torch.float32), ("float8_e5m2", torch.float32))
+    if isinstance(dtype := getattr(torch, name, None), torch.dtype)
+}
 
 
 def _check_reduction(reduction: Any) -> str:
@@ -328,16 +387,21 @@ def reduce(tensor: Any, reduction: Reduction = "mean", scale: float = 1.0) -> An
     for index, leaf in enumerate(leaves):
         groups.setdefault((leaf.dtype, leaf.device), []).append(index)
     with torch.no_grad():
-        for members in groups.values():
+        for (dtype, _), members in groups.items():
             if len(members) == 1:
                 buffer = leaves[members[0]].detach().clone(memory_format=torch.contiguous_format).reshape(-1)
             else:
                 buffer = torch.cat([leaves[i].detach().reshape(-1) for i in members])
+            wider = _REDUCE_AS.get(dtype)
+            if wider is not None:  # the backend cannot add these: reduce in a wider dtype, then come back
+                buffer = buffer.to(wider)
             dist.all_reduce(buffer, op)
             if mode == "mean":
                 buffer /= state.num_processes
             if scale != 1:
                 buffer *= scale
+            if wider is not None:
+                buffer = buffer.to(dtype)
             start = 0
             for i in members:
                 count = leaves[i].numel()
@@ -390,7 +454,7 @@ def pad_across_processes(tensor: Any, dim: int = 0, pad_index: int = 0, pad_firs
     chosen = [leaves[i] for i in eligible]
     replies = exchange(call_of(Op.PAD_ACROSS_PROCESSES, chosen, (dim, int(pad_first))))
     all_paths = _paths(tensor, "tensor")
-    check_calls(replies, lambda: [all_paths()[i] for i in eligible], ("dim", "pad_first"), same_shape=False)
+    check_calls(replies, lambda: [all_paths()[i] for i in eligible], ("dim", "pad_first"), compare="ndim")
     padded = list(leaves)
     for position, index in enumerate(eligible):
         leaf = leaves[index]
