@@ -238,6 +238,8 @@ def _on_rank_reduce_errors(case: str) -> str:
     rank = _state(debug=case == "debug").process_index
     if case == "int-mean":
         return _raised(reduce, {"n": [torch.tensor([rank])]})
+    if case == "backend":
+        return _raised(reduce, torch.ones(2, dtype=torch.uint64), reduction="sum")
     return _raised(reduce, {"x": torch.ones(rank + 1)}, reduction="sum")
 
 
@@ -245,6 +247,8 @@ def test_reduce_errors(ranks2: RankPool) -> None:
     for message in ranks2.run(_on_rank_reduce_errors, "int-mean"):
         assert message.startswith("TypeError: reduce: reduction='mean' needs floating-point tensors, but "
                                   "tensor['n'][0] is torch.int64")
+    for message in ranks2.run(_on_rank_reduce_errors, "backend"):
+        assert message == "RuntimeError: Invalid scalar type"  # the backend's own error, not taken for a timeout
     for message in ranks2.run(_on_rank_reduce_errors, "debug"):
         assert "reduce: the ranks passed tensors of different dtypes or shapes" in message
         assert "tensor['x']: rank 0 float32[1], rank 1 float32[2]" in message
@@ -403,3 +407,26 @@ def test_copy_tensor_to_devices_needs_exactly_one_holder(ranks2: RankPool) -> No
         assert "exactly one process must pass a tensor (the others None), but ranks [0, 1] did" in message
     for message in ranks2.run(_on_rank_copy_tensor_errors, False):
         assert message.endswith("but none did.")
+
+
+# --- a rank that never arrives ------------------------------------------------------------------
+
+
+def _on_rank_one_rank_skips_the_gather() -> str:
+    import time
+
+    rank = PartialState(timeout=2).process_index
+    if rank == 1:
+        time.sleep(5)  # never calls gather
+        return "skipped"
+    return _raised(gather, torch.ones(2))
+
+
+def test_a_rank_that_never_arrives_is_a_timeout_naming_the_operation() -> None:
+    from tests.ranks import run_on_ranks
+
+    message, skipped = run_on_ranks(_on_rank_one_rank_skips_the_gather, 2, timeout=60)
+    assert skipped == "skipped"
+    assert message.startswith("RendezvousTimeoutError: gather on rank 0 of 2: the other ranks did not all take part "
+                              "before the process-group timeout")
+    assert "ACCELERATE_DEBUG_MODE=1" in message

@@ -17,17 +17,23 @@ abort inside the backend. With ``ACCELERATE_DEBUG_MODE`` set, ``broadcast``,
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import torch
 import torch.distributed as dist
 
 from hasten.state import PartialState
-from hasten.utils.errors import CannotPadNestedTensorWarning, ConfigurationError, DistributedOperationException
+from hasten.utils.errors import (
+    CannotPadNestedTensorWarning,
+    ConfigurationError,
+    DistributedOperationException,
+    RendezvousTimeoutError,
+)
 from hasten.utils.exchange import (
     all_gather_into,
     as_bytes,
@@ -60,6 +66,31 @@ __all__ = [
     "pad_input_tensors",
     "reduce",
 ]
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _reports_timeouts(function: F) -> F:
+    """Turn the backend's timeout inside a collective into a :class:`RendezvousTimeoutError` naming it."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except RuntimeError as error:
+            text = str(error)
+            if "timed out" not in text.lower() and "timeout" not in text.lower():
+                raise
+            state = PartialState()
+            raise RendezvousTimeoutError(
+                f"{function.__name__} on rank {state.process_index} of {state.num_processes}: the other ranks did "
+                f"not all take part before the process-group timeout ({text.splitlines()[0]}). A rank that "
+                "crashed, or that skipped or reordered its collectives, is the usual cause; with "
+                "ACCELERATE_DEBUG_MODE=1 mismatched calls raise instead of waiting."
+            ) from error
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _distributed() -> PartialState | None:
@@ -113,6 +144,7 @@ def _unpack_gathered(rows: torch.Tensor, offsets: Sequence[int], leaves: Sequenc
     return out
 
 
+@_reports_timeouts
 def gather(tensor: Any) -> Any:
     """Gather every tensor of a nested structure from all processes, concatenated along dim 0 in rank order.
 
@@ -170,6 +202,7 @@ def _unpickled(data: torch.Tensor) -> Any:
     return pickle.loads(host.numpy().data)  # a memoryview of the received bytes: no copy
 
 
+@_reports_timeouts
 def gather_object(object: Any) -> Any:  # noqa: A002 - Accelerate's parameter name
     """Gather a picklable object from every process into one list, in rank order.
 
@@ -219,6 +252,7 @@ def _check_source(state: PartialState, from_process: Any, caller: str) -> int:
     return from_process
 
 
+@_reports_timeouts
 def broadcast_object_list(object_list: list[Any], from_process: int = 0) -> list[Any]:
     """Replace the items of ``object_list`` on every process with those of process ``from_process``.
 
@@ -258,6 +292,7 @@ def broadcast_object_list(object_list: list[Any], from_process: int = 0) -> list
     return object_list
 
 
+@_reports_timeouts
 def copy_tensor_to_devices(tensor: torch.Tensor | None = None) -> torch.Tensor:
     """Share a tensor that exists on one process with all of them; the others pass ``None``.
 
@@ -308,6 +343,7 @@ def copy_tensor_to_devices(tensor: torch.Tensor | None = None) -> torch.Tensor:
 # --- broadcast and reduce -----------------------------------------------------------------------
 
 
+@_reports_timeouts
 def broadcast(tensor: Any, from_process: int = 0) -> Any:
     """Copy every tensor of a nested structure from process ``from_process`` into the same tensors elsewhere.
 
@@ -359,6 +395,7 @@ def _check_reduction(reduction: Any) -> str:
     return str(reduction)
 
 
+@_reports_timeouts
 def reduce(tensor: Any, reduction: Reduction = "mean", scale: float = 1.0) -> Any:
     """Reduce every tensor of a nested structure across processes: mean, sum or max, then times ``scale``.
 
@@ -424,6 +461,7 @@ def _pad_to(leaf: torch.Tensor, dim: int, size: int, pad_index: Any, pad_first: 
     return padded
 
 
+@_reports_timeouts
 def pad_across_processes(tensor: Any, dim: int = 0, pad_index: int = 0, pad_first: bool = False) -> Any:
     """Pad every tensor of a nested structure along ``dim`` to the largest size any process has there.
 
