@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import namedtuple
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -23,22 +22,9 @@ from hasten.utils.batches import (
     slice_tensors,
 )
 from hasten.utils.errors import TreeNestingError
+from tests.unit.test_tree import NeedsTwoArguments
 
 Point = namedtuple("Point", ["x", "y"])
-
-
-class Unbuildable(Mapping):  # a Mapping that cannot be rebuilt from a dict
-    def __init__(self, data: dict[Any, Any], extra: int) -> None:
-        self._data = dict(data)
-
-    def __getitem__(self, key: Any) -> Any:
-        return self._data[key]
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
 
 
 class Movable:
@@ -197,6 +183,6 @@ def test_find_device() -> None:
 
 
 def test_concatenate_names_a_container_it_cannot_rebuild() -> None:
-    batch = {"m": Unbuildable({"a": torch.ones(1)}, extra=1)}
-    with pytest.raises(TypeError, match="concatenate: a Unbuildable could not be rebuilt from a dict of its items"):
+    batch = {"m": NeedsTwoArguments({"a": torch.ones(1)}, extra=1)}
+    with pytest.raises(TypeError, match="concatenate: a NeedsTwoArguments could not be rebuilt from a dict of its items"):
         concatenate([batch, batch])

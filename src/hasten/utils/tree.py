@@ -68,6 +68,7 @@ _NAMEDTUPLE: dict[type, bool] = {}  # sequence class -> whether it is a namedtup
 
 
 def rebuild_sequence(node: Any, items: list[Any]) -> Any:
+    """A sequence of ``node``'s type holding ``items`` (a namedtuple is rebuilt by position)."""
     cls = type(node)
     if cls is list:
         return items
@@ -83,6 +84,7 @@ def rebuild_sequence(node: Any, items: list[Any]) -> Any:
 
 
 def rebuild_mapping(node: Any, items: dict[Any, Any]) -> Any:
+    """A Mapping of ``node``'s type holding ``items``: keeps a defaultdict's factory and a UserDict's attributes."""
     cls = type(node)
     if cls is dict:
         return items
