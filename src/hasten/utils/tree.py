@@ -156,7 +156,7 @@ def _walker(
         if leaf_first and test(node):
             return func(node)
         if isinstance(node, (list, tuple)):
-            return rebuild_sequence(node, [visit(v) for v in node])
+            return rebuild_sequence(node, [func(v) if tensors and type(v) is _Tensor else visit(v) for v in node])
         if isinstance(node, Mapping):
             return rebuild_mapping(node, {k: v if k in skip_keys else visit(v) for k, v in node.items()})
         return leaf(node)
