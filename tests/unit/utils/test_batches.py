@@ -22,7 +22,7 @@ from hasten.utils.batches import (
     slice_tensors,
 )
 from hasten.utils.errors import TreeNestingError
-from tests.unit.test_tree import NeedsTwoArguments
+from tests.unit.utils.test_tree import NeedsTwoArguments
 
 Point = namedtuple("Point", ["x", "y"])
 
