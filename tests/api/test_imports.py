@@ -27,12 +27,13 @@ LAYERS: dict[str, int] = {
     "hasten.utils.dataclasses": 1,
     "hasten.utils.config_file": 1,
     "hasten.utils.tree": 2,
+    "hasten.utils.batches": 2,
     "hasten.utils.precision": 2,
     "hasten.state": 3,
     "hasten.logging": 3,
     **dict.fromkeys(
-        ["hasten.utils.operations", "hasten.utils.amp", "hasten.utils.random", "hasten.utils.memory",
-         "hasten.utils.parallel"],
+        ["hasten.utils.operations", "hasten.utils.exchange", "hasten.utils.amp", "hasten.utils.random",
+         "hasten.utils.memory", "hasten.utils.parallel"],
         4,
     ),
     **dict.fromkeys(

@@ -1,5 +1,19 @@
 """hasten's toolbox, the names Accelerate documents under ``accelerate.utils`` (re-exported only)."""
 
+from hasten.utils.batches import (
+    TensorInformation,
+    concatenate,
+    find_batch_size,
+    find_device,
+    get_data_structure,
+    get_shape,
+    ignorant_find_batch_size,
+    initialize_tensors,
+    is_tensor_information,
+    listify,
+    send_to_device,
+    slice_tensors,
+)
 from hasten.utils.config_file import write_basic_config
 from hasten.utils.constants import (
     FSDP_MODEL_NAME,
@@ -51,6 +65,7 @@ from hasten.utils.errors import (
     HastenError,
     ProcessGroupError,
     RendezvousTimeoutError,
+    TreeNestingError,
 )
 from hasten.utils.imports import (
     is_aim_available,
@@ -80,6 +95,18 @@ from hasten.utils.imports import (
     is_xpu_available,
 )
 from hasten.utils.memory import clear_device_cache
+from hasten.utils.operations import (
+    broadcast,
+    broadcast_object_list,
+    copy_tensor_to_devices,
+    gather,
+    gather_object,
+    pad_across_processes,
+    pad_input_tensors,
+    reduce,
+)
+from hasten.utils.precision import convert_outputs_to_fp32, convert_to_fp32
+from hasten.utils.tree import honor_type, is_namedtuple, is_torch_tensor, recursively_apply
 from hasten.utils.versions import compare_versions, is_torch_version
 
 __all__ = [
@@ -112,15 +139,32 @@ __all__ = [
     "SCALER_NAME",
     "SCHEDULER_NAME",
     "SageMakerDistributedType",
+    "TensorInformation",
+    "TreeNestingError",
     "WEIGHTS_INDEX_NAME",
     "WEIGHTS_NAME",
     "WEIGHTS_PATTERN_NAME",
     "are_libraries_initialized",
+    "broadcast",
+    "broadcast_object_list",
     "clear_device_cache",
     "clear_environment",
     "compare_versions",
+    "concatenate",
     "convert_dict_to_env_variables",
+    "convert_outputs_to_fp32",
+    "convert_to_fp32",
+    "copy_tensor_to_devices",
+    "find_batch_size",
+    "find_device",
+    "gather",
+    "gather_object",
+    "get_data_structure",
     "get_int_from_env",
+    "get_shape",
+    "honor_type",
+    "ignorant_find_batch_size",
+    "initialize_tensors",
     "is_aim_available",
     "is_bf16_available",
     "is_bitsandbytes_available",
@@ -135,10 +179,13 @@ __all__ = [
     "is_mlflow_available",
     "is_mps_available",
     "is_msamp_available",
+    "is_namedtuple",
     "is_npu_available",
     "is_rich_available",
     "is_safetensors_available",
+    "is_tensor_information",
     "is_tensorboard_available",
+    "is_torch_tensor",
     "is_torch_version",
     "is_torch_xla_available",
     "is_torchao_available",
@@ -147,12 +194,19 @@ __all__ = [
     "is_transformers_available",
     "is_wandb_available",
     "is_xpu_available",
+    "listify",
     "override_numa_affinity",
+    "pad_across_processes",
+    "pad_input_tensors",
     "parse_choice_from_env",
     "parse_flag_from_env",
     "patch_environment",
     "purge_accelerate_environment",
+    "recursively_apply",
+    "reduce",
+    "send_to_device",
     "set_numa_affinity",
+    "slice_tensors",
     "str_to_bool",
     "write_basic_config",
 ]

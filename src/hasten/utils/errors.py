@@ -9,6 +9,8 @@
         ├── ProcessGroupError                the process group could not be formed or used
         │   └── RendezvousTimeoutError       (also TimeoutError) a peer never arrived in time
         ├── ConfigurationError               (also ValueError) a setting or argument has a bad value
+        ├── TreeNestingError                 (also ValueError) a nested structure contains itself or is
+        │                                    nested deeper than Python can recurse
         └── CheckpointError                  (also ValueError) a checkpoint is missing, corrupt or unsafe
 
     UserWarning
@@ -40,6 +42,10 @@ class RendezvousTimeoutError(ProcessGroupError, TimeoutError):
 
 class ConfigurationError(HastenError, ValueError):
     """A setting, argument or environment variable has a value hasten cannot use."""
+
+
+class TreeNestingError(HastenError, ValueError):
+    """A nested structure refers to itself, or is nested deeper than Python can recurse."""
 
 
 class CheckpointError(HastenError, ValueError):

@@ -1,0 +1,305 @@
+"""What users do with batches of tensors: move, slice, concatenate, measure and describe them.
+
+Every function here walks its input with the one traversal core of
+:mod:`hasten.utils.tree`, so it accepts the same nested structures and rebuilds
+the same container types.
+
+>>> import torch
+>>> batch = {"ids": torch.ones(4, 2), "labels": [torch.zeros(4)]}
+>>> find_batch_size(batch), slice_tensors(batch, slice(0, 1))["ids"].shape
+(4, torch.Size([1, 2]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hasten.utils.errors import TreeNestingError
+from hasten.utils.tree import (
+    MAX_NESTING,
+    Unbuildable,
+    key_text,
+    nesting_error,
+    rebuild_mapping,
+    rebuild_sequence,
+    tree_map,
+)
+from hasten.utils.typing import Device
+
+_Tensor = torch.Tensor
+
+
+@dataclass
+class TensorInformation:
+    """The shape and dtype of a tensor, enough to allocate one like it (see :func:`initialize_tensors`)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+def is_tensor_information(tensor_info: Any) -> bool:
+    """Whether ``tensor_info`` is a :class:`TensorInformation`."""
+    return isinstance(tensor_info, TensorInformation)
+
+
+_DEVICES: dict[Any, torch.device] = {}  # parsed device strings and indices
+
+
+def _as_device(device: Any) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    known = _DEVICES.get(device) if isinstance(device, str) else None
+    if known is not None:
+        return known
+    if device == "npu":
+        device = "npu:0"  # torch_npu cannot find its context from a bare "npu"
+    if isinstance(device, (str, int)) and not isinstance(device, bool):
+        try:
+            parsed = torch.device(device)
+        except RuntimeError as error:
+            raise ValueError(
+                f"send_to_device: device={device!r} cannot be used: {error} Pass a device this machine has, "
+                "such as 'cpu'."
+            ) from None
+        if isinstance(device, str) and len(_DEVICES) < 64:
+            _DEVICES[device] = parsed
+        return parsed
+    raise TypeError(
+        f"send_to_device: device={device!r} must be a torch.device, a device string such as 'cpu' or 'cuda:0', "
+        "or an accelerator index."
+    )
+
+
+def _has_to(node: Any) -> bool:
+    return hasattr(node, "to")
+
+
+def send_to_device(
+    tensor: Any, device: Device, non_blocking: bool = False, skip_keys: str | list[str] | None = None
+) -> Any:
+    """Move every tensor (and object with a ``.to()`` method) in a nested structure to ``device``.
+
+    Tensors already on ``device`` are returned as they are (no copy). Values under the Mapping
+    keys named in ``skip_keys`` (a key or a list of keys, at any depth) stay where they are.
+    """
+    target = _as_device(device)
+    if skip_keys is None and type(tensor) is dict:  # the usual batch: a flat dict of tensors
+        moved = {}
+        for key, value in tensor.items():
+            if type(value) is not _Tensor:
+                break
+            moved[key] = value if value.device == target else value.to(target, non_blocking=non_blocking)
+        else:
+            return moved
+    if skip_keys is None:
+        skip: frozenset[Any] = frozenset()
+    elif isinstance(skip_keys, str):
+        skip = frozenset([skip_keys])
+    else:
+        try:
+            skip = frozenset(skip_keys)
+        except TypeError:
+            raise TypeError(f"send_to_device: skip_keys={skip_keys!r} must be a key or a list of keys.") from None
+
+    def move(node: Any) -> Any:
+        if type(node) is _Tensor:
+            return node if node.device == target else node.to(target, non_blocking=non_blocking)
+        try:
+            return node.to(target, non_blocking=non_blocking)
+        except TypeError:  # a .to() that takes no non_blocking
+            return node.to(target)
+
+    return tree_map(move, tensor, is_leaf=_has_to, skip_keys=skip, leaf_first=True, caller="send_to_device",
+                    argument="tensor")
+
+
+def get_data_structure(data: Any) -> Any:
+    """``data`` with a :class:`TensorInformation` (shape and dtype) in place of each tensor."""
+    return tree_map(lambda t: TensorInformation(shape=t.shape, dtype=t.dtype), data, caller="get_data_structure")
+
+
+def get_shape(data: Any) -> Any:
+    """``data`` with each tensor's shape, as a list of ints, in its place."""
+    return tree_map(lambda t: list(t.shape), data, caller="get_shape")
+
+
+def initialize_tensors(data_structure: Any) -> Any:
+    """Allocate an uninitialised tensor for every :class:`TensorInformation` in ``data_structure``."""
+    return tree_map(
+        lambda info: torch.empty(*info.shape, dtype=info.dtype),
+        data_structure,
+        is_leaf=is_tensor_information,
+        tensors=False,
+        caller="initialize_tensors",
+        argument="data_structure",
+    )
+
+
+def _to_list(tensor: torch.Tensor) -> Any:
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:  # numpy, which tolist goes through, has no bfloat16
+        tensor = tensor.float()
+    return tensor.tolist()
+
+
+def listify(data: Any) -> Any:
+    """``data`` with each tensor turned into (nested lists of) Python numbers."""
+    return tree_map(_to_list, data, caller="listify")
+
+
+def slice_tensors(
+    data: Any, tensor_slice: Any, process_index: int | None = None, num_processes: int | None = None
+) -> Any:
+    """``data`` with ``tensor[tensor_slice]`` in place of each tensor.
+
+    ``process_index`` and ``num_processes`` are accepted for compatibility and not used.
+    """
+    return tree_map(lambda t: t[tensor_slice], data, caller="slice_tensors")
+
+
+def _concatenate_level(items: list[Any], dim: int, path: str) -> Any:
+    first = items[0]
+    if isinstance(first, _Tensor):
+        try:
+            return torch.cat(items, dim=dim)
+        except TypeError:
+            bad = next(i for i, item in enumerate(items) if not isinstance(item, _Tensor))
+            raise TypeError(
+                f"concatenate: data[{bad}]{path} is a {type(items[bad]).__qualname__}, but data[0]{path} is a tensor."
+            ) from None
+    if isinstance(first, (list, tuple)):
+        for index, item in enumerate(items):
+            if not isinstance(item, (list, tuple)) or len(item) != len(first):
+                raise ValueError(
+                    f"concatenate: data[{index}]{path} does not have the {len(first)} items of data[0]{path}."
+                )
+        parts = [_concatenate_level([item[i] for item in items], dim, f"{path}[{i}]") for i in range(len(first))]
+        return rebuild_sequence(first, parts)
+    if isinstance(first, Mapping):
+        merged = {}
+        for key in first:
+            try:
+                column = [item[key] for item in items]
+            except (KeyError, TypeError):
+                raise ValueError(f"concatenate: some item of data lacks the key {path}[{key!r}] of data[0].") from None
+            merged[key] = _concatenate_level(column, dim, f"{path}[{key!r}]")
+        return rebuild_mapping(first, merged)
+    if len(items) == 1:
+        return first
+    raise TypeError(f"concatenate: can only concatenate tensors, but data[0]{path} is a {type(first).__qualname__}.")
+
+
+def _concatenate_fast(first: Any, rest: Sequence[Any], dim: int) -> Any:
+    """:func:`concatenate` without keeping paths; any surprise raises and the careful walk takes over.
+
+    Children are zipped across batches (dict keys must come in the same order), and tensor
+    children are concatenated in the comprehension itself, without a call per leaf.
+    """
+    cls = type(first)
+    if cls is _Tensor:
+        return torch.cat([first, *rest], dim)
+    sequence = cls is list or cls is tuple
+    if not sequence and (cls is dict or isinstance(first, Mapping)):
+        keys = list(first)
+        for other in rest:
+            if list(other) != keys:
+                raise KeyError("keys differ")
+        columns = zip(first.values(), *[other.values() for other in rest])
+        merged = {
+            key: torch.cat(column, dim) if type(column[0]) is _Tensor else _concatenate_fast(column[0], column[1:], dim)
+            for key, column in zip(keys, columns)
+        }
+        return merged if cls is dict else rebuild_mapping(first, merged)
+    if sequence or isinstance(first, (list, tuple)):
+        for other in rest:
+            if len(other) != len(first):
+                raise ValueError("lengths differ")
+        items = [
+            torch.cat(column, dim) if type(column[0]) is _Tensor else _concatenate_fast(column[0], column[1:], dim)
+            for column in zip(first, *rest)
+        ]
+        return items if cls is list else tuple(items) if cls is tuple else rebuild_sequence(first, items)
+    if not rest:
+        return first
+    raise TypeError("not a tensor")
+
+
+def concatenate(data: Sequence[Any], dim: int = 0) -> Any:
+    """Concatenate a list of same-shaped structures leaf by leaf along ``dim``.
+
+    ``data`` is a list of batches (each a tensor or nested structure of tensors) and the result
+    has the structure of ``data[0]``. A single non-tensor batch is returned as it is.
+    """
+    if not isinstance(data, (list, tuple)) or len(data) == 0:
+        raise ValueError(f"concatenate: data must be a non-empty list of batches, got {data!r:.80}.")
+    try:
+        return _concatenate_fast(data[0], data[1:], dim)
+    except Exception:  # noqa: BLE001 - the careful walk below explains what went wrong, with its path
+        pass
+    try:
+        return _concatenate_level(list(data), dim, "")
+    except Unbuildable as error:
+        raise TypeError(f"concatenate: a {error.problem}.") from None
+    except RecursionError as error:
+        raise nesting_error(data[0], "concatenate", "data[0]", error) from error
+
+
+def find_batch_size(data: Any) -> int:
+    """The size of the first dimension of the first tensor in ``data`` (first item, first key).
+
+    Raises:
+        ValueError: a container on the way is empty, or the tensor has no dimensions.
+        TypeError: the first leaf is not a tensor.
+    """
+    node, path = data, ""
+    for _ in range(MAX_NESTING * 10):
+        if isinstance(node, (list, tuple, Mapping)):
+            if len(node) == 0:
+                raise ValueError(f"find_batch_size: data{path} is an empty {type(node).__qualname__}, so it holds no batch.")
+            key = next(iter(node)) if isinstance(node, Mapping) else 0
+            path += key_text(node, key)
+            node = node[key]
+            continue
+        if not isinstance(node, _Tensor):
+            raise TypeError(f"find_batch_size: data{path} is a {type(node).__qualname__}; can only find the batch size of tensors.")
+        if node.ndim == 0:
+            raise ValueError(f"find_batch_size: data{path} is a 0-d tensor, which has no batch dimension.")
+        return int(node.shape[0])
+    raise TreeNestingError(f"find_batch_size: data{path} is nested too deeply (does it contain itself?).")
+
+
+def ignorant_find_batch_size(data: Any) -> int | None:
+    """:func:`find_batch_size`, or ``None`` where it would raise."""
+    try:
+        return find_batch_size(data)
+    except (ValueError, TypeError):
+        return None
+
+
+def _children(node: Any) -> Iterator[Any]:
+    return iter(node.values()) if isinstance(node, Mapping) else iter(node)
+
+
+def find_device(data: Any) -> torch.device | None:
+    """The device of the first tensor found in ``data`` (depth first), ``None`` when it holds none."""
+    if isinstance(data, _Tensor):
+        return data.device
+    if not isinstance(data, (list, tuple, Mapping)):
+        return None
+    seen = {id(data)}
+    stack = [_children(data)]
+    while stack:
+        for node in stack[-1]:
+            if isinstance(node, _Tensor):
+                return node.device
+            if isinstance(node, (list, tuple, Mapping)) and id(node) not in seen:
+                seen.add(id(node))
+                stack.append(_children(node))
+                break
+        else:
+            stack.pop()
+    return None
