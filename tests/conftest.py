@@ -23,8 +23,14 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         raise pytest.UsageError(f"Run the tests outside a launcher: {present} are set in the environment.")
 
 
+# Set by others, not by the code under test: pytest names the running test, torch._dynamo
+# (imported by torch itself on first use of some ops, e.g. init on meta) records its cache
+# folder, and importing Accelerate (differential tests) sets its CUDA check.
+_NOT_OURS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "PYTORCH_NVML_BASED_CUDA_CHECK"}
+
+
 def _environment() -> dict[str, str]:
-    return {key: value for key, value in os.environ.items() if key != "PYTEST_CURRENT_TEST"}
+    return {key: value for key, value in os.environ.items() if key not in _NOT_OURS}
 
 
 @pytest.fixture(autouse=True)

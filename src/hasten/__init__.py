@@ -9,10 +9,34 @@ from hasten.logging import get_logger
 from hasten.state import AcceleratorState, GradientState, PartialState
 
 __version__ = "0.1.0"
+from hasten.big_modeling import (
+    cpu_offload,
+    cpu_offload_with_hook,
+    disk_offload,
+    dispatch_model,
+    init_empty_weights,
+    init_on_device,
+    load_checkpoint_and_dispatch,
+)
+from hasten.utils.device_map import (
+    infer_auto_device_map,
+)
+from hasten.utils.loading import (
+    load_checkpoint_in_model,
+)
 
 __all__ = [
     "AcceleratorState",
     "GradientState",
     "PartialState",
+    "cpu_offload",
+    "cpu_offload_with_hook",
+    "disk_offload",
+    "dispatch_model",
     "get_logger",
+    "infer_auto_device_map",
+    "init_empty_weights",
+    "init_on_device",
+    "load_checkpoint_and_dispatch",
+    "load_checkpoint_in_model",
 ]

@@ -9,11 +9,12 @@ plan the map under a memory budget, stream the weights into place, dispatch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from hasten.hooks import (
     attach_align_device_hook_on_blocks,
 )
 from hasten.utils.device import accelerator_type, device_for_local_process
+from hasten.utils.environment import parse_flag_from_env
 from hasten.utils.device_map import check_device_map, get_balanced_memory, infer_auto_device_map
 from hasten.utils.loading import load_checkpoint_in_model
 from hasten.utils.modeling import find_tied_parameters, retie_parameters
@@ -38,13 +40,65 @@ logger = logging.getLogger(__name__)
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
+def _include_buffers(include_buffers: bool | None) -> bool:
+    if include_buffers is None:
+        return parse_flag_from_env("ACCELERATE_INIT_INCLUDE_BUFFERS", False)
+    return include_buffers
+
+
+@contextlib.contextmanager
+def init_on_device(device: Device, include_buffers: bool | None = None) -> Iterator[None]:
+    """Create the parameters of every module built in this block on ``device`` (and its buffers too
+    when ``include_buffers``; by default they stay on the CPU with their values, since models
+    compute some of them, like rotary frequencies, at construction).
+
+    With buffers included this is ``torch.device(device)`` as a context: a scoped
+    ``TorchFunctionMode``, so tensors are created there directly and nothing is allocated on
+    ``meta``. Otherwise a module parameter-registration hook (torch's public API, removed on
+    exit) moves each parameter as it is registered, before the module initialises it. Like
+    Accelerate's, that hook sees modules built by other threads during the block.
+    ``include_buffers=None`` reads ``ACCELERATE_INIT_INCLUDE_BUFFERS``.
+    """
+    target = torch.device(device) if isinstance(device, (str, torch.device)) else torch.device(_as_device(device))
+    if _include_buffers(include_buffers):
+        with target:
+            yield
+        return
+
+    def place(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
+        if param is None or param.device == target:
+            return None
+        extra = {key: value for key, value in vars(param).items() if key != "_is_hf_initialized"}
+        moved = param.to(target)
+        if type(param) is nn.Parameter:
+            return nn.Parameter(moved, requires_grad=param.requires_grad)
+        return type(param)(moved, requires_grad=param.requires_grad, **extra)
+
+    handle = nn.modules.module.register_module_parameter_registration_hook(cast(Callable[..., None], place))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def init_empty_weights(include_buffers: bool | None = None) -> Iterator[None]:
+    """Build models on the ``meta`` device: shapes and dtypes without memory, to plan and load big models.
+
+    ``init_on_device("meta", include_buffers)``; load real weights afterwards with
+    :func:`load_checkpoint_and_dispatch` or :func:`~hasten.utils.load_checkpoint_in_model`.
+    """
+    with init_on_device(torch.device("meta"), include_buffers=include_buffers):
+        yield
+
+
 def _execution_device(execution_device: Device | None) -> Device:
     return execution_device if execution_device is not None else device_for_local_process(0)
 
 
 def cpu_offload(
     model: nn.Module,
-    execution_device: torch.device | None = None,
+    execution_device: Device | None = None,
     offload_buffers: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
     preload_module_classes: list[str] | None = None,
@@ -95,7 +149,7 @@ def cpu_offload_with_hook(
 def disk_offload(
     model: nn.Module,
     offload_dir: PathLike,
-    execution_device: torch.device | None = None,
+    execution_device: Device | None = None,
     offload_buffers: bool = False,
     preload_module_classes: list[str] | None = None,
 ) -> nn.Module:
@@ -180,7 +234,7 @@ def dispatch_model(
     devices = set(device_map.values())
     if len(devices) == 1 and "disk" not in devices and not force_hooks:
         model.to(_as_device(next(iter(devices))))
-        model.hf_device_map = dict(device_map)
+        setattr(model, "hf_device_map", dict(device_map))  # noqa: B010 - torch types attributes as Tensor | Module
         return model
     if main_device is None:
         on_accelerators = [device for device in device_map.values() if device not in ("cpu", "disk")]
@@ -194,7 +248,7 @@ def dispatch_model(
         offload_state_dict(offload_dir, extract_submodules_state_dict(model.state_dict(), disk_modules))  # type: ignore[arg-type]
     offloaded = {"disk"} if main_is_cpu else {"cpu", "disk"}
     execution_device = {name: main_device if device in ("cpu", "disk") else device for name, device in device_map.items()}
-    execution_device[""] = main_device  # type: ignore[assignment]
+    execution_device[""] = main_device
     weights_map = None
     save_folder = offload_dir if disk_modules else None
     if state_dict is not None or save_folder is not None or offload_index is not None:
@@ -211,7 +265,7 @@ def dispatch_model(
                 tied_params_map[tensor.data_ptr()] = {}
     attach_align_device_hook_on_blocks(
         model,
-        execution_device={name: _as_device(device) for name, device in execution_device.items()},
+        execution_device={name: _as_device(cast(Device, device)) for name, device in execution_device.items()},
         offload={name: device in offloaded for name, device in device_map.items()},
         offload_buffers=offload_buffers,
         weights_map=weights_map,
@@ -220,7 +274,7 @@ def dispatch_model(
         tied_params_map=tied_params_map,
     )
     retie_parameters(model, tied_params)  # attaching hooks may have broken ties
-    model.hf_device_map = dict(device_map)
+    setattr(model, "hf_device_map", dict(device_map))  # noqa: B010
     model.to = _refuse_moves(model.to, model)  # type: ignore[method-assign]
     kind = accelerator_type()
     mover = "cuda" if kind in ("cpu", "mps") else kind
@@ -263,7 +317,7 @@ def load_checkpoint_and_dispatch(
         if device_map not in DEVICE_MAP_STRATEGIES:
             raise ValueError(f"device_map={device_map!r} is not a strategy; use one of {list(DEVICE_MAP_STRATEGIES)} or a dict.")
         if device_map != "sequential":
-            max_memory = get_balanced_memory(
+            max_memory = get_balanced_memory(  # type: ignore[assignment]
                 model, max_memory=max_memory, no_split_module_classes=no_split_module_classes, dtype=dtype,
                 low_zero=(device_map == "balanced_low_0"),
             )  # fmt: skip

@@ -25,7 +25,7 @@ from torch import nn
 from hasten.utils.device import device_for_local_process
 from hasten.utils.modeling import named_module_tensors, set_module_tensor_to_device
 from hasten.utils.offload import PrefixedDataset
-from hasten.utils.tree import find_device, send_to_device
+from hasten.utils.batches import find_device, send_to_device
 from hasten.utils.typing import Device
 
 # Attributes dispatch_model sets on a model to refuse moves; removing hooks removes them too.
@@ -89,13 +89,13 @@ class SequentialHook(ModelHook):
 
 
 def _hooked_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    hook: ModelHook = module._hf_hook
+    hook: ModelHook = getattr(module, "_hf_hook")  # noqa: B009 - torch types module attributes as Tensor | Module
     args, kwargs = hook.pre_forward(module, *args, **kwargs)
     if hook.no_grad:
         with torch.no_grad():
-            output = module._old_forward(*args, **kwargs)
+            output = getattr(module, "_old_forward")(*args, **kwargs)  # noqa: B009
     else:
-        output = module._old_forward(*args, **kwargs)
+        output = getattr(module, "_old_forward")(*args, **kwargs)  # noqa: B009
     return hook.post_forward(module, output)
 
 
@@ -112,8 +112,8 @@ def add_hook_to_module(module: nn.Module, hook: ModelHook, append: bool = False)
             hook = SequentialHook(old_hook, hook)
     original = module.forward
     module = hook.init_hook(module)
-    module._old_forward = original
-    module._hf_hook = hook
+    setattr(module, "_old_forward", original)  # noqa: B010 - see _hooked_forward
+    setattr(module, "_hf_hook", hook)  # noqa: B010
     # update_wrapper keeps the signature visible (inspect follows __wrapped__), as callers such as
     # generation utilities inspect forward's parameters.
     module.forward = functools.update_wrapper(functools.partial(_hooked_forward, module), original)
@@ -329,7 +329,7 @@ def attach_align_device_hook(
 ) -> None:
     """Give every module with parameters of its own an :class:`AlignDevicesHook` (with ``offload``, one that
     loads its weights from ``weights_map`` under the module's own name prefix, ``module_name``)."""
-    own = list(module.named_parameters(recurse=False))
+    own: list[tuple[str, torch.Tensor]] = list(module.named_parameters(recurse=False))
     preload = preload_module_classes is not None and type(module).__name__ in preload_module_classes
     if offload_buffers:
         own += list(module.named_buffers(recurse=False))

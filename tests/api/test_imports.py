@@ -37,7 +37,9 @@ LAYERS: dict[str, int] = {
         4,
     ),
     **dict.fromkeys(
-        ["hasten.utils.modeling", "hasten.utils.device_map", "hasten.utils.loading", "hasten.utils.offload"], 5
+        ["hasten.utils.modeling", "hasten.utils.device_map", "hasten.utils.loading", "hasten.utils.offload",
+         "hasten.utils.checkpoint_reader", "hasten.utils.sharding"],
+        5,
     ),
     **dict.fromkeys(["hasten.hooks", "hasten.big_modeling", "hasten.utils.bnb"], 6),
     **dict.fromkeys(

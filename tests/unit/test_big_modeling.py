@@ -149,7 +149,7 @@ def test_load_checkpoint_and_dispatch_under_a_budget(tmp_path: Path, strategy: s
     with init_empty_weights():
         model = Stack().eval()
     model = load_checkpoint_and_dispatch(
-        model, checkpoint, device_map=strategy, max_memory={"cpu": 2000}, no_split_module_classes=["Block"],
+        model, checkpoint, device_map=strategy, max_memory={"cpu": 1000}, no_split_module_classes=["Block"],
         offload_folder=tmp_path / "offload",
     )  # fmt: skip
     assert "disk" in model.hf_device_map.values()

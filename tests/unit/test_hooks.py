@@ -146,8 +146,15 @@ def test_offload_hook_loads_weights_only_during_forward_and_restores_on_detach()
     assert _offloaded_names(model) == {name for name, _ in model.named_parameters()}
     assert model.norm.running_mean.device.type == "cpu"  # buffers stay unless offload_buffers
     seen = {}
-    model.second.register_forward_pre_hook(lambda m, a: seen.setdefault("device", m.weight.device.type))
+    inner = model.second._old_forward
+
+    def spy(*args: torch.Tensor) -> torch.Tensor:  # runs inside the hook, where the weights are loaded
+        seen["device"] = model.second.weight.device.type
+        return inner(*args)
+
+    model.second._old_forward = spy
     assert torch.allclose(model(x), expected)
+    model.second._old_forward = inner
     assert seen["device"] == "cpu" and _offloaded_names(model) == {n for n, _ in model.named_parameters()}
     remove_hook_from_submodules(model)
     assert all(torch.equal(t, original[name]) for name, t in model.state_dict().items())

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -451,7 +451,7 @@ def _load_into_dtensors(
         for path in files:
             state.update(load_state_dict(path))
     options = StateDictOptions(full_state_dict=full_state_dict, strict=strict, broadcast_from_rank0=broadcast_from_rank0)
-    set_model_state_dict(model, state, options=options)
+    set_model_state_dict(model, cast(Any, state), options=options)
 
 
 def iter_checkpoint(checkpoint: PathLike) -> Iterator[tuple[str, torch.Tensor]]:

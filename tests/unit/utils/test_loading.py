@@ -89,7 +89,7 @@ def test_loads_into_a_meta_model_without_a_device_map(tmp_path: Path, layout: st
     load_checkpoint_in_model(model, checkpoint)
     _assert_same(model, source)
     assert model.head.weight is model.embed.weight  # re-tied
-    ids = torch.tensor([[1, 2, 3]])
+    ids = torch.tensor([1, 2, 3])
     assert torch.equal(model(ids), source(ids))
 
 

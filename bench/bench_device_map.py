@@ -1,0 +1,122 @@
+"""Model sizes and device maps: hasten against Accelerate on models of 6k to 173k entries, on meta.
+
+Run: ``.venv/bin/python bench/bench_device_map.py [--quick]`` (needs Accelerate, from the test or
+bench extra). Entries are parameters + modules. Two families: a deep transformer stack and a
+mixture-of-experts model of 48 layers with 16 to 512 small experts each. Prints Markdown tables
+(times, ratios, time per entry) for docs/benchmarks.md, and checks both libraries give the same map.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import Timing, fmt_seconds, measure, table  # noqa: E402
+
+from hasten.big_modeling import init_empty_weights  # noqa: E402
+from hasten.utils import device_map as hasten_map  # noqa: E402
+from hasten.utils import modeling as hasten_sizes  # noqa: E402
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, width: int, experts: int = 0) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = Attention(width)
+        if experts:
+            self.router = nn.Linear(width, experts, bias=False)
+            self.experts = nn.ModuleList(MLP(width, width) for _ in range(experts))
+        else:
+            self.mlp = MLP(width, 4 * width)
+
+
+class Decoder(nn.Module):
+    def __init__(self, layers: int, width: int, experts: int = 0) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(1000, width)
+        self.layers = nn.ModuleList(DecoderLayer(width, experts) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 1000, bias=False)
+
+
+def entries(model: nn.Module) -> int:
+    return sum(1 for _ in model.modules()) + sum(1 for _ in model.parameters())
+
+
+def build(kind: str, scale: int) -> nn.Module:
+    with init_empty_weights():
+        return Decoder(scale, 64) if kind == "stack" else Decoder(48, 32, experts=scale)
+
+
+def run(quick: bool) -> None:
+    from accelerate.utils import modeling as accelerate_modeling
+
+    families = [("stack", [220, 800, 2800, 6400]), ("moe", [16, 64, 224, 512])]
+    if quick:
+        families = [("stack", [220, 800]), ("moe", [16, 64])]
+    size_rows, budget_rows, split_rows, curve = [], [], [], []
+    for kind, scales in families:
+        for scale in scales:
+            model = build(kind, scale)
+            count = entries(model)
+            case = f"{kind} {count // 1000}k"
+            total = hasten_sizes.compute_module_sizes(model)[""]
+            repeat = 3 if count > 50_000 else 5
+            size_rows.append((case, [
+                measure("hasten", lambda: hasten_sizes.compute_module_sizes(model), repeat=repeat, number=1),
+                measure("Accelerate", lambda: accelerate_modeling.compute_module_sizes(model), repeat=repeat, number=1),
+            ]))
+            budget = {"cpu": int(total * 0.3)}
+            split = {**{index: int(total * 0.025) for index in range(8)}, "cpu": int(total * 0.1)}
+            for rows, memory, no_split in ((budget_rows, budget, ["DecoderLayer"]), (split_rows, split, None)):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    ours = hasten_map.infer_auto_device_map(model, dict(memory), no_split)
+                    theirs = accelerate_modeling.infer_auto_device_map(model, dict(memory), no_split)
+                    assert dict(ours) == dict(theirs), f"{case}: the maps differ"
+                    timings = [
+                        measure("hasten", lambda: hasten_map.infer_auto_device_map(model, dict(memory), no_split),
+                                repeat=repeat, number=1),
+                        measure("Accelerate", lambda: accelerate_modeling.infer_auto_device_map(
+                            model, dict(memory), no_split), repeat=1 if count > 50_000 else 3, number=1),
+                    ]
+                rows.append((case, timings))
+            curve.append((kind, count, size_rows[-1][1][0].median, split_rows[-1][1][0].median))
+    print(table("compute_module_sizes (model on meta)", size_rows))
+    print()
+    print(table("infer_auto_device_map: CPU at 30% of the model + disk, no_split_module_classes=['DecoderLayer']",
+                budget_rows))
+    print()
+    print(table("infer_auto_device_map: 8 devices at 2.5% each, CPU at 10%, disk; nothing kept whole", split_rows))
+    print()
+    print("### hasten's time per entry (linearity)")
+    print()
+    print("| family | entries | compute_module_sizes per entry | split-heavy map per entry |")
+    print("|---|---|---|---|")
+    for kind, count, sizes_time, map_time in curve:
+        print(f"| {kind} | {count} | {fmt_seconds(sizes_time / count)} | {fmt_seconds(map_time / count)} |")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="only the two smaller sizes of each family")
+    run(parser.parse_args().quick)

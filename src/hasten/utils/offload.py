@@ -1,0 +1,212 @@
+"""Disk offload: tensors as raw ``.dat`` files plus an ``index.json``, read back as memory maps.
+
+The format is Accelerate's, so folders move between the two libraries: one file per
+tensor named ``<name>.dat`` holding its bytes in C order, and ``index.json`` mapping each name
+to ``{"dtype": ..., "shape": [...]}``. Entries may instead point into a safetensors file
+(``"safetensors_file"``, ``"weight_name"``), so weights already on disk are never copied.
+hasten writes the raw bytes of any dtype (bfloat16 and float8 included: numpy does not need
+to know the type) and every file through a temporary name, so a crash leaves no half-written
+tensor. Reads map the file copy-on-write: nothing is read until used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from hasten.utils.atomic import atomic_write
+from hasten.utils.errors import CheckpointError
+from hasten.utils.modeling import as_torch_dtype, set_module_tensor_to_device
+from hasten.utils.typing import Device, PathLike
+
+INDEX_FILE = "index.json"
+
+
+def _dat_path(folder: PathLike, name: str) -> Path:
+    if not name or "/" in name or "\\" in name or name.startswith(".."):
+        raise CheckpointError(f"weight name {name!r} cannot be used as a file name in the offload folder")
+    return Path(folder) / f"{name}.dat"
+
+
+def offload_weight(
+    weight: torch.Tensor, weight_name: str, offload_folder: PathLike, index: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write ``weight`` to ``offload_folder/<weight_name>.dat`` and record it in ``index`` (returned).
+
+    The file is complete or absent: it is written under a temporary name and renamed.
+    """
+    data = weight.detach().to("cpu").contiguous()
+    dtype = str(data.dtype).removeprefix("torch.")
+    raw = data.reshape(-1).view(torch.uint8).numpy() if data.numel() else np.empty(0, np.uint8)
+    with atomic_write(_dat_path(offload_folder, weight_name)) as handle:
+        handle.write(memoryview(cast(Any, raw)))
+    index = {} if index is None else index
+    index[weight_name] = {"dtype": dtype, "shape": list(data.shape)}
+    return index
+
+
+def load_offloaded_weight(weight_file: PathLike, weight_info: Mapping[str, Any]) -> torch.Tensor:
+    """The tensor stored in ``weight_file``, described by its index entry, mapped copy-on-write."""
+    try:
+        shape = tuple(int(size) for size in weight_info["shape"])
+        dtype = as_torch_dtype(str(weight_info["dtype"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"the offload index entry for {str(weight_file)!r} is malformed: {error}") from None
+    expected = math.prod(shape) * dtype.itemsize
+    try:
+        actual = os.path.getsize(weight_file)
+    except OSError as error:
+        raise CheckpointError(f"offloaded weight {str(weight_file)!r} cannot be read: {error}") from None
+    if actual != expected:
+        raise CheckpointError(
+            f"offloaded weight {str(weight_file)!r} holds {actual} bytes but its index entry ({dtype}, shape "
+            f"{list(shape)}) needs {expected}: the file is truncated or does not belong to this index"
+        )
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    mapped = np.memmap(weight_file, dtype=np.uint8, mode="c", shape=(expected,))
+    return torch.from_numpy(mapped).view(dtype).reshape(shape)
+
+
+def save_offload_index(index: Mapping[str, Any], offload_folder: PathLike) -> None:
+    """Merge ``index`` into ``offload_folder/index.json`` (created if absent), crash-safely."""
+    if not index:
+        return
+    path = Path(offload_folder) / INDEX_FILE
+    merged: dict[str, Any] = {}
+    if path.is_file():
+        merged = _read_index(path)
+    merged.update(index)
+    with atomic_write(path, "w", encoding="utf-8") as handle:
+        json.dump(merged, handle, indent=2)
+
+
+def _read_index(path: Path) -> dict[str, Any]:
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"offload index {str(path)!r} cannot be read: {error}") from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"offload index {str(path)!r} must hold a JSON object, not {type(loaded).__name__}")
+    return loaded
+
+
+def offload_state_dict(save_dir: PathLike, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Write every tensor of ``state_dict`` to ``save_dir`` with an ``index.json``."""
+    os.makedirs(save_dir, exist_ok=True)
+    index: dict[str, Any] = {}
+    for name, tensor in state_dict.items():
+        offload_weight(tensor, name, save_dir, index=index)
+    save_offload_index(index, save_dir)
+
+
+def load_offloaded_weights(model: torch.nn.Module, index: Mapping[str, Any] | None, offload_folder: PathLike) -> None:
+    """Put every weight listed in ``index`` (read from ``offload_folder``) into ``model`` on the CPU.
+
+    8-bit statistics stored next to a weight as ``<name with SCB for weight>`` are attached to it.
+    """
+    if not index:
+        return
+    for name, info in index.items():
+        if "SCB" in name:
+            continue
+        statistics_name = name.replace("weight", "SCB")
+        statistics = None
+        if "weight" in name and statistics_name in index:
+            statistics = load_offloaded_weight(_dat_path(offload_folder, statistics_name), index[statistics_name])
+        value = load_offloaded_weight(_dat_path(offload_folder, name), info)
+        set_module_tensor_to_device(model, name, "cpu", value=value, fp16_statistics=statistics)
+
+
+def extract_submodules_state_dict(
+    state_dict: Mapping[str, torch.Tensor], submodule_names: Iterable[str]
+) -> dict[str, torch.Tensor]:
+    """The entries of ``state_dict`` that belong to any of ``submodule_names`` (one pass)."""
+    roots = set(submodule_names)
+    if "" in roots:
+        return dict(state_dict)
+    result = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if any(".".join(parts[:end]) in roots for end in range(1, len(parts) + 1)):
+            result[key] = value
+    return result
+
+
+class PrefixedDataset(Mapping[str, Any]):
+    """A view of ``dataset`` where ``view[key]`` is ``dataset[prefix + key]``.
+
+    As in Accelerate, iteration yields the full keys that start with ``prefix``.
+    """
+
+    def __init__(self, dataset: Mapping[str, Any], prefix: str) -> None:
+        self.dataset = dataset
+        self.prefix = prefix
+
+    def __getitem__(self, key: str) -> Any:
+        return self.dataset[f"{self.prefix}{key}"]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([key for key in self.dataset if key.startswith(self.prefix)])
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+class OffloadedWeightsLoader(Mapping[str, torch.Tensor]):
+    """One mapping over weights in memory (``state_dict``) and on disk (``index`` / ``save_folder``).
+
+    Disk weights are read when asked for: ``.dat`` files are mapped copy-on-write, safetensors
+    entries are read from their file (on ``device`` when given) and cast to the index's dtype.
+    """
+
+    def __init__(
+        self,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        save_folder: PathLike | None = None,
+        index: Mapping[str, Any] | None = None,
+        device: Device | None = None,
+    ) -> None:
+        if state_dict is None and save_folder is None and index is None:
+            raise ValueError("OffloadedWeightsLoader needs a state_dict, a save_folder or an index (all were None)")
+        self.state_dict = {} if state_dict is None else state_dict
+        self.save_folder = save_folder
+        if index is None and save_folder is not None:
+            index = _read_index(Path(save_folder) / INDEX_FILE)
+        self.index: Mapping[str, Any] = {} if index is None else index
+        self.all_keys = list(self.state_dict) + [key for key in self.index if key not in self.state_dict]
+        self.device = device
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self.state_dict:
+            return self.state_dict[key]
+        info = self.index[key]
+        if "safetensors_file" in info:
+            return self._from_safetensors(key, info)
+        if self.save_folder is None:
+            raise CheckpointError(f"offloaded weight {key!r} is a .dat entry but no save_folder was given to read it")
+        return load_offloaded_weight(_dat_path(self.save_folder, key), info)
+
+    def _from_safetensors(self, key: str, info: Mapping[str, Any]) -> torch.Tensor:
+        from safetensors import safe_open
+
+        device = "cpu" if self.device is None else self.device
+        where = device if isinstance(device, (int, str)) else str(device)
+        with safe_open(info["safetensors_file"], framework="pt", device=where) as handle:
+            tensor = handle.get_tensor(info.get("weight_name", key))
+        if "dtype" in info:
+            tensor = tensor.to(as_torch_dtype(str(info["dtype"])))
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.all_keys)
+
+    def __len__(self) -> int:
+        return len(self.all_keys)
