@@ -36,7 +36,7 @@ def without_aliases(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     for name, value in state_dict.items():
         if isinstance(value, torch.Tensor) and value.device.type != "meta" and value.numel():
             storage = value.untyped_storage()
-            key = (value.device, storage.data_ptr(), value.storage_offset())
+            key = (value.device, storage.data_ptr(), int(value.storage_offset()))
             if key in seen:
                 continue
             seen.add(key)
@@ -55,15 +55,15 @@ def _write(obj: Any, f: FileLike, safe_serialization: bool) -> None:
             )
         tensors = without_aliases(obj)
         if isinstance(f, (io.IOBase, io.BufferedIOBase)) or hasattr(f, "write"):
-            f.write(save(tensors, metadata={"format": "pt"}))  # type: ignore[union-attr]
+            f.write(save(tensors, metadata={"format": "pt"}))
             return
-        with atomic_path(f) as temporary:  # type: ignore[arg-type]
+        with atomic_path(f) as temporary:
             save_file(tensors, str(temporary), metadata={"format": "pt"})
         return
     if hasattr(f, "write"):
-        torch.save(obj, f)  # type: ignore[arg-type]
+        torch.save(obj, f)
         return
-    with atomic_path(f) as temporary:  # type: ignore[arg-type]
+    with atomic_path(f) as temporary:
         torch.save(obj, temporary)
 
 
@@ -99,9 +99,9 @@ def load(f: FileLike, map_location: Any = None, **kwargs: Any) -> Any:
     """
     kwargs.setdefault("weights_only", True)
     if not kwargs["weights_only"]:
-        return torch.load(f, map_location=map_location, **kwargs)  # type: ignore[arg-type]
+        return torch.load(f, map_location=map_location, **kwargs)
     with torch.serialization.safe_globals(_numpy_globals()):
-        return torch.load(f, map_location=map_location, **kwargs)  # type: ignore[arg-type]
+        return torch.load(f, map_location=map_location, **kwargs)
 
 
 def _wrapper_types() -> tuple[type, ...]:
@@ -158,7 +158,7 @@ def extract_model_from_parallel(
             forward = model.forward
             while hasattr(forward, "__wrapped__") and forward != original:
                 forward = forward.__wrapped__
-            model.forward = forward.__get__(model) if not hasattr(forward, "__self__") else forward  # type: ignore[method-assign]
+            model.forward = forward.__get__(model) if not hasattr(forward, "__self__") else forward
     if keep_torch_compile and compiled is not None:
         compiled._orig_mod = model  # noqa: SLF001
         return compiled
