@@ -26,6 +26,7 @@ $(VENV)/.hasten-bench: $(VENV)/.hasten
 
 demo: $(VENV)/.hasten
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 examples/quickstart.py
+	$(PY) examples/big_model_inference.py
 
 test: $(VENV)/.hasten-test
 	$(PY) -m pytest -q tests

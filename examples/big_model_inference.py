@@ -56,8 +56,19 @@ class Model(nn.Module):
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far, in MiB.
+
+    Linux's ``VmHWM`` is per process image; ``ru_maxrss`` would carry over the parent's peak
+    into a spawned child, so it is only the fallback elsewhere (where it reports bytes or KiB).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def load_and_run(folder: str, queue: mp.Queue) -> None:  # type: ignore[type-arg]

@@ -20,7 +20,7 @@ LAYERS: dict[str, int] = {
         [
             "hasten.utils.constants", "hasten.utils.errors", "hasten.utils.typing", "hasten.utils.imports",
             "hasten.utils.versions", "hasten.utils.environment", "hasten.utils.numa", "hasten.utils.process_env",
-            "hasten.utils.device", "hasten.utils.torch_xla", "hasten.utils.atomic",
+            "hasten.utils.device", "hasten.utils.torch_xla", "hasten.utils.atomic", "hasten.utils.progress",
         ],
         0,
     ),

@@ -26,6 +26,7 @@ from hasten.utils.modeling import (
     compute_module_sizes,
     convert_file_size_to_int,
     ModuleScan,
+    gc_paused,
     is_layer,
     top_level_entries,
     walk_modules,
@@ -542,8 +543,9 @@ def infer_auto_device_map(
     """
     budget = get_max_memory(max_memory)
     no_split = _no_split_list(no_split_module_classes)
-    planner = _Planner(model, budget, no_split, dtype, special_dtypes, verbose, offload_buffers, fallback_allocation)
-    device_map = planner.run()
+    with gc_paused():
+        planner = _Planner(model, budget, no_split, dtype, special_dtypes, verbose, offload_buffers, fallback_allocation)
+        device_map = planner.run()
     if clean_result:
         device_map = clean_device_map(device_map)
     if max_memory is not None and budget.get("disk", None) == 0 and "disk" in device_map.values():

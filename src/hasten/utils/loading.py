@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -31,6 +32,7 @@ from hasten.utils.errors import CheckpointError
 from hasten.utils.memory import clear_device_cache
 from hasten.utils.modeling import find_tied_parameters, retie_parameters, set_module_tensor_to_device
 from hasten.utils.offload import offload_weight, save_offload_index
+from hasten.utils.progress import Progress
 from hasten.utils.typing import Device, PathLike
 
 logger = logging.getLogger(__name__)
@@ -259,29 +261,50 @@ def _load_mapped(
     current = {name: tensor.device for name, tensor in model.state_dict().items()}
     device_of = _device_lookup(device_map) if device_map is not None else None
     offload_index: dict[str, Any] = {}
-    for checkpoint in plan.checkpoints:
-        shapes = checkpoint.shapes()
-        for name in shapes:
-            if name not in model_keys:
-                continue
-            if device_of is not None:
-                device = device_of(name)
-            else:
-                device = "cpu" if current[name].type == "meta" else current[name]
-            tensor_dtype = checkpoint.tensor(name).dtype if checkpoint.safetensors is None else checkpoint.safetensors.infos[name].dtype
-            new_dtype = _target_dtype(name, tensor_dtype, dtype, keep_in_fp32_modules)
-            if device == "disk" and (offload_buffers or name not in buffers):
-                assert offload_folder is not None
-                _offload(model, name, checkpoint, new_dtype, offload_folder, offload_index)
-                continue
-            statistics_name = name[: -len("weight")] + "SCB" if name.endswith("weight") else None
-            statistics = (
-                checkpoint.tensor(statistics_name)
-                if statistics_name in shapes and tensor_dtype == torch.int8
-                else None
-            )
-            _place(model, name, checkpoint, "cpu" if device == "disk" else device, new_dtype, statistics)
+    total = sum(len(checkpoint.shapes()) for checkpoint in plan.checkpoints)
+    with Progress(total, "Loading checkpoint") as progress:
+        for checkpoint in plan.checkpoints:
+            _load_file(model, checkpoint, model_keys, buffers, current, device_of, offload_folder, dtype,
+                       offload_buffers, keep_in_fp32_modules, offload_index, progress)  # fmt: skip
     return offload_index
+
+
+def _load_file(
+    model: nn.Module,
+    checkpoint: _Checkpoint,
+    model_keys: set[str],
+    buffers: set[str],
+    current: dict[str, torch.device],
+    device_of: Callable[[str], Device] | None,
+    offload_folder: Path | None,
+    dtype: torch.dtype | None,
+    offload_buffers: bool,
+    keep_in_fp32_modules: list[str] | None,
+    offload_index: dict[str, Any],
+    progress: Progress,
+) -> None:
+    shapes = checkpoint.shapes()
+    for name in shapes:
+        progress.update()
+        if name not in model_keys:
+            continue
+        if device_of is not None:
+            device = device_of(name)
+        else:
+            device = "cpu" if current[name].type == "meta" else current[name]
+        tensor_dtype = checkpoint.tensor(name).dtype if checkpoint.safetensors is None else checkpoint.safetensors.infos[name].dtype
+        new_dtype = _target_dtype(name, tensor_dtype, dtype, keep_in_fp32_modules)
+        if device == "disk" and (offload_buffers or name not in buffers):
+            assert offload_folder is not None
+            _offload(model, name, checkpoint, new_dtype, offload_folder, offload_index)
+            continue
+        statistics_name = name[: -len("weight")] + "SCB" if name.endswith("weight") else None
+        statistics = (
+            checkpoint.tensor(statistics_name)
+            if statistics_name in shapes and tensor_dtype == torch.int8
+            else None
+        )
+        _place(model, name, checkpoint, "cpu" if device == "disk" else device, new_dtype, statistics)
 
 
 def load_checkpoint_in_model(
@@ -434,9 +457,13 @@ def _chunks(group: list[tuple[str, tuple[int, ...]]], itemsize: int) -> Iterator
 
 
 def _is_sharded_with_dtensors(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(parameter, DTensor) for parameter in model.parameters())
+    # A model can only hold DTensors once torch.distributed.tensor is imported; importing it here
+    # just to look would cost ~40 MB of resident memory on every load.
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    if dtensor_module is None:
+        return False
+    dtensor = dtensor_module.DTensor
+    return any(isinstance(parameter, dtensor) for parameter in model.parameters())
 
 
 def _load_into_dtensors(

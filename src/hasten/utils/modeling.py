@@ -9,6 +9,8 @@ integer and bool tensors keep theirs (loading never casts them).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import re
 from collections import defaultdict
 from collections.abc import Iterator, MutableMapping, Sequence
@@ -145,6 +147,23 @@ def _walk(model: nn.Module, remove_duplicate: bool) -> tuple[list[tuple[str, nn.
     return order, skipped
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building many small objects.
+
+    Walking a model of 100k modules creates hundreds of thousands of strings and tuples; each
+    automatic collection would traverse the whole heap (the model included) and can double the
+    cost. Nothing built here forms reference cycles, so pausing loses nothing.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def walk_modules(model: nn.Module, remove_duplicate: bool = True) -> list[tuple[str, nn.Module]]:
     """``list(model.named_modules(remove_duplicate=...))`` in the same order, about 25% faster.
 
@@ -231,7 +250,8 @@ class ModuleScan:
             return total, buffers, count
 
         try:
-            visit("", "", model)
+            with gc_paused():
+                visit("", "", model)
         except RecursionError:
             raise ValueError(
                 f"{type(model).__name__} is nested deeper than Python can recurse ({len(modules)} modules on one "
