@@ -24,6 +24,12 @@ from hasten.utils.device_map import (
 from hasten.utils.loading import (
     load_checkpoint_in_model,
 )
+from hasten.utils.memory import (
+    find_executable_batch_size,
+)
+from hasten.utils.random import (
+    synchronize_rng_states,
+)
 
 __all__ = [
     "AcceleratorState",
@@ -33,10 +39,12 @@ __all__ = [
     "cpu_offload_with_hook",
     "disk_offload",
     "dispatch_model",
+    "find_executable_batch_size",
     "get_logger",
     "infer_auto_device_map",
     "init_empty_weights",
     "init_on_device",
     "load_checkpoint_and_dispatch",
     "load_checkpoint_in_model",
+    "synchronize_rng_states",
 ]

@@ -65,10 +65,7 @@ PENDING: dict[str, set[str]] = {
         "GradientAccumulationPlugin", "MegatronLMPlugin", "TorchDynamoPlugin", "BnbQuantizationConfig",
         "DataLoaderConfiguration", "ProjectConfiguration",
     },
-    "issue 8 (memory, random, XLA, quantization)": {
-        "find_executable_batch_size", "release_memory", "set_seed", "synchronize_rng_state",
-        "synchronize_rng_states", "install_xla", "load_and_quantize_model",
-    },
+    "issue 8 (memory, random, XLA, quantization)": {"load_and_quantize_model"},
     "issue 9 (command line and launchers)": {"debug_launcher", "notebook_launcher"},
     "no issue yet (the Accelerator and its data loaders)": {"Accelerator", "skip_first_batches"},
 }  # fmt: skip

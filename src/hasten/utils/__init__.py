@@ -94,7 +94,6 @@ from hasten.utils.imports import (
     is_wandb_available,
     is_xpu_available,
 )
-from hasten.utils.memory import clear_device_cache
 from hasten.utils.operations import (
     broadcast,
     broadcast_object_list,
@@ -151,6 +150,21 @@ from hasten.utils.parallel import (
 )
 from hasten.utils.sharding import (
     shard_checkpoint,
+)
+from hasten.utils.memory import (
+    clear_device_cache,
+    find_executable_batch_size,
+    find_largest_executable_batch_size,
+    release_memory,
+    should_reduce_batch_size,
+)
+from hasten.utils.random import (
+    set_seed,
+    synchronize_rng_state,
+    synchronize_rng_states,
+)
+from hasten.utils.torch_xla import (
+    install_xla,
 )
 
 __all__ = [
@@ -213,6 +227,8 @@ __all__ = [
     "extract_submodules_state_dict",
     "find_batch_size",
     "find_device",
+    "find_executable_batch_size",
+    "find_largest_executable_batch_size",
     "find_tied_parameters",
     "gather",
     "gather_object",
@@ -227,6 +243,7 @@ __all__ = [
     "ignorant_find_batch_size",
     "infer_auto_device_map",
     "initialize_tensors",
+    "install_xla",
     "is_aim_available",
     "is_bf16_available",
     "is_bitsandbytes_available",
@@ -274,15 +291,20 @@ __all__ = [
     "purge_accelerate_environment",
     "recursively_apply",
     "reduce",
+    "release_memory",
     "retie_parameters",
     "save",
     "save_offload_index",
     "send_to_device",
     "set_module_tensor_to_device",
     "set_numa_affinity",
+    "set_seed",
     "shard_checkpoint",
+    "should_reduce_batch_size",
     "slice_tensors",
     "str_to_bool",
+    "synchronize_rng_state",
+    "synchronize_rng_states",
     "wait_for_everyone",
     "write_basic_config",
 ]
