@@ -25,7 +25,7 @@ $(VENV)/.hasten-bench: $(VENV)/.hasten
 	touch $@
 
 demo: $(VENV)/.hasten
-	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 examples/quickstart.py
+	$(PY) -m hasten launch --cpu --num_processes 2 examples/quickstart.py
 	$(PY) examples/big_model_inference.py
 
 test: $(VENV)/.hasten-test

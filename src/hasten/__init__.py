@@ -30,6 +30,10 @@ from hasten.utils.memory import (
 from hasten.utils.random import (
     synchronize_rng_states,
 )
+from hasten.launchers import (
+    debug_launcher,
+    notebook_launcher,
+)
 
 __all__ = [
     "AcceleratorState",
@@ -37,6 +41,7 @@ __all__ = [
     "PartialState",
     "cpu_offload",
     "cpu_offload_with_hook",
+    "debug_launcher",
     "disk_offload",
     "dispatch_model",
     "find_executable_batch_size",
@@ -46,5 +51,6 @@ __all__ = [
     "init_on_device",
     "load_checkpoint_and_dispatch",
     "load_checkpoint_in_model",
+    "notebook_launcher",
     "synchronize_rng_states",
 ]

@@ -14,6 +14,7 @@ with ``PartialState._reset_state()`` (and ``AcceleratorState._reset_state``,
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import logging
@@ -86,12 +87,23 @@ def _choose_backend(requested: str | None, device: torch.device) -> str:
 
 def _join_process_group(launch: LaunchEnvironment, backend: str, kwargs: dict[str, Any]) -> None:
     timeout = _timeout(kwargs.pop("timeout", None))
-    init_method = kwargs.pop("init_method", None) or launch.init_method
+    address = launch.init_method
+    init_method = kwargs.pop("init_method", None)
     extra: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
+    if init_method is None and launch.elastic_attempt is not None and "store" not in kwargs:
+        # torchrun's agent keeps one store for every attempt: after a --max_restarts restart, a
+        # worker could read a peer's address from the failed attempt and be refused. A prefix
+        # per attempt keeps each attempt's keys apart.
+        client = dist.TCPStore(str(launch.master_addr), int(launch.master_port or 0), launch.world_size,
+                               is_master=False, timeout=timeout or datetime.timedelta(minutes=30))  # fmt: skip
+        kwargs["store"] = dist.PrefixStore(f"hasten/attempt_{launch.elastic_attempt}", client)
+    elif init_method is None:
+        init_method = address
     try:
         dist.init_process_group(
             backend=backend, init_method=init_method, rank=launch.rank, world_size=launch.world_size, **extra, **kwargs
         )
+        atexit.register(_destroy_at_exit)
     except dist.DistError as error:
         waited = f"{timeout.total_seconds():g} s" if timeout is not None else "the default timeout"
         if launch.rank == 0:
@@ -99,7 +111,7 @@ def _join_process_group(launch: LaunchEnvironment, backend: str, kwargs: dict[st
         else:
             cause = "rank 0 could not be reached there"
         raise RendezvousTimeoutError(
-            f"Rank {launch.rank} of {launch.world_size} could not join the process group at {init_method} "
+            f"Rank {launch.rank} of {launch.world_size} could not join the process group at {address} "
             f"within {waited}: {cause}. Start all {launch.world_size} processes with the same MASTER_ADDR and "
             "MASTER_PORT, check that rank 0 is reachable from every machine, or give slow starters more time "
             f"with InitProcessGroupKwargs(timeout=...). Underlying error: {str(error).splitlines()[0]}"
@@ -414,6 +426,18 @@ class PartialState:
         """Destroy ``group`` (the default group when ``None``) if it exists."""
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group(group)
+
+
+def _destroy_at_exit() -> None:
+    """Tear the default group down before the interpreter exits.
+
+    A script that never destroys it leaves gloo's threads running into interpreter shutdown,
+    where the process can abort ("terminate called without an active exception", exit -6) and
+    torchrun then reports a failure the script did not have.
+    """
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 def _split_bounds(length: int, process_index: int, num_processes: int) -> tuple[int, int, int]:

@@ -66,7 +66,6 @@ PENDING: dict[str, set[str]] = {
         "DataLoaderConfiguration", "ProjectConfiguration",
     },
     "issue 8 (memory, random, XLA, quantization)": {"load_and_quantize_model"},
-    "issue 9 (command line and launchers)": {"debug_launcher", "notebook_launcher"},
     "no issue yet (the Accelerator and its data loaders)": {"Accelerator", "skip_first_batches"},
 }  # fmt: skip
 _PENDING = set().union(*PENDING.values())

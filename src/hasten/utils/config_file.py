@@ -99,3 +99,59 @@ def write_basic_config(mixed_precision: str = "no", save_location: PathLike | No
         )
         return False
     return save_config_file(config, path)
+
+
+# Keys older Accelerate releases wrote under other names (old name -> current name), per section.
+RENAMED_KEYS: dict[str, dict[str, str]] = {
+    "fsdp_config": {
+        "fsdp_backward_prefetch_policy": "fsdp_backward_prefetch",
+        "fsdp_transformer_layer_cls_to_wrap_names": "fsdp_transformer_layer_cls_to_wrap",
+    },
+    "": {"fp16": "mixed_precision"},
+}
+
+
+def load_config_file(path: PathLike) -> dict[str, Any]:
+    """Read a launch config written by ``accelerate config`` or ``hasten config`` (YAML or JSON).
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        ValueError: the file is not valid YAML/JSON or does not hold a mapping (naming the file).
+    """
+    target = Path(path)
+    text = target.read_text(encoding="utf-8")
+    try:
+        loaded = json.loads(text) if target.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ValueError(f"config file {str(target)!r} is not valid {target.suffix.lstrip('.') or 'YAML'}: {error}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {str(target)!r} must hold a mapping of settings, not {type(loaded).__name__}")
+    return _renamed(loaded)
+
+
+def _renamed(config: dict[str, Any]) -> dict[str, Any]:
+    result = dict(config)
+    for section, renames in RENAMED_KEYS.items():
+        table = result if not section else result.get(section)
+        if not isinstance(table, dict):
+            continue
+        for old, new in renames.items():
+            if old in table and new not in table:
+                value = table.pop(old)
+                table[new] = ("fp16" if value is True else "no") if old == "fp16" else value
+    return result
+
+
+def update_config_file(path: PathLike | None = None) -> Path:
+    """Bring a config file to the current keys: old names renamed, missing keys added with their
+    defaults, every existing value kept. Written back in its own format, crash-safely."""
+    target = Path(path) if path is not None else default_config_file()
+    if not target.exists():
+        raise FileNotFoundError(f"no config file at {target}; create one with `hasten config default`")
+    config = load_config_file(target)
+    current = basic_config(str(config.get("mixed_precision", "no")))
+    for key, value in current.items():
+        config.setdefault(key, value)
+    return save_config_file(dict(sorted(config.items())), target)

@@ -31,6 +31,13 @@ def _first_int(env: Mapping[str, str], keys: tuple[str, ...]) -> tuple[str, int]
     return None
 
 
+def _attempt(env: Mapping[str, str]) -> int | None:
+    if not env.get("TORCHELASTIC_RUN_ID"):
+        return None
+    found = _first_int(env, ("TORCHELASTIC_RESTART_COUNT",))
+    return 0 if found is None else found[1]
+
+
 @dataclass(frozen=True)
 class LaunchEnvironment:
     """Where this process sits in a launch: its ranks and the rendezvous address.
@@ -46,6 +53,10 @@ class LaunchEnvironment:
     master_port: int | None = None
     launched: bool = False
     """Whether a launcher set the rank variables (even for a world of one process)."""
+    elastic_attempt: int | None = None
+    """Set when torchrun's elastic agent started this process: which attempt this is (0, then 1
+    after a restart, ...). The agent's store outlives attempts, so the group's keys are kept
+    apart per attempt."""
 
     @property
     def is_distributed(self) -> bool:
@@ -114,4 +125,5 @@ class LaunchEnvironment:
             master_addr=env.get("MASTER_ADDR", "").strip() or None,
             master_port=port,
             launched=rank is not None,
+            elastic_attempt=_attempt(env),
         )

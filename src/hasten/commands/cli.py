@@ -1,0 +1,59 @@
+"""The ``hasten`` command (also ``python -m hasten``): env, config, launch, estimate-memory.
+
+Each subcommand's module is imported only when that subcommand runs, so ``hasten --help``
+stays fast. Errors in the user's settings print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hasten", description="Run PyTorch on one process or many.")
+    commands = parser.add_subparsers(dest="command", metavar="{env,config,launch,estimate-memory}", required=True)
+    commands.add_parser("env", help="print versions, hardware and config, for bug reports")
+    config = commands.add_parser("config", help="write or update the launch config file")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    default = config_commands.add_parser("default", help="write a config for this machine with default settings")
+    default.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16", "fp8"])
+    default.add_argument("--config_file", help="where to write (default: the default config file)")
+    update = config_commands.add_parser("update", help="bring an older config file to the current keys")
+    update.add_argument("--config_file", help="the file to update (default: the default config file)")
+    from hasten.commands.launch import add_launch_arguments
+
+    add_launch_arguments(commands.add_parser("launch", help="run a script on several processes or machines"))
+    estimate = commands.add_parser("estimate-memory", help="memory a model needs, per dtype, without loading it")
+    estimate.add_argument("model", help="a folder or config.json (transformers), or a `module:factory` path")
+    estimate.add_argument("--dtypes", nargs="+", default=["float32", "float16", "int8", "int4"],
+                          choices=["float32", "float16", "bfloat16", "int8", "int4"])  # fmt: skip
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "env":
+            from hasten.commands.env import env_command
+
+            return env_command()
+        if args.command == "config":
+            from hasten.commands.config import config_command
+
+            return config_command(args)
+        if args.command == "launch":
+            from hasten.commands.launch import launch_command
+
+            return launch_command(args)
+        from hasten.commands.estimate import estimate_command
+
+        return estimate_command(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"hasten {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
