@@ -57,3 +57,18 @@ def test_dispatch_matches_accelerate(tmp_path: Path) -> None:
     assert torch.equal(ours(X), theirs(X))
     hooked = lambda m: sorted(n for n, mod in m.named_modules() if hasattr(mod, "_hf_hook"))  # noqa: E731
     assert hooked(ours) == hooked(theirs)
+
+
+def test_hasten_sharded_checkpoints_load_in_accelerate(tmp_path: Path) -> None:
+    from accelerate import init_empty_weights as accelerate_empty
+    from accelerate.utils import load_checkpoint_in_model as accelerate_load
+
+    from hasten.utils.sharding import save_sharded_safetensors
+
+    source = _source()
+    save_sharded_safetensors(source.state_dict(), tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    with accelerate_empty():
+        model = Net()
+    accelerate_load(model, str(tmp_path / "model.safetensors.index.json"), device_map={"": "cpu"})
+    assert torch.equal(model(X), source(X))

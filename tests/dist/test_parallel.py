@@ -41,3 +41,19 @@ def _unwrap_ddp() -> bool:
 
 def test_ddp_is_unwrapped(ranks2) -> None:
     assert ranks2.run(_unwrap_ddp) == [True, True]
+
+
+def _unwrap_fsdp() -> bool:
+    from torch import nn
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from hasten.state import PartialState
+    from hasten.utils.parallel import extract_model_from_parallel
+
+    PartialState()
+    inner = nn.Linear(2, 2)
+    return extract_model_from_parallel(FullyShardedDataParallel(inner, device_id="cpu")) is inner
+
+
+def test_fsdp_is_unwrapped(ranks2) -> None:
+    assert ranks2.run(_unwrap_fsdp) == [True, True]
