@@ -62,10 +62,8 @@ PENDING: dict[str, set[str]] = {
     "issue 4 (kwargs handlers, plugins, configurations)": {
         "KwargsHandler", "AutocastKwargs", "DistributedDataParallelKwargs", "FP8RecipeKwargs", "GradScalerKwargs",
         "InitProcessGroupKwargs", "ProfileKwargs", "DeepSpeedPlugin", "FullyShardedDataParallelPlugin",
-        "GradientAccumulationPlugin", "MegatronLMPlugin", "TorchDynamoPlugin", "BnbQuantizationConfig",
-        "DataLoaderConfiguration", "ProjectConfiguration",
+        "GradientAccumulationPlugin", "MegatronLMPlugin", "TorchDynamoPlugin",
     },
-    "issue 8 (memory, random, XLA, quantization)": {"load_and_quantize_model"},
     "no issue yet (the Accelerator and its data loaders)": {"Accelerator", "skip_first_batches"},
 }  # fmt: skip
 _PENDING = set().union(*PENDING.values())

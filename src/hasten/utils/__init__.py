@@ -166,15 +166,28 @@ from hasten.utils.random import (
 from hasten.utils.torch_xla import (
     install_xla,
 )
+from hasten.utils.dataclasses.configs import (
+    BnbQuantizationConfig,
+    DataLoaderConfiguration,
+    ProjectConfiguration,
+)
+from hasten.utils.bnb import (
+    get_keys_to_not_convert,
+    has_4bit_bnb_layers,
+    load_and_quantize_model,
+    replace_with_bnb_layers,
+)
 
 __all__ = [
     "BaseEnum",
+    "BnbQuantizationConfig",
     "CannotPadNestedTensorWarning",
     "CheckpointError",
     "ComputeEnvironment",
     "ConfigurationError",
     "CustomDtype",
     "DDPCommunicationHookType",
+    "DataLoaderConfiguration",
     "DistributedOperationException",
     "DistributedType",
     "DynamoBackend",
@@ -188,6 +201,7 @@ __all__ = [
     "PrecisionType",
     "PrefixedDataset",
     "ProcessGroupError",
+    "ProjectConfiguration",
     "RNGType",
     "RNG_STATE_NAME",
     "RendezvousTimeoutError",
@@ -235,10 +249,12 @@ __all__ = [
     "get_balanced_memory",
     "get_data_structure",
     "get_int_from_env",
+    "get_keys_to_not_convert",
     "get_max_layer_size",
     "get_max_memory",
     "get_module_children_bottom_up",
     "get_shape",
+    "has_4bit_bnb_layers",
     "honor_type",
     "ignorant_find_batch_size",
     "infer_auto_device_map",
@@ -275,6 +291,7 @@ __all__ = [
     "is_xpu_available",
     "listify",
     "load",
+    "load_and_quantize_model",
     "load_checkpoint_in_model",
     "load_offloaded_weight",
     "load_offloaded_weights",
@@ -292,6 +309,7 @@ __all__ = [
     "recursively_apply",
     "reduce",
     "release_memory",
+    "replace_with_bnb_layers",
     "retie_parameters",
     "save",
     "save_offload_index",

@@ -350,8 +350,9 @@ def load_checkpoint_in_model(
             )
     if offload_8bit_bnb:
         raise ValueError(
-            "offload_8bit_bnb=True needs hasten's bitsandbytes loader, which is not built yet; load the model "
-            "without it (or quantize after loading with load_and_quantize_model)."
+            "offload_8bit_bnb=True: hasten does not write 8-bit quantized weights to disk (their statistics do not "
+            "fit the offload format). Keep quantized layers off disk with load_and_quantize_model and a larger "
+            "max_memory, or offload them unquantized."
         )
     if _is_sharded_with_dtensors(model):
         _load_into_dtensors(model, checkpoint_files(checkpoint), strict, full_state_dict, broadcast_from_rank0)

@@ -232,3 +232,10 @@ def test_load_state_dict_views_and_devices(tmp_path: Path) -> None:
 def test_bad_dtype(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"dtype='float17' is not a torch dtype"):
         load_checkpoint_in_model(Net(), _save_single(_source(), tmp_path), dtype="float17")
+
+
+def test_offload_8bit_bnb_is_refused_with_the_alternative(tmp_path: Path) -> None:
+    source = _source()
+    path = _save_single(source, tmp_path)
+    with pytest.raises(ValueError, match=r"offload_8bit_bnb=True: hasten does not write 8-bit quantized weights"):
+        load_checkpoint_in_model(_meta_net(), path, offload_8bit_bnb=True)

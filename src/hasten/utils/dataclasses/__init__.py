@@ -13,17 +13,25 @@ from hasten.utils.dataclasses.enums import (
     RNGType,
     SageMakerDistributedType,
 )
+from hasten.utils.dataclasses.configs import (
+    BnbQuantizationConfig,
+    DataLoaderConfiguration,
+    ProjectConfiguration,
+)
 
 __all__ = [
     "BaseEnum",
+    "BnbQuantizationConfig",
     "ComputeEnvironment",
     "CustomDtype",
     "DDPCommunicationHookType",
+    "DataLoaderConfiguration",
     "DistributedType",
     "DynamoBackend",
     "FP8BackendType",
     "LoggerType",
     "PrecisionType",
+    "ProjectConfiguration",
     "RNGType",
     "SageMakerDistributedType",
 ]
