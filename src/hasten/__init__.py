@@ -34,11 +34,25 @@ from hasten.launchers import (
     debug_launcher,
     notebook_launcher,
 )
+from hasten.utils.dataclasses.kwargs import (
+    AutocastKwargs,
+    DistributedDataParallelKwargs,
+    FP8RecipeKwargs,
+    GradScalerKwargs,
+    InitProcessGroupKwargs,
+    ProfileKwargs,
+)
 
 __all__ = [
     "AcceleratorState",
+    "AutocastKwargs",
+    "DistributedDataParallelKwargs",
+    "FP8RecipeKwargs",
+    "GradScalerKwargs",
     "GradientState",
+    "InitProcessGroupKwargs",
     "PartialState",
+    "ProfileKwargs",
     "cpu_offload",
     "cpu_offload_with_hook",
     "debug_launcher",
