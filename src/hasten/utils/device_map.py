@@ -214,9 +214,18 @@ def _layer_stats(
     module's result into its parent's.
     """
     keep_whole = set(no_split)
+    relevant: list[tuple[str, nn.Module]] = []
+    inside: str | None = None
+    for name, module in modules:  # pre-order: a no-split module's descendants follow it directly
+        if inside is not None and name.startswith(inside):
+            continue
+        inside = None
+        relevant.append((name, module))
+        if type(module).__name__ in keep_whole:
+            inside = name + "."
     folded: dict[str, tuple[float, int]] = {}
     stats: dict[str, tuple[float, int]] = {}
-    for name, module in reversed(modules):
+    for name, module in reversed(relevant):
         own = folded.pop(name, None)
         if own is None or type(module).__name__ in keep_whole:
             own = (sizes.get(name, 0), 1)
