@@ -25,8 +25,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 # Set by others, not by the code under test: pytest names the running test, torch._dynamo
 # (imported by torch itself on first use of some ops, e.g. init on meta) records its cache
-# folder, and importing Accelerate (differential tests) sets its CUDA check.
-_NOT_OURS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "PYTORCH_NVML_BASED_CUDA_CHECK"}
+# folder (inductor also records a data-pointer setting when it compiles), and importing
+# Accelerate (differential tests) sets its CUDA check.
+_NOT_OURS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "PYTORCH_NVML_BASED_CUDA_CHECK",
+             "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"}  # fmt: skip
 
 
 def _environment() -> dict[str, str]:

@@ -42,6 +42,12 @@ from hasten.utils.dataclasses.kwargs import (
     InitProcessGroupKwargs,
     ProfileKwargs,
 )
+from hasten.utils.dataclasses.plugins.dynamo import (
+    TorchDynamoPlugin,
+)
+from hasten.utils.dataclasses.plugins.gradient import (
+    GradientAccumulationPlugin,
+)
 
 __all__ = [
     "AcceleratorState",
@@ -49,10 +55,12 @@ __all__ = [
     "DistributedDataParallelKwargs",
     "FP8RecipeKwargs",
     "GradScalerKwargs",
+    "GradientAccumulationPlugin",
     "GradientState",
     "InitProcessGroupKwargs",
     "PartialState",
     "ProfileKwargs",
+    "TorchDynamoPlugin",
     "cpu_offload",
     "cpu_offload_with_hook",
     "debug_launcher",

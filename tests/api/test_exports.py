@@ -60,8 +60,7 @@ API_TOP = {
 # both when a name outside this set is missing and when a name inside it already exists.
 PENDING: dict[str, set[str]] = {
     "issue 4 (kwargs handlers, plugins, configurations)": {
-        "DeepSpeedPlugin", "FullyShardedDataParallelPlugin",
-        "GradientAccumulationPlugin", "MegatronLMPlugin", "TorchDynamoPlugin",
+        "DeepSpeedPlugin", "FullyShardedDataParallelPlugin", "MegatronLMPlugin",
     },
     "no issue yet (the Accelerator and its data loaders)": {"Accelerator", "skip_first_batches"},
 }  # fmt: skip

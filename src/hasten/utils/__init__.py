@@ -190,6 +190,12 @@ from hasten.utils.amp import (
     get_grad_scaler,
     get_mixed_precision_context_manager,
 )
+from hasten.utils.dataclasses.plugins.dynamo import (
+    TorchDynamoPlugin,
+)
+from hasten.utils.dataclasses.plugins.gradient import (
+    GradientAccumulationPlugin,
+)
 
 __all__ = [
     "AutocastKwargs",
@@ -210,6 +216,7 @@ __all__ = [
     "FP8RecipeKwargs",
     "FSDP_MODEL_NAME",
     "GradScalerKwargs",
+    "GradientAccumulationPlugin",
     "HastenError",
     "InitProcessGroupKwargs",
     "KwargsHandler",
@@ -234,6 +241,7 @@ __all__ = [
     "SCHEDULER_NAME",
     "SageMakerDistributedType",
     "TensorInformation",
+    "TorchDynamoPlugin",
     "TreeNestingError",
     "WEIGHTS_INDEX_NAME",
     "WEIGHTS_NAME",

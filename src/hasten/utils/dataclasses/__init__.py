@@ -27,6 +27,12 @@ from hasten.utils.dataclasses.kwargs import (
     KwargsHandler,
     ProfileKwargs,
 )
+from hasten.utils.dataclasses.plugins.dynamo import (
+    TorchDynamoPlugin,
+)
+from hasten.utils.dataclasses.plugins.gradient import (
+    GradientAccumulationPlugin,
+)
 
 __all__ = [
     "AutocastKwargs",
@@ -42,6 +48,7 @@ __all__ = [
     "FP8BackendType",
     "FP8RecipeKwargs",
     "GradScalerKwargs",
+    "GradientAccumulationPlugin",
     "InitProcessGroupKwargs",
     "KwargsHandler",
     "LoggerType",
@@ -50,4 +57,5 @@ __all__ = [
     "ProjectConfiguration",
     "RNGType",
     "SageMakerDistributedType",
+    "TorchDynamoPlugin",
 ]

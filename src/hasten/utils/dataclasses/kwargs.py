@@ -19,7 +19,11 @@ from hasten.utils.dataclasses.enums import DDPCommunicationHookType, FP8BackendT
 
 
 class KwargsHandler:
-    """Mixin for the kwargs dataclasses: ``to_dict()`` and ``to_kwargs()``."""
+    """Mixin for the kwargs dataclasses: ``to_dict()`` and ``to_kwargs()``.
+
+    A class whose unset fields resolve to something else (from the environment, or a fixed
+    default) lists those resolved defaults in ``_UNSET_MEANS``, so ``to_kwargs()`` compares with them.
+    """
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self.__dict__)
@@ -32,6 +36,7 @@ class KwargsHandler:
                 defaults[item.name] = item.default
             elif item.default_factory is not dataclasses.MISSING:
                 defaults[item.name] = item.default_factory()
+        defaults.update(getattr(self, "_UNSET_MEANS", {}))
         return {key: value for key, value in self.to_dict().items() if key not in defaults or defaults[key] != value}
 
 

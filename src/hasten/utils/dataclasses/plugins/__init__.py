@@ -1,0 +1,1 @@
+"""Plugins: one module per engine they configure (re-exported by ``hasten.utils.dataclasses``)."""
