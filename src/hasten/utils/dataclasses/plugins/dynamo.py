@@ -1,0 +1,91 @@
+"""``torch.compile`` settings, and the call that applies them."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from hasten.utils.constants import TORCH_DYNAMO_MODES
+from hasten.utils.dataclasses._env import env_field, one_of, resolve_fields, to_bool
+from hasten.utils.dataclasses.enums import DynamoBackend
+from hasten.utils.dataclasses.kwargs import KwargsHandler
+from hasten.utils.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import torch
+
+_PREFIX = "ACCELERATE_DYNAMO_"
+
+
+@dataclass
+class TorchDynamoPlugin(KwargsHandler):
+    """How to compile models with ``torch.compile``; every unset field is read from ``ACCELERATE_DYNAMO_*``.
+
+    Args:
+        backend: a :class:`DynamoBackend` (or its name, any case); ``"no"`` compiles nothing.
+        mode: ``"default"``, ``"reduce-overhead"``, ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``.
+        fullgraph: fail instead of splitting the model into several graphs.
+        dynamic: trace with dynamic shapes (``None``: let torch decide).
+        options: backend options (a dict).
+        disable: make ``torch.compile`` a no-op.
+        use_regional_compilation: compile each repeated block (the items of a ``ModuleList`` of
+            one class) separately, so the compiler's cache serves all but the first.
+    """
+
+    backend: DynamoBackend | None = env_field(_PREFIX + "BACKEND", "no", DynamoBackend.parse)
+    mode: str | None = env_field(_PREFIX + "MODE", "default", one_of(TORCH_DYNAMO_MODES))
+    fullgraph: bool | None = env_field(_PREFIX + "USE_FULLGRAPH", False, to_bool)
+    dynamic: bool | None = env_field(_PREFIX + "USE_DYNAMIC", None, to_bool)
+    options: Any = None
+    disable: bool = False
+    use_regional_compilation: bool | None = env_field(_PREFIX + "USE_REGIONAL_COMPILATION", False, to_bool)
+
+    def __post_init__(self) -> None:
+        resolve_fields(self)
+        self.disable = to_bool(self.disable, "disable")
+        if self.options is not None and not isinstance(self.options, dict):
+            raise ConfigurationError(f"options={self.options!r} must be a dict of backend options (or None).")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, with ``backend`` as the lower-case name ``torch.compile`` takes."""
+        config = copy.deepcopy(self.__dict__)
+        config["backend"] = str(config["backend"].value).lower()
+        return config
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """The ``torch.compile`` arguments that differ from its defaults."""
+        kwargs = super().to_kwargs()
+        kwargs.pop("use_regional_compilation", None)
+        return kwargs
+
+    def compile(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` compiled as configured (the model itself when ``backend`` is ``"no"``).
+
+        With ``use_regional_compilation`` the repeated blocks are compiled in place and
+        ``model`` is returned; otherwise the compiled wrapper ``torch.compile`` returns.
+        """
+        if self.backend == DynamoBackend.NO:
+            return model
+        import torch
+
+        kwargs = self.to_kwargs()
+        kwargs["backend"] = str(self.backend.value).lower()  # type: ignore[union-attr]
+        if self.use_regional_compilation:
+            blocks = [block for block in _repeated_blocks(model)]
+            if blocks:
+                for block in blocks:
+                    block.compile(**kwargs)
+                return model
+        return torch.compile(model, **kwargs)
+
+
+def _repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The items of every ``ModuleList`` in ``model`` that holds two or more modules of one class."""
+    import torch
+
+    blocks: list[torch.nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            blocks.extend(module)
+    return blocks
