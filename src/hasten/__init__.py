@@ -7,12 +7,36 @@ import hasten.utils  # noqa: F401  isort: skip
 
 from hasten.logging import get_logger
 from hasten.state import AcceleratorState, GradientState, PartialState
+from hasten.utils.dataclasses import (
+    AutocastKwargs,
+    DeepSpeedPlugin,
+    DistributedDataParallelKwargs,
+    FP8RecipeKwargs,
+    FullyShardedDataParallelPlugin,
+    GradScalerKwargs,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+    MegatronLMPlugin,
+    ProfileKwargs,
+    TorchDynamoPlugin,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AcceleratorState",
+    "AutocastKwargs",
+    "DeepSpeedPlugin",
+    "DistributedDataParallelKwargs",
+    "FP8RecipeKwargs",
+    "FullyShardedDataParallelPlugin",
+    "GradScalerKwargs",
+    "GradientAccumulationPlugin",
     "GradientState",
+    "InitProcessGroupKwargs",
+    "MegatronLMPlugin",
     "PartialState",
+    "ProfileKwargs",
+    "TorchDynamoPlugin",
     "get_logger",
 ]

@@ -28,7 +28,7 @@ from hasten.utils.dataclasses._env import (
 )
 from hasten.utils.dataclasses.enums import DDPCommunicationHookType, FP8BackendType
 from hasten.utils.errors import ConfigurationError
-from hasten.utils.imports import package_version
+from hasten.utils.imports import is_msamp_available
 
 if TYPE_CHECKING:
     import torch
@@ -275,7 +275,7 @@ class FP8RecipeKwargs(KwargsHandler):
     backend: str | None = env_field(_ENV_FP8 + "BACKEND", "TE", _fp8_backend)
 
     def __post_init__(self) -> None:
-        if self.backend is None and read_env(_ENV_FP8 + "BACKEND") is None and package_version("msamp") is not None:
+        if self.backend is None and read_env(_ENV_FP8 + "BACKEND") is None and is_msamp_available():
             self.backend = "MSAMP"
         if self.override_linear_precision is None:  # three variables for one field
             fprop, dgrad, wgrad = (
@@ -339,7 +339,7 @@ class ProfileKwargs(KwargsHandler):
         available = {"cpu": True, "cuda": True}
         available["xpu"] = hasattr(torch, "xpu") and torch.xpu.is_available()
         available["mtia"] = hasattr(torch, "mtia") and torch.mtia.is_available()
-        available["hpu"] = hasattr(torch, "hpu") and bool(torch.hpu.is_available())  # type: ignore[attr-defined]
+        available["hpu"] = hasattr(torch, "hpu") and bool(torch.hpu.is_available())
         member = getattr(torch.profiler.ProfilerActivity, name.upper(), None)
         if member is None or not available.get(name):
             present = [key for key, ok in available.items() if ok]

@@ -284,8 +284,8 @@ class DeepSpeedPlugin:
         for dtype in ("fp16", "bf16"):
             config.setdefault(dtype, {"enabled": False})
         flags = {"fp16.enabled": mixed_precision == "fp16", "bf16.enabled": mixed_precision in ("bf16", "fp8")}
-        self.fill_match("fp16.enabled", must_match=False, **flags)
-        self.fill_match("bf16.enabled", must_match=False, **flags)
+        for key in flags:
+            self.fill_match(key, None, False, **flags)
 
     def is_zero3_init_enabled(self) -> bool:
         """Whether models should be built sharded with ``deepspeed.zero.Init``."""

@@ -77,7 +77,8 @@ class TorchDynamoPlugin(KwargsHandler):
                 for block in blocks:
                     block.compile(**kwargs)
                 return model
-        return torch.compile(model, **kwargs)
+        compiled: torch.nn.Module = torch.compile(model, **kwargs)  # type: ignore[assignment]
+        return compiled
 
 
 def _repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -182,7 +182,11 @@ class FullyShardedDataParallelPlugin:
             self.sync_module_states = True  # the other ranks receive the weights from the first
         if self.sync_module_states and self.param_init_fn is None:
             device = torch.device(accelerator_type())
-            self.param_init_fn = lambda module: module.to_empty(device=device, recurse=False)
+
+            def materialize(module: torch.nn.Module) -> None:
+                module.to_empty(device=device, recurse=False)
+
+            self.param_init_fn = materialize
 
     def _resolve_fsdp2(self, passed: set[str]) -> None:
         from torch.distributed.fsdp import ShardingStrategy

@@ -59,7 +59,7 @@ def bind_auto_wrap_policy(plugin: FullyShardedDataParallelPlugin, model: torch.n
         if not plugin.min_num_params:
             return None
         return functools.partial(policy, min_num_params=plugin.min_num_params)
-    return policy  # type: ignore[no-any-return]
+    return policy
 
 
 def modules_selected(model: torch.nn.Module, policy: Callable[..., bool] | None) -> list[torch.nn.Module]:
