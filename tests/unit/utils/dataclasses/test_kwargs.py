@@ -67,12 +67,15 @@ def test_fp16_state_autocasts_to_fp16() -> None:
         assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float16
 
 
-def test_grad_scaler_kwargs_drive_a_working_scaler(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_grad_scaler_kwargs_drive_a_working_scaler() -> None:
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     # The CPU scaler's first use makes torch record its inductor cache folder in the environment.
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
-    scaler = get_grad_scaler(**GradScalerKwargs(init_scale=1024.0, growth_interval=1).to_kwargs())
+    with patch_environment(TORCHINDUCTOR_CACHE_DIR=default_cache_dir()):
+        _check_scaler(get_grad_scaler(**GradScalerKwargs(init_scale=1024.0, growth_interval=1).to_kwargs()))
+
+
+def _check_scaler(scaler: torch.amp.GradScaler) -> None:
     assert scaler.is_enabled() and scaler.get_scale() == 1024.0
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([weight], lr=0.1)
