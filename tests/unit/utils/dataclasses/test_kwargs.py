@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._inductor.config  # noqa: F401  (a first backward imports it, and it sets TORCHINDUCTOR_CACHE_DIR)
 
 from hasten.state import AcceleratorState
 from hasten.utils.amp import get_grad_scaler, get_mixed_precision_context_manager
@@ -68,11 +69,7 @@ def test_fp16_state_autocasts_to_fp16() -> None:
 
 
 def test_grad_scaler_kwargs_drive_a_working_scaler() -> None:
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    # The CPU scaler's first use makes torch record its inductor cache folder in the environment.
-    with patch_environment(TORCHINDUCTOR_CACHE_DIR=default_cache_dir()):
-        _check_scaler(get_grad_scaler(**GradScalerKwargs(init_scale=1024.0, growth_interval=1).to_kwargs()))
+    _check_scaler(get_grad_scaler(**GradScalerKwargs(init_scale=1024.0, growth_interval=1).to_kwargs()))
 
 
 def _check_scaler(scaler: torch.amp.GradScaler) -> None:
