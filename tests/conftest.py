@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+import torch._inductor.config  # noqa: F401  see below
 import torch.distributed as dist
 
 from tests.ranks import RankPool
@@ -21,6 +22,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     present = [name for name in _LAUNCH_VARIABLES if name in os.environ]
     if present:
         raise pytest.UsageError(f"Run the tests outside a launcher: {present} are set in the environment.")
+
+
+# torch imports its inductor config on a process's first backward pass (or torch.compile, or when
+# bitsandbytes loads), and that import records TORCHINDUCTOR_CACHE_DIR in os.environ. Importing it
+# here, before any test, keeps that one-time write from being reported as a leak by the first test
+# that happens to run a backward pass.
 
 
 def _environment() -> dict[str, str]:

@@ -153,6 +153,14 @@ class DistributedDataParallelKwargs(KwargsHandler):
             DDPCommunicationHookType.FP16: default_hooks.fp16_compress_wrapper,
             DDPCommunicationHookType.BF16: default_hooks.bf16_compress_wrapper,
         }
+        uses_bf16 = DDPCommunicationHookType.BF16 in (self.comm_hook, self.comm_wrapper)
+        backend = str(model.process_group.name()) if hasattr(model, "process_group") else ""
+        if uses_bf16 and backend not in ("nccl", "xccl"):
+            raise ConfigurationError(
+                f"bf16 gradient compression (comm_hook={self.comm_hook.value!r}, comm_wrapper="
+                f"{self.comm_wrapper.value!r}) needs NCCL on CUDA or XCCL on XPU, but the model's process group "
+                f"uses {backend!r}. Use 'fp16' compression instead."
+            )
         hook = hooks[self.comm_hook]
         if self.comm_wrapper in wrappers:
             hook = wrappers[self.comm_wrapper](hook)

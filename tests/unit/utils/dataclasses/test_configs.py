@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch._inductor.config  # noqa: F401  (bitsandbytes imports it, and it sets TORCHINDUCTOR_CACHE_DIR)
 
 from hasten.utils.dataclasses import BnbQuantizationConfig, CustomDtype, DataLoaderConfiguration, ProjectConfiguration
 from hasten.utils.errors import ConfigurationError

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch._inductor.config  # noqa: F401  (a first backward imports it, and it sets TORCHINDUCTOR_CACHE_DIR)
 
 from hasten.state import AcceleratorState
 from hasten.utils.amp import get_grad_scaler, get_mixed_precision_context_manager

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch._inductor.config  # noqa: F401  (importing it sets TORCHINDUCTOR_CACHE_DIR; do it before any test)
 
 from hasten.utils.dataclasses import (
     DynamoBackend,

@@ -34,6 +34,7 @@ from hasten.utils.device import accelerator_type
 from hasten.utils.errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
     from torch.distributed.fsdp import FullyShardedDataParallel
 
 _MIXED_PRECISION = {"fp8": torch.bfloat16, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -346,6 +347,15 @@ class FullyShardedDataParallelPlugin:
                 f"cpu_offload={self.cpu_offload!r} must be a bool or a torch.distributed.fsdp.{required.__name__} "
                 f"with fsdp_version={self.fsdp_version}."
             )
+
+    def state_dict_options(self) -> StateDictOptions:
+        """``torch.distributed.checkpoint`` options for ``state_dict_type``: full (gathered, on CPU) or sharded."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+        from torch.distributed.fsdp import StateDictType
+
+        full = self.state_dict_type == StateDictType.FULL_STATE_DICT
+        offload = bool(getattr(self.state_dict_config, "offload_to_cpu", True))
+        return StateDictOptions(full_state_dict=full, cpu_offload=offload)
 
     def set_auto_wrap_policy(self, model: torch.nn.Module) -> None:
         """Bind the wrap policy to ``model``: transformer classes found by name, or the size threshold."""
