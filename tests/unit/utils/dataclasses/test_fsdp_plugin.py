@@ -20,7 +20,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
 
 from hasten.utils.dataclasses import FullyShardedDataParallelPlugin, get_module_class_from_name
-from hasten.utils.dataclasses.plugins.fsdp_wrap import bind_auto_wrap_policy, modules_selected
+from hasten.utils.dataclasses.plugins.fsdp_wrap import _ignored_modules, bind_auto_wrap_policy, modules_selected
 from hasten.utils.environment import patch_environment
 from hasten.utils.errors import ConfigurationError
 
@@ -197,3 +197,18 @@ def test_size_policy_counts_parameters_bottom_up() -> None:
 def test_wrap_needs_a_process_group() -> None:
     with pytest.raises(RuntimeError, match="FSDP needs a process group; create PartialState"):
         FullyShardedDataParallelPlugin(fsdp_version=2).wrap(Model())
+
+
+def test_ignored_modules_by_regex_from_the_environment() -> None:
+    model = Model()
+    with patch_environment(FSDP_IGNORED_MODULES=r"blocks\.[02]"):
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    assert _ignored_modules(plugin, model) == [model.blocks[0], model.blocks[2]]
+    assert _ignored_modules(FullyShardedDataParallelPlugin(ignored_modules=[model.head]), model) == [model.head]
+
+
+def test_state_dict_options_follow_the_state_dict_type() -> None:
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    assert not plugin.state_dict_options().full_state_dict
+    plugin.set_state_dict_type("FULL_STATE_DICT")
+    assert plugin.state_dict_options().full_state_dict and plugin.state_dict_options().cpu_offload

@@ -149,6 +149,13 @@ def test_ddp_kwargs_validation(kwargs: dict[str, object], message: str) -> None:
         DistributedDataParallelKwargs(**kwargs)  # type: ignore[arg-type]
 
 
+def test_power_sgd_state_options_are_checked_before_registering() -> None:
+    handler = DistributedDataParallelKwargs(comm_hook="power_sgd", comm_state_option={"rank": 1})
+    with pytest.raises(ConfigurationError, match=r"comm_state_option has keys \['rank'\] that PowerSGDState does not take"):
+        handler.register_comm_hook(torch.nn.Linear(1, 1))  # type: ignore[arg-type]
+    DistributedDataParallelKwargs().register_comm_hook(torch.nn.Linear(1, 1))  # type: ignore[arg-type]  # "no": nothing
+
+
 def test_fp8_recipe_defaults_environment_and_validation() -> None:
     recipe = FP8RecipeKwargs()
     assert (recipe.backend, recipe.fp8_format, recipe.amax_history_len, recipe.opt_level) == ("TE", "HYBRID", 1024, "O2")
