@@ -15,6 +15,7 @@ environment, which is what ``KwargsHandler.to_kwargs()`` compares against.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -53,20 +54,31 @@ def _parse(field: dataclasses.Field[Any], value: Any, name: str) -> Any:
     return value if parse is None or value is None else parse(value, name)
 
 
+@functools.lru_cache(maxsize=None)
+def _env_fields(cls: type) -> tuple[tuple[str, Any, str | None, Any, Parser | None], ...]:
+    """(name, default, variable, fallback, parser) of each :func:`env_field` of ``cls``, read once per class."""
+    return tuple(
+        (f.name, f.default, f.metadata[_ENV], f.metadata[_FALLBACK], f.metadata[_PARSE])
+        for f in dataclasses.fields(cls)
+        if _ENV in f.metadata
+    )
+
+
 def resolve_fields(obj: Any) -> None:
     """Give each :func:`env_field` of ``obj`` its final value: argument, else environment, else fallback."""
-    for field in dataclasses.fields(obj):
-        if _ENV not in field.metadata:
-            continue
-        value = getattr(obj, field.name)
-        if value is not field.default:
-            setattr(obj, field.name, _parse(field, value, field.name))
-            continue
-        raw = _raw_from_env(field.metadata[_ENV])
-        if raw is not None:
-            setattr(obj, field.name, _parse(field, raw, f"environment variable {field.metadata[_ENV]}"))
-        else:
-            setattr(obj, field.name, _parse(field, field.metadata[_FALLBACK], field.name))
+    environ = os.environ
+    for name, default, env, fallback, parse in _env_fields(type(obj)):
+        value = getattr(obj, name)
+        where = name
+        if value is default:
+            raw = environ.get(env) if env is not None else None
+            if raw is not None and raw.strip():
+                value, where = raw, f"environment variable {env}"
+            else:
+                value = fallback
+        if parse is not None and value is not None:
+            value = parse(value, where)
+        setattr(obj, name, value)
 
 
 def is_set_in_env(obj: Any, name: str) -> bool:

@@ -45,6 +45,9 @@ class BaseEnum(str, enum.Enum, metaclass=_ValueMembership):
         """
         if isinstance(value, cls):
             return value
+        exact = cls._value2member_map_.get(value) if isinstance(value, str) else None
+        if exact is not None:
+            return exact
         if isinstance(value, str):
             for member in cls:
                 if member.value.lower() == value.strip().lower():
