@@ -89,6 +89,7 @@ ENVIRONMENTS = [
     ("FullyShardedDataParallelPlugin", {"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP", "FSDP_MIN_NUM_PARAMS": "1000",
                                         "FSDP_SHARDING_STRATEGY": "2"}, {}),
     ("FullyShardedDataParallelPlugin", {"FSDP_SHARDING_STRATEGY": "NO_SHARD"}, {"sharding_strategy": "HYBRID_SHARD"}),
+    ("FullyShardedDataParallelPlugin", {"FSDP_SHARDING_STRATEGY": "hybrid_shard_zero2"}, {}),
     ("FullyShardedDataParallelPlugin", {"FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false",
                                         "FSDP_OFFLOAD_PARAMS": "true"}, {}),
     ("FullyShardedDataParallelPlugin", {"FSDP_VERSION": "2", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"},

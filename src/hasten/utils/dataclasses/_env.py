@@ -15,7 +15,6 @@ environment, which is what ``KwargsHandler.to_kwargs()`` compares against.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -54,14 +53,19 @@ def _parse(field: dataclasses.Field[Any], value: Any, name: str) -> Any:
     return value if parse is None or value is None else parse(value, name)
 
 
-@functools.lru_cache(maxsize=None)
-def _env_fields(cls: type) -> tuple[tuple[str, Any, str | None, Any, Parser | None], ...]:
+_EnvField = tuple[str, Any, "str | None", Any, "Parser | None"]
+_ENV_FIELDS: dict[type, tuple[_EnvField, ...]] = {}
+
+
+def _env_fields(cls: type) -> tuple[_EnvField, ...]:
     """(name, default, variable, fallback, parser) of each :func:`env_field` of ``cls``, read once per class."""
-    return tuple(
-        (f.name, f.default, f.metadata[_ENV], f.metadata[_FALLBACK], f.metadata[_PARSE])
-        for f in dataclasses.fields(cls)
-        if _ENV in f.metadata
-    )
+    if cls not in _ENV_FIELDS:
+        _ENV_FIELDS[cls] = tuple(
+            (f.name, f.default, f.metadata[_ENV], f.metadata[_FALLBACK], f.metadata[_PARSE])
+            for f in dataclasses.fields(cls)
+            if _ENV in f.metadata
+        )
+    return _ENV_FIELDS[cls]
 
 
 def resolve_fields(obj: Any) -> None:

@@ -97,6 +97,9 @@ def test_fsdp2_environment() -> None:
 def test_sharding_strategy_spellings() -> None:
     assert FullyShardedDataParallelPlugin(sharding_strategy="shard_grad_op").sharding_strategy is ShardingStrategy.SHARD_GRAD_OP
     assert FullyShardedDataParallelPlugin(sharding_strategy=3).sharding_strategy is ShardingStrategy.NO_SHARD
+    assert FullyShardedDataParallelPlugin(sharding_strategy="HYBRID_SHARD_ZERO2").sharding_strategy is (
+        ShardingStrategy._HYBRID_SHARD_ZERO2
+    )
     assert FullyShardedDataParallelPlugin(reshard_after_forward="NO_SHARD").sharding_strategy is ShardingStrategy.NO_SHARD
     assert FullyShardedDataParallelPlugin(fsdp_version=2, sharding_strategy="SHARD_GRAD_OP").reshard_after_forward is False
 

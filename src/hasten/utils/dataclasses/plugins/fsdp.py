@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from hasten.utils.constants import FSDP_AUTO_WRAP_POLICY
+from hasten.utils.constants import FSDP_AUTO_WRAP_POLICY, FSDP_SHARDING_STRATEGY
 from hasten.utils.dataclasses._env import (
     comma_list,
     env_field,
@@ -41,9 +41,14 @@ _MIXED_PRECISION = {"fp8": torch.bfloat16, "fp16": torch.float16, "bf16": torch.
 
 
 def _torch_enum(kind: type[enum.Enum], value: Any, name: str) -> Any:
-    """A member of the torch enum ``kind``: itself, its name (any case), or its number."""
+    """A member of the torch enum ``kind``: itself, its name (any case; for sharding strategies also the
+    names of ``FSDP_SHARDING_STRATEGY``, which the launcher writes), or its number."""
     if isinstance(value, kind):
         return value
+    is_strategy = kind.__name__ == "ShardingStrategy"
+    names = FSDP_SHARDING_STRATEGY if is_strategy else list(kind.__members__)
+    if is_strategy and isinstance(value, str) and value.strip().upper() in names:
+        value = names.index(value.strip().upper()) + 1
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
@@ -53,7 +58,7 @@ def _torch_enum(kind: type[enum.Enum], value: Any, name: str) -> Any:
             pass
     if isinstance(value, str) and value.strip().upper() in kind.__members__:
         return kind[value.strip().upper()]
-    raise ConfigurationError(f"{name}={value!r} is not valid; expected one of {list(kind.__members__)}.")
+    raise ConfigurationError(f"{name}={value!r} is not valid; expected one of {names}.")
 
 
 def _version(value: Any, name: str) -> int:
@@ -78,7 +83,7 @@ class FullyShardedDataParallelPlugin:
     Args:
         fsdp_version: 1 (``FullyShardedDataParallel``) or 2 (``fully_shard``).
         sharding_strategy: FSDP1 strategy by name (``FULL_SHARD``, ``SHARD_GRAD_OP``, ``NO_SHARD``,
-            ``HYBRID_SHARD``, ``_HYBRID_SHARD_ZERO2``), number or ``ShardingStrategy``. With FSDP2,
+            ``HYBRID_SHARD``, ``HYBRID_SHARD_ZERO2``), number or ``ShardingStrategy``. With FSDP2,
             ``FULL_SHARD`` and ``SHARD_GRAD_OP`` map to ``reshard_after_forward`` True and False.
         reshard_after_forward: FSDP2: free gathered parameters after forward (bool; default True).
             FSDP1: another name for ``sharding_strategy``.
