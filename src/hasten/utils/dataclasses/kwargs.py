@@ -217,6 +217,7 @@ class InitProcessGroupKwargs(KwargsHandler):
 
     backend: str | None = "nccl"
     init_method: str | None = None
+    # No variable: the fallback is only what to_kwargs() compares with (the timeout the default backend gets).
     timeout: datetime.timedelta | None = env_field(None, fallback=datetime.timedelta(seconds=600))
 
     def __post_init__(self) -> None:

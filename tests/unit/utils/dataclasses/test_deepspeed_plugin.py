@@ -47,6 +47,7 @@ def test_environment_fills_unset_fields_and_arguments_win() -> None:
         ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps=0 must be at least 1"),
         ({"msamp_opt_level": "O3"}, "msamp_opt_level='O3' is not valid"),
         ({"zero3_init_flag": True}, "zero3_init_flag=True needs ZeRO stage 3, but the stage is 2"),
+        ({"offload_param_nvme_path": 5}, "offload_param_nvme_path=5 must be a path"),
         ({"enable_msamp": True, "zero_stage": 3}, "enable_msamp=True does not work with zero_stage=3"),
     ],
 )
@@ -136,6 +137,13 @@ def test_config_file_that_is_not_json(tmp_path: Path) -> None:
     path = tmp_path / "ds.json"
     path.write_text("stage: 2")
     with pytest.raises(ConfigurationError, match="the file is not valid JSON"):
+        DeepSpeedPlugin(hf_ds_config=str(path))
+
+
+def test_config_file_holding_a_list(tmp_path: Path) -> None:
+    path = tmp_path / "ds.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigurationError, match="holds a list, not a JSON object"):
         DeepSpeedPlugin(hf_ds_config=str(path))
 
 
