@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+import torch._inductor.config  # noqa: F401  see below
 import torch.distributed as dist
 
 from tests.ranks import RankPool
@@ -26,7 +27,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 # Set by others, not by the code under test: pytest names the running test, torch._dynamo
 # (imported by torch itself on first use of some ops, e.g. init on meta) records its cache
 # folder (inductor also records a data-pointer setting when it compiles), and importing
-# Accelerate (differential tests) sets its CUDA check.
+# Accelerate (differential tests) sets its CUDA check. The inductor config is also imported
+# above, before any test, so its one-time write is never charged to whichever test first runs
+# a backward pass, torch.compile or bitsandbytes.
 _NOT_OURS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "PYTORCH_NVML_BASED_CUDA_CHECK",
              "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"}  # fmt: skip
 

@@ -7,6 +7,19 @@ import hasten.utils  # noqa: F401  isort: skip
 
 from hasten.logging import get_logger
 from hasten.state import AcceleratorState, GradientState, PartialState
+from hasten.utils.dataclasses import (
+    AutocastKwargs,
+    DeepSpeedPlugin,
+    DistributedDataParallelKwargs,
+    FP8RecipeKwargs,
+    FullyShardedDataParallelPlugin,
+    GradScalerKwargs,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+    MegatronLMPlugin,
+    ProfileKwargs,
+    TorchDynamoPlugin,
+)
 
 __version__ = "0.1.0"
 from hasten.big_modeling import (
@@ -34,30 +47,19 @@ from hasten.launchers import (
     debug_launcher,
     notebook_launcher,
 )
-from hasten.utils.dataclasses.kwargs import (
-    AutocastKwargs,
-    DistributedDataParallelKwargs,
-    FP8RecipeKwargs,
-    GradScalerKwargs,
-    InitProcessGroupKwargs,
-    ProfileKwargs,
-)
-from hasten.utils.dataclasses.plugins.dynamo import (
-    TorchDynamoPlugin,
-)
-from hasten.utils.dataclasses.plugins.gradient import (
-    GradientAccumulationPlugin,
-)
 
 __all__ = [
     "AcceleratorState",
     "AutocastKwargs",
+    "DeepSpeedPlugin",
     "DistributedDataParallelKwargs",
     "FP8RecipeKwargs",
+    "FullyShardedDataParallelPlugin",
     "GradScalerKwargs",
     "GradientAccumulationPlugin",
     "GradientState",
     "InitProcessGroupKwargs",
+    "MegatronLMPlugin",
     "PartialState",
     "ProfileKwargs",
     "TorchDynamoPlugin",

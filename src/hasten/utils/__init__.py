@@ -1,5 +1,6 @@
 """hasten's toolbox, the names Accelerate documents under ``accelerate.utils`` (re-exported only)."""
 
+from hasten.utils.amp import get_grad_scaler, get_mixed_precision_context_manager
 from hasten.utils.batches import (
     TensorInformation,
     concatenate,
@@ -32,17 +33,34 @@ from hasten.utils.constants import (
     WEIGHTS_PATTERN_NAME,
 )
 from hasten.utils.dataclasses import (
+    AutocastKwargs,
     BaseEnum,
+    BnbQuantizationConfig,
     ComputeEnvironment,
     CustomDtype,
     DDPCommunicationHookType,
+    DataLoaderConfiguration,
+    DeepSpeedPlugin,
+    DistributedDataParallelKwargs,
     DistributedType,
     DynamoBackend,
     FP8BackendType,
+    FP8RecipeKwargs,
+    FullyShardedDataParallelPlugin,
+    GradScalerKwargs,
+    GradientAccumulationPlugin,
+    HfDeepSpeedConfig,
+    InitProcessGroupKwargs,
+    KwargsHandler,
     LoggerType,
+    MegatronLMPlugin,
     PrecisionType,
+    ProfileKwargs,
+    ProjectConfiguration,
     RNGType,
     SageMakerDistributedType,
+    TorchDynamoPlugin,
+    get_module_class_from_name,
 )
 from hasten.utils.environment import (
     are_libraries_initialized,
@@ -166,35 +184,11 @@ from hasten.utils.random import (
 from hasten.utils.torch_xla import (
     install_xla,
 )
-from hasten.utils.dataclasses.configs import (
-    BnbQuantizationConfig,
-    DataLoaderConfiguration,
-    ProjectConfiguration,
-)
 from hasten.utils.bnb import (
     get_keys_to_not_convert,
     has_4bit_bnb_layers,
     load_and_quantize_model,
     replace_with_bnb_layers,
-)
-from hasten.utils.dataclasses.kwargs import (
-    AutocastKwargs,
-    DistributedDataParallelKwargs,
-    FP8RecipeKwargs,
-    GradScalerKwargs,
-    InitProcessGroupKwargs,
-    KwargsHandler,
-    ProfileKwargs,
-)
-from hasten.utils.amp import (
-    get_grad_scaler,
-    get_mixed_precision_context_manager,
-)
-from hasten.utils.dataclasses.plugins.dynamo import (
-    TorchDynamoPlugin,
-)
-from hasten.utils.dataclasses.plugins.gradient import (
-    GradientAccumulationPlugin,
 )
 
 __all__ = [
@@ -208,6 +202,7 @@ __all__ = [
     "CustomDtype",
     "DDPCommunicationHookType",
     "DataLoaderConfiguration",
+    "DeepSpeedPlugin",
     "DistributedDataParallelKwargs",
     "DistributedOperationException",
     "DistributedType",
@@ -215,13 +210,16 @@ __all__ = [
     "FP8BackendType",
     "FP8RecipeKwargs",
     "FSDP_MODEL_NAME",
+    "FullyShardedDataParallelPlugin",
     "GradScalerKwargs",
     "GradientAccumulationPlugin",
     "HastenError",
+    "HfDeepSpeedConfig",
     "InitProcessGroupKwargs",
     "KwargsHandler",
     "LoggerType",
     "MODEL_NAME",
+    "MegatronLMPlugin",
     "OPTIMIZER_NAME",
     "OffloadedWeightsLoader",
     "PrecisionType",
@@ -283,6 +281,7 @@ __all__ = [
     "get_max_memory",
     "get_mixed_precision_context_manager",
     "get_module_children_bottom_up",
+    "get_module_class_from_name",
     "get_shape",
     "has_4bit_bnb_layers",
     "honor_type",

@@ -1,4 +1,4 @@
-"""Mixed precision: the autocast context and the gradient scaler for the current state."""
+"""Mixed-precision helpers: the autocast context for the state's precision, and a gradient scaler for the device."""
 
 from __future__ import annotations
 
@@ -8,37 +8,43 @@ from typing import Any
 import torch
 
 from hasten.state import AcceleratorState
-from hasten.utils.dataclasses.enums import DistributedType, PrecisionType
+from hasten.utils.dataclasses.enums import DistributedType
 from hasten.utils.dataclasses.kwargs import AutocastKwargs
+from hasten.utils.device import accelerator_type
 
-_AUTOCAST_DTYPES = {
-    PrecisionType.FP16: torch.float16,
-    PrecisionType.BF16: torch.bfloat16,
-    PrecisionType.FP8: torch.bfloat16,  # FP8 engines compute the rest of the model in bf16
-}
+# Engines that cast by themselves: autocast keeps the device's default dtype there.
+_OWN_CASTING = (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 
 
 def get_mixed_precision_context_manager(
     native_amp: bool = False, autocast_kwargs: AutocastKwargs | None = None
 ) -> contextlib.AbstractContextManager[Any]:
-    """``torch.autocast`` on the state's device in its mixed precision (``fp16``, ``bf16``; ``fp8`` runs
-    the rest in bf16), or a context that does nothing when ``native_amp`` is false or precision is ``no``."""
-    state = AcceleratorState()
-    precision = PrecisionType.parse(state.mixed_precision, "mixed_precision")
-    if not native_amp or precision == PrecisionType.NO:
-        return contextlib.nullcontext()
-    options = (autocast_kwargs or AutocastKwargs()).to_kwargs()
-    return torch.autocast(device_type=state.device.type, dtype=_AUTOCAST_DTYPES[precision], **options)
+    """A ``torch.autocast`` for the state's mixed precision on its device, or a no-op context.
 
-
-def get_grad_scaler(distributed_type: DistributedType | None = None, **kwargs: Any) -> Any:
-    """A gradient scaler for fp16 training on the state's device, with ``GradScalerKwargs``-style ``kwargs``.
-
-    FSDP (``distributed_type=DistributedType.FSDP``) gets torch's sharded scaler, which unscales
-    sharded gradients correctly.
+    Args:
+        native_amp: whether mixed precision is on; ``False`` gives ``contextlib.nullcontext()``.
+        autocast_kwargs: what to change in ``torch.autocast`` (only its non-default fields are passed).
     """
+    if not native_amp:
+        return contextlib.nullcontext()
     state = AcceleratorState()
-    device = state.device.type
+    kwargs = {} if autocast_kwargs is None else autocast_kwargs.to_kwargs()
+    device_type = state.device.type
+    if state.mixed_precision == "fp16":
+        return torch.autocast(device_type=device_type, dtype=torch.float16, **kwargs)
+    if state.mixed_precision in ("bf16", "fp8") and state.distributed_type not in _OWN_CASTING:
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16, **kwargs)
+    return torch.autocast(device_type=device_type, **kwargs)
+
+
+def get_grad_scaler(distributed_type: DistributedType | None = None, **kwargs: Any) -> torch.amp.GradScaler:
+    """A gradient scaler for the accelerator present (the CPU included); FSDP gets the sharded one.
+
+    Args:
+        distributed_type: ``DistributedType.FSDP`` selects ``ShardedGradScaler``.
+        **kwargs: ``GradScaler`` arguments, as :class:`~hasten.utils.dataclasses.GradScalerKwargs` produces them.
+    """
+    device = accelerator_type()
     if distributed_type == DistributedType.FSDP:
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 

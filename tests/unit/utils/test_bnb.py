@@ -112,8 +112,8 @@ def test_bad_inputs_are_explained(tmp_path: Path) -> None:
     ("kwargs", "message"),
     [({}, r"load_in_8bit=False and load_in_4bit=False: set exactly one"),
      ({"load_in_8bit": True, "load_in_4bit": True}, r"set exactly one"),
-     ({"load_in_4bit": True, "bnb_4bit_quant_type": "int3"}, r"bnb_4bit_quant_type='int3' must be one of \['fp4', 'nf4'\]"),
-     ({"load_in_8bit": True, "torch_dtype": "fp64"}, r"torch_dtype='fp64' must be a torch.dtype or one of"),
+     ({"load_in_4bit": True, "bnb_4bit_quant_type": "int3"}, r"bnb_4bit_quant_type='int3' is not valid; expected one of \['fp4', 'nf4'\]"),
+     ({"load_in_8bit": True, "torch_dtype": "fp64"}, r"torch_dtype='fp64' is not valid; expected one of \['fp32', 'fp16', 'bf16'\] or a torch.dtype"),
      ({"load_in_8bit": "yes"}, r"load_in_8bit='yes' must be True or False"),
      ({"load_in_8bit": True, "skip_modules": "head"}, r"skip_modules='head' must be a list of module names")],
 )  # fmt: skip

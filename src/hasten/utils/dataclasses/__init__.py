@@ -13,11 +13,6 @@ from hasten.utils.dataclasses.enums import (
     RNGType,
     SageMakerDistributedType,
 )
-from hasten.utils.dataclasses.configs import (
-    BnbQuantizationConfig,
-    DataLoaderConfiguration,
-    ProjectConfiguration,
-)
 from hasten.utils.dataclasses.kwargs import (
     AutocastKwargs,
     DistributedDataParallelKwargs,
@@ -27,11 +22,31 @@ from hasten.utils.dataclasses.kwargs import (
     KwargsHandler,
     ProfileKwargs,
 )
+from hasten.utils.dataclasses.configs import (
+    BnbQuantizationConfig,
+    DataLoaderConfiguration,
+    ProjectConfiguration,
+)
+from hasten.utils.dataclasses.plugins.deepspeed import (
+    DeepSpeedPlugin,
+)
+from hasten.utils.dataclasses.plugins.deepspeed_config import (
+    HfDeepSpeedConfig,
+)
 from hasten.utils.dataclasses.plugins.dynamo import (
     TorchDynamoPlugin,
 )
+from hasten.utils.dataclasses.plugins.fsdp import (
+    FullyShardedDataParallelPlugin,
+)
+from hasten.utils.dataclasses.plugins.fsdp_wrap import (
+    get_module_class_from_name,
+)
 from hasten.utils.dataclasses.plugins.gradient import (
     GradientAccumulationPlugin,
+)
+from hasten.utils.dataclasses.plugins.megatron import (
+    MegatronLMPlugin,
 )
 
 __all__ = [
@@ -42,20 +57,25 @@ __all__ = [
     "CustomDtype",
     "DDPCommunicationHookType",
     "DataLoaderConfiguration",
+    "DeepSpeedPlugin",
     "DistributedDataParallelKwargs",
     "DistributedType",
     "DynamoBackend",
     "FP8BackendType",
     "FP8RecipeKwargs",
+    "FullyShardedDataParallelPlugin",
     "GradScalerKwargs",
     "GradientAccumulationPlugin",
+    "HfDeepSpeedConfig",
     "InitProcessGroupKwargs",
     "KwargsHandler",
     "LoggerType",
+    "MegatronLMPlugin",
     "PrecisionType",
     "ProfileKwargs",
     "ProjectConfiguration",
     "RNGType",
     "SageMakerDistributedType",
     "TorchDynamoPlugin",
+    "get_module_class_from_name",
 ]

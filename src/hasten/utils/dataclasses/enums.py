@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 from typing import Any
 
+from hasten.utils.errors import ConfigurationError
+
 
 class _ValueMembership(enum.EnumMeta):
     def __contains__(cls, item: Any) -> bool:
@@ -38,16 +40,19 @@ class BaseEnum(str, enum.Enum, metaclass=_ValueMembership):
         """Convert ``value`` (a member or its value; case-insensitive) to a member.
 
         Raises:
-            ValueError: ``value`` is not one of the values; the message names ``name``
+            ConfigurationError: (a ``ValueError``) ``value`` is not one of the values; the message names ``name``
                 (the argument or variable being read) and lists the accepted values.
         """
         if isinstance(value, cls):
             return value
+        exact = cls._value2member_map_.get(value) if isinstance(value, str) else None
+        if exact is not None:
+            return exact
         if isinstance(value, str):
             for member in cls:
                 if member.value.lower() == value.strip().lower():
                     return member
-        raise ValueError(f"{name}={value!r} is not valid; expected one of {cls.list()}.")
+        raise ConfigurationError(f"{name}={value!r} is not valid; expected one of {cls.list()}.")
 
 
 class ComputeEnvironment(BaseEnum):

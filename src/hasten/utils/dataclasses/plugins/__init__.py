@@ -1,1 +1,1 @@
-"""Plugins: one module per engine they configure (re-exported by ``hasten.utils.dataclasses``)."""
+"""One module per engine plugin: gradient accumulation, torch.compile, FSDP, DeepSpeed, Megatron-LM."""

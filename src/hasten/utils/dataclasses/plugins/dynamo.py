@@ -4,81 +4,89 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any
 
-from hasten.utils.dataclasses._env import resolve
+from hasten.utils.constants import TORCH_DYNAMO_MODES
+from hasten.utils.dataclasses._env import env_field, one_of, resolve_fields, to_bool
 from hasten.utils.dataclasses.enums import DynamoBackend
 from hasten.utils.dataclasses.kwargs import KwargsHandler
+from hasten.utils.errors import ConfigurationError
 
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+if TYPE_CHECKING:
+    import torch
+
 _PREFIX = "ACCELERATE_DYNAMO_"
 
 
 @dataclass
 class TorchDynamoPlugin(KwargsHandler):
-    """How to ``torch.compile`` the model: backend (``DynamoBackend``; ``"no"`` turns compilation off),
-    mode, fullgraph, dynamic shapes, backend options, and regional compilation (each repeated block
-    compiled once instead of the whole model, which compiles much faster).
+    """How to compile models with ``torch.compile``; every unset field is read from ``ACCELERATE_DYNAMO_*``.
 
-    Unset fields read ``ACCELERATE_DYNAMO_BACKEND``, ``_MODE``, ``_USE_FULLGRAPH``, ``_USE_DYNAMIC``
-    and ``_USE_REGIONAL_COMPILATION``.
+    Args:
+        backend: a :class:`DynamoBackend` (or its name, any case); ``"no"`` compiles nothing.
+        mode: ``"default"``, ``"reduce-overhead"``, ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``.
+        fullgraph: fail instead of splitting the model into several graphs.
+        dynamic: trace with dynamic shapes (``None``: let torch decide).
+        options: backend options (a dict).
+        disable: make ``torch.compile`` a no-op.
+        use_regional_compilation: compile each repeated block (the items of a ``ModuleList`` of
+            one class) separately, so the compiler's cache serves all but the first.
     """
 
-    backend: Union[DynamoBackend, str, None] = None
-    mode: Union[str, None] = None
-    fullgraph: Union[bool, None] = None
-    dynamic: Union[bool, None] = None
-    options: Union[dict[str, Any], None] = None
+    backend: DynamoBackend | None = env_field(_PREFIX + "BACKEND", "no", DynamoBackend.parse)
+    mode: str | None = env_field(_PREFIX + "MODE", "default", one_of(TORCH_DYNAMO_MODES))
+    fullgraph: bool | None = env_field(_PREFIX + "USE_FULLGRAPH", False, to_bool)
+    dynamic: bool | None = env_field(_PREFIX + "USE_DYNAMIC", None, to_bool)
+    options: Any = None
     disable: bool = False
-    use_regional_compilation: Union[bool, None] = None
-
-    _UNSET_MEANS = {"backend": "no", "mode": "default", "fullgraph": False, "use_regional_compilation": False}
+    use_regional_compilation: bool | None = env_field(_PREFIX + "USE_REGIONAL_COMPILATION", False, to_bool)
 
     def __post_init__(self) -> None:
-        backend = resolve(self.backend if self.backend is None else str(self.backend), _PREFIX + "BACKEND", str, "no")
-        self.backend = DynamoBackend.parse(str(backend).upper(), "backend")
-        self.mode = resolve(self.mode, _PREFIX + "MODE", str, "default")
-        if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r} must be one of {list(MODES)}")
-        self.fullgraph = resolve(self.fullgraph, _PREFIX + "USE_FULLGRAPH", bool, False)
-        self.use_regional_compilation = resolve(self.use_regional_compilation, _PREFIX + "USE_REGIONAL_COMPILATION",
-                                                bool, False)  # fmt: skip
-        self.dynamic = resolve(self.dynamic, _PREFIX + "USE_DYNAMIC", bool)
+        resolve_fields(self)
+        self.disable = to_bool(self.disable, "disable")
+        if self.options is not None and not isinstance(self.options, dict):
+            raise ConfigurationError(f"options={self.options!r} must be a dict of backend options (or None).")
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields, with ``backend`` as the lower-case name ``torch.compile`` takes."""
         config = copy.deepcopy(self.__dict__)
-        config["backend"] = self.backend.value.lower() if isinstance(self.backend, DynamoBackend) else self.backend
+        config["backend"] = str(config["backend"].value).lower()
         return config
 
-    def compile_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of ``torch.compile`` for these settings."""
-        kwargs: dict[str, Any] = {"backend": self.to_dict()["backend"], "mode": self.mode, "fullgraph": self.fullgraph,
-                                  "dynamic": self.dynamic, "disable": self.disable}  # fmt: skip
-        if self.options is not None:
-            kwargs["options"] = self.options
-            kwargs.pop("mode")  # torch.compile takes mode or options, not both
+    def to_kwargs(self) -> dict[str, Any]:
+        """The ``torch.compile`` arguments that differ from its defaults."""
+        kwargs = super().to_kwargs()
+        kwargs.pop("use_regional_compilation", None)
         return kwargs
 
-    def compile(self, model: Any) -> Any:
-        """``model`` compiled as configured (returned unchanged when the backend is ``"no"``).
+    def compile(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` compiled as configured (the model itself when ``backend`` is ``"no"``).
 
-        With regional compilation, every block of each ``nn.ModuleList`` is compiled in place
-        (``module.compile``) and the model itself is returned.
+        With ``use_regional_compilation`` the repeated blocks are compiled in place and
+        ``model`` is returned; otherwise the compiled wrapper ``torch.compile`` returns.
         """
-        import torch
-        from torch import nn
-
         if self.backend == DynamoBackend.NO:
             return model
-        kwargs = self.compile_kwargs()
+        import torch
+
+        kwargs = self.to_kwargs()
+        kwargs["backend"] = str(self.backend.value).lower()  # type: ignore[union-attr]
         if self.use_regional_compilation:
-            blocks = [block for module in model.modules() if isinstance(module, nn.ModuleList) for block in module]
-            if not blocks:
-                raise ValueError(
-                    f"use_regional_compilation=True but {type(model).__name__} has no nn.ModuleList of repeated "
-                    "blocks to compile; compile the whole model instead"
-                )
-            for block in blocks:
-                block.compile(**kwargs)
-            return model
-        return torch.compile(model, **kwargs)
+            blocks = [block for block in _repeated_blocks(model)]
+            if blocks:
+                for block in blocks:
+                    block.compile(**kwargs)
+                return model
+        compiled: torch.nn.Module = torch.compile(model, **kwargs)  # type: ignore[assignment]
+        return compiled
+
+
+def _repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The items of every ``ModuleList`` in ``model`` that holds two or more modules of one class."""
+    import torch
+
+    blocks: list[torch.nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            blocks.extend(module)
+    return blocks
