@@ -29,7 +29,8 @@ from hasten.hooks import (
 )
 from hasten.utils.device import accelerator_type, device_for_local_process
 from hasten.utils.environment import parse_flag_from_env
-from hasten.utils.device_map import check_device_map, get_balanced_memory, infer_auto_device_map
+from hasten.utils.device_map import check_device_map, infer_auto_device_map
+from hasten.utils.memory_budget import get_balanced_memory
 from hasten.utils.loading import load_checkpoint_in_model
 from hasten.utils.modeling import find_tied_parameters, retie_parameters
 from hasten.utils.offload import OffloadedWeightsLoader, extract_submodules_state_dict, offload_state_dict

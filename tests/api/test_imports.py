@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "hasten.utils.tree": 2,
     "hasten.utils.batches": 2,
     "hasten.utils.precision": 2,
+    "hasten.process_group": 3,
     "hasten.state": 3,
     "hasten.logging": 3,
     **dict.fromkeys(
@@ -37,8 +38,8 @@ LAYERS: dict[str, int] = {
         4,
     ),
     **dict.fromkeys(
-        ["hasten.utils.modeling", "hasten.utils.device_map", "hasten.utils.loading", "hasten.utils.offload",
-         "hasten.utils.checkpoint_reader", "hasten.utils.sharding"],
+        ["hasten.utils.modeling", "hasten.utils.memory_budget", "hasten.utils.device_map", "hasten.utils.loading",
+         "hasten.utils.offload", "hasten.utils.checkpoint_reader", "hasten.utils.sharding"],
         5,
     ),
     **dict.fromkeys(["hasten.hooks", "hasten.big_modeling", "hasten.utils.bnb"], 6),

@@ -17,6 +17,7 @@ from accelerate.utils import modeling as theirs  # noqa: E402
 
 from hasten.big_modeling import init_empty_weights  # noqa: E402
 from hasten.utils import device_map as ours_map  # noqa: E402
+from hasten.utils import memory_budget as ours_budget  # noqa: E402
 from hasten.utils import modeling as ours  # noqa: E402
 
 
@@ -116,7 +117,7 @@ def test_device_maps_agree(name: str, model: nn.Module, no_split: list[str]) -> 
             for tensor in tensors:
                 assert _device_of(got, tensor) is not None, f"{name}: {tensor} has no device"
                 assert _device_of(expected, tensor) in (None, _device_of(got, tensor)), (name, budget, options, tensor)
-        assert ours_map.get_balanced_memory(model, dict(budget), split) == theirs.get_balanced_memory(
+        assert ours_budget.get_balanced_memory(model, dict(budget), split) == theirs.get_balanced_memory(
             model, dict(budget), split)  # fmt: skip
         cases += 1
     assert cases == 48

@@ -18,7 +18,8 @@ from torch import nn
 
 from hasten.big_modeling import dispatch_model, init_empty_weights
 from hasten.utils.dataclasses.configs import BnbQuantizationConfig
-from hasten.utils.device_map import get_balanced_memory, infer_auto_device_map
+from hasten.utils.device_map import infer_auto_device_map
+from hasten.utils.memory_budget import get_balanced_memory
 from hasten.utils.imports import require
 from hasten.utils.loading import load_checkpoint_in_model
 from hasten.utils.modeling import DtypeLike, find_tied_parameters

@@ -480,11 +480,3 @@ def _load_into_dtensors(
             state.update(load_state_dict(path))
     options = StateDictOptions(full_state_dict=full_state_dict, strict=strict, broadcast_from_rank0=broadcast_from_rank0)
     set_model_state_dict(model, cast(Any, state), options=options)
-
-
-def iter_checkpoint(checkpoint: PathLike) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every (name, tensor) of a checkpoint, file after file, as lazy CPU views where possible."""
-    for path in checkpoint_files(checkpoint):
-        loaded = _Checkpoint(path)
-        for name in loaded.shapes():
-            yield name, loaded.tensor(name)

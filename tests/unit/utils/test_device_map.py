@@ -15,10 +15,9 @@ from hasten.utils.device_map import (
     check_device_map,
     check_tied_parameters_on_same_device,
     clean_device_map,
-    get_balanced_memory,
-    get_max_memory,
     infer_auto_device_map,
 )
+from hasten.utils.memory_budget import get_balanced_memory, get_max_memory
 from hasten.utils.modeling import compute_module_sizes
 
 
