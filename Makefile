@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - create .venv if absent, install hasten, run the demo on 2 processes
-#   make test   - create .venv if absent, install hasten with its test extra, run the tests
+#   make test   - create .venv if absent, install hasten with its test extra, run ruff, the tests and mypy
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -29,6 +29,8 @@ demo: $(VENV)/.hasten
 	$(PY) examples/big_model_inference.py
 
 test: $(VENV)/.hasten-test
+	$(PY) -m ruff check src tests bench examples
+	$(PY) -m ruff format --check src tests bench examples
 	$(PY) -m pytest -q tests
 	$(PY) -m mypy
 

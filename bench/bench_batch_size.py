@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_device_map import build  # noqa: E402
-from timing import fmt_seconds  # noqa: E402
+from bench_device_map import build
+from timing import fmt_seconds
 
 LIMIT, START = 77, 512
 
@@ -52,11 +52,19 @@ def main() -> None:
     model = build("moe", 512)  # keeps ~400k Python objects alive, as a real training process does
     contenders: list[tuple[str, Any]] = [
         ("Accelerate find_executable_batch_size", lambda f: accelerate_find(f, starting_batch_size=START)),
-        ("hasten find_executable_batch_size", lambda f: find_executable_batch_size(f, starting_batch_size=START)),
-        ("hasten find_largest_executable_batch_size",
-         lambda f: find_largest_executable_batch_size(f, starting_batch_size=START)),
-    ]  # fmt: skip
-    print(f"### From {START} with a limit of {LIMIT} (process holding {sum(1 for _ in model.modules())} modules)")
+        (
+            "hasten find_executable_batch_size",
+            lambda f: find_executable_batch_size(f, starting_batch_size=START),
+        ),
+        (
+            "hasten find_largest_executable_batch_size",
+            lambda f: find_largest_executable_batch_size(f, starting_batch_size=START),
+        ),
+    ]
+    print(
+        f"### From {START} with a limit of {LIMIT} (process holding {sum(1 for _ in model.modules())} "
+        "modules)"
+    )
     print()
     print("| contender | batch size found | trials | total time | per trial |")
     print("|---|---|---|---|---|")

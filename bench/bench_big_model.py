@@ -18,15 +18,16 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import measure, table  # noqa: E402
+from timing import measure, table
 
 WIDTH = 2048
 
 
 def build() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(*(nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH))
-                           for _ in range(8))).eval()  # fmt: skip
+    return nn.Sequential(
+        *(nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH)) for _ in range(8))
+    ).eval()
 
 
 def main() -> None:
@@ -42,22 +43,45 @@ def main() -> None:
         ours_disk = hasten.disk_offload(build(), f"{folder}/ours", execution_device="cpu")
         theirs_disk = accelerate.disk_offload(build(), f"{folder}/theirs", execution_device="cpu")
         assert torch.allclose(ours_disk(x), plain(x)) and torch.allclose(theirs_disk(x), plain(x))
-        rows.append(("disk_offload", [measure("hasten", lambda: ours_disk(x), repeat=7),
-                                      measure("Accelerate", lambda: theirs_disk(x), repeat=7),
-                                      measure("plain model", lambda: plain(x), repeat=7)]))
+        rows.append(
+            (
+                "disk_offload",
+                [
+                    measure("hasten", lambda: ours_disk(x), repeat=7),
+                    measure("Accelerate", lambda: theirs_disk(x), repeat=7),
+                    measure("plain model", lambda: plain(x), repeat=7),
+                ],
+            )
+        )
         ours_cpu = hasten.cpu_offload(build(), execution_device="cpu")
         theirs_cpu = accelerate.cpu_offload(build(), execution_device="cpu")
-        rows.append(("cpu_offload", [measure("hasten", lambda: ours_cpu(x), repeat=7),
-                                     measure("Accelerate", lambda: theirs_cpu(x), repeat=7),
-                                     measure("plain model", lambda: plain(x), repeat=7)]))
+        rows.append(
+            (
+                "cpu_offload",
+                [
+                    measure("hasten", lambda: ours_cpu(x), repeat=7),
+                    measure("Accelerate", lambda: theirs_cpu(x), repeat=7),
+                    measure("plain model", lambda: plain(x), repeat=7),
+                ],
+            )
+        )
         device_map = {str(i): ("cpu" if i < 4 else "disk") for i in range(8)}
-        ours_mixed = hasten.dispatch_model(build(), device_map, main_device="cpu", offload_dir=f"{folder}/ours-mixed")
-        theirs_mixed = accelerate.dispatch_model(build(), device_map, main_device="cpu",
-                                                 offload_dir=f"{folder}/theirs-mixed")  # fmt: skip
-        rows.append(("dispatch_model, half CPU half disk", [
-            measure("hasten", lambda: ours_mixed(x), repeat=7),
-            measure("Accelerate", lambda: theirs_mixed(x), repeat=7),
-            measure("plain model", lambda: plain(x), repeat=7)]))  # fmt: skip
+        ours_mixed = hasten.dispatch_model(
+            build(), device_map, main_device="cpu", offload_dir=f"{folder}/ours-mixed"
+        )
+        theirs_mixed = accelerate.dispatch_model(
+            build(), device_map, main_device="cpu", offload_dir=f"{folder}/theirs-mixed"
+        )
+        rows.append(
+            (
+                "dispatch_model, half CPU half disk",
+                [
+                    measure("hasten", lambda: ours_mixed(x), repeat=7),
+                    measure("Accelerate", lambda: theirs_mixed(x), repeat=7),
+                    measure("plain model", lambda: plain(x), repeat=7),
+                ],
+            )
+        )
     print(table("Forward pass of a 256 MiB model (8 blocks), batch of 4, on CPU", rows))
 
 

@@ -14,16 +14,19 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import Timing, measure, table  # noqa: E402
+from timing import Timing, measure, table
 
-import hasten.utils as hasten  # noqa: E402
-from hasten.utils.environment import patch_environment  # noqa: E402
+import hasten.utils as hasten
+from hasten.utils.environment import patch_environment
 
 LAUNCH_ENV = {
-    "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
-    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP",
-    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block",
-}  # fmt: skip
+    "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR",
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4",
+    "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block",
+}
 
 
 def cases(lib: Any) -> list[tuple[str, Callable[[], Any]]]:
@@ -49,7 +52,11 @@ def main() -> None:
             timings: list[Timing] = []
             for _ in range(3):  # interleave the contenders; keep each one's best median
                 timings_round = [measure("hasten", ours, repeat=5), measure("accelerate", theirs, repeat=5)]
-                timings = timings_round if not timings else [min(a, b, key=lambda t: t.median) for a, b in zip(timings, timings_round)]
+                timings = (
+                    timings_round
+                    if not timings
+                    else [min(a, b, key=lambda t: t.median) for a, b in zip(timings, timings_round)]
+                )
             rows.append((name, timings))
     print(table("Kwargs handlers and plugins (pure Python, one process)", rows))
 

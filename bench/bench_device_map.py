@@ -13,16 +13,15 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import Timing, fmt_seconds, measure, table  # noqa: E402
+from timing import fmt_seconds, measure, table
 
-from hasten.big_modeling import init_empty_weights  # noqa: E402
-from hasten.utils import device_map as hasten_map  # noqa: E402
-from hasten.utils import modeling as hasten_sizes  # noqa: E402
+from hasten.big_modeling import init_empty_weights
+from hasten.utils import device_map as hasten_map
+from hasten.utils import modeling as hasten_sizes
 
 
 class Attention(nn.Module):
@@ -81,44 +80,84 @@ def run(quick: bool) -> None:
             case = f"{kind} {count // 1000}k"
             total = hasten_sizes.compute_module_sizes(model)[""]
             repeat = 3 if count > 50_000 else 5
-            size_rows.append((case, [
-                measure("hasten", lambda: hasten_sizes.compute_module_sizes(model), repeat=repeat, number=1),
-                measure("Accelerate", lambda: accelerate_modeling.compute_module_sizes(model), repeat=repeat, number=1),
-            ]))
+            size_rows.append(
+                (
+                    case,
+                    [
+                        measure(
+                            "hasten",
+                            lambda: hasten_sizes.compute_module_sizes(model),
+                            repeat=repeat,
+                            number=1,
+                        ),
+                        measure(
+                            "Accelerate",
+                            lambda: accelerate_modeling.compute_module_sizes(model),
+                            repeat=repeat,
+                            number=1,
+                        ),
+                    ],
+                )
+            )
             budget = {"cpu": int(total * 0.3)}
             split = {**{index: int(total * 0.025) for index in range(8)}, "cpu": int(total * 0.1)}
-            for rows, memory, no_split in ((budget_rows, budget, ["DecoderLayer"]), (split_rows, split, None)):
+            for rows, memory, no_split in (
+                (budget_rows, budget, ["DecoderLayer"]),
+                (split_rows, split, None),
+            ):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     ours = hasten_map.infer_auto_device_map(model, dict(memory), no_split)
                     theirs = accelerate_modeling.infer_auto_device_map(model, dict(memory), no_split)
                     assert dict(ours) == dict(theirs), f"{case}: the maps differ"
                     timings = [
-                        measure("hasten", lambda: hasten_map.infer_auto_device_map(model, dict(memory), no_split),
-                                repeat=repeat, number=1),
-                        measure("Accelerate", lambda: accelerate_modeling.infer_auto_device_map(
-                            model, dict(memory), no_split), repeat=1 if count > 50_000 else 3, number=1),
+                        measure(
+                            "hasten",
+                            lambda: hasten_map.infer_auto_device_map(model, dict(memory), no_split),
+                            repeat=repeat,
+                            number=1,
+                        ),
+                        measure(
+                            "Accelerate",
+                            lambda: accelerate_modeling.infer_auto_device_map(model, dict(memory), no_split),
+                            repeat=1 if count > 50_000 else 3,
+                            number=1,
+                        ),
                     ]
                 rows.append((case, timings))
-            floor = measure("walk", lambda: sum(t.numel() for _, t in model.named_parameters()), repeat=repeat, number=1)
+            floor = measure(
+                "walk", lambda: sum(t.numel() for _, t in model.named_parameters()), repeat=repeat, number=1
+            )
             curve.append((kind, count, size_rows[-1][1][0].median, split_rows[-1][1][0].median, floor.median))
     print(table("compute_module_sizes (model on meta)", size_rows))
     print()
-    print(table("infer_auto_device_map: CPU at 30% of the model + disk, no_split_module_classes=['DecoderLayer']",
-                budget_rows))
+    print(
+        table(
+            "infer_auto_device_map: CPU at 30% of the model + disk, no_split_module_classes=['DecoderLayer']",
+            budget_rows,
+        )
+    )
     print()
-    print(table("infer_auto_device_map: 8 devices at 2.5% each, CPU at 10%, disk; nothing kept whole", split_rows))
+    print(
+        table(
+            "infer_auto_device_map: 8 devices at 2.5% each, CPU at 10%, disk; nothing kept whole", split_rows
+        )
+    )
     print()
     print("### hasten's time per entry (linearity)")
     print()
     # The floor: torch's own walk over the same tensors, which slows per entry as the model
     # outgrows the CPU caches; the last column shows whether hasten grows beyond that.
-    print("| family | entries | compute_module_sizes per entry | split-heavy map per entry "
-          "| named_parameters walk per entry | sizes vs walk |")
+    print(
+        "| family | entries | compute_module_sizes per entry | split-heavy map per entry "
+        "| named_parameters walk per entry | sizes vs walk |"
+    )
     print("|---|---|---|---|---|---|")
     for kind, count, sizes_time, map_time, walk_time in curve:
-        print(f"| {kind} | {count} | {fmt_seconds(sizes_time / count)} | {fmt_seconds(map_time / count)} "
-              f"| {fmt_seconds(walk_time / count)} | {sizes_time / walk_time:.2f}× |")
+        print(
+            f"| {kind} | {count} | {fmt_seconds(sizes_time / count)} | {fmt_seconds(map_time / count)} "
+            f"| {fmt_seconds(walk_time / count)} | {sizes_time / walk_time:.2f}× |"
+        )
 
 
 if __name__ == "__main__":

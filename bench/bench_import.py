@@ -34,23 +34,27 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=9)
     repeat = parser.parse_args().repeat
     samples: dict[str, list[float]] = {name: [] for name in CASES}
-    for name, code in CASES.items():  # warm the file cache once
+    for code in CASES.values():  # warm the file cache once
         _run(code)
     for _ in range(repeat):
         for name, code in CASES.items():
             samples[name].append(_run(code))
     medians = {name: statistics.median(times) for name, times in samples.items()}
     base, torch_time = medians["python (nothing)"], medians["import torch"]
-    print("### Start-up: fresh interpreter, wall time (median of %d)\n" % repeat)
+    print(f"### Start-up: fresh interpreter, wall time (median of {repeat})\n")
     print("| command | wall time | on top of `import torch` |")
     print("|---|---|---|")
     for name, median in medians.items():
-        extra = "—" if name in ("python (nothing)", "import torch") else f"{(median - torch_time) * 1000:.0f} ms"
+        extra = (
+            "—" if name in ("python (nothing)", "import torch") else f"{(median - torch_time) * 1000:.0f} ms"
+        )
         print(f"| `{name}` | {median * 1000:.0f} ms | {extra} |")
     hasten_extra = medians["import hasten.utils"] - torch_time
     accelerate_extra = medians["import accelerate.utils"] - torch_time
-    print(f"\nPython itself: {base * 1000:.0f} ms. `accelerate.utils` costs "
-          f"{accelerate_extra / max(hasten_extra, 1e-3):.1f}× what `hasten.utils` costs on top of torch.")
+    print(
+        f"\nPython itself: {base * 1000:.0f} ms. `accelerate.utils` costs "
+        f"{accelerate_extra / max(hasten_extra, 1e-3):.1f}× what `hasten.utils` costs on top of torch."
+    )
 
 
 if __name__ == "__main__":

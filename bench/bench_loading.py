@@ -29,7 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import Timing, fmt_seconds, measure, table  # noqa: E402
+from timing import Timing, measure, table
 
 WIDTH = 4096
 
@@ -90,10 +90,20 @@ def time_loads(folder: Path, layers: int) -> list[tuple[str, list[Timing]]]:
         touch(model)
 
     rows = []
-    for case, path in (("single file", folder / "model.safetensors"), ("4 shards + index", folder / "sharded")):
-        rows.append((case, [measure("hasten", lambda: ours(path), repeat=5, number=1),
-                            measure("Accelerate", lambda: theirs(path), repeat=5, number=1),
-                            measure("safetensors load_file + assign", lambda: raw(path), repeat=5, number=1)]))
+    for case, path in (
+        ("single file", folder / "model.safetensors"),
+        ("4 shards + index", folder / "sharded"),
+    ):
+        rows.append(
+            (
+                case,
+                [
+                    measure("hasten", lambda: ours(path), repeat=5, number=1),
+                    measure("Accelerate", lambda: theirs(path), repeat=5, number=1),
+                    measure("safetensors load_file + assign", lambda: raw(path), repeat=5, number=1),
+                ],
+            )
+        )
     return rows
 
 
@@ -113,17 +123,28 @@ def time_small(folder: Path, counts: list[int]) -> list[tuple[str, list[Timing]]
         def ours() -> None:
             with init_empty_weights():
                 model = many_small(count)
-            load_checkpoint_in_model(model, path, device_map=device_map, offload_folder=folder / "ours-offload")
+            load_checkpoint_in_model(
+                model, path, device_map=device_map, offload_folder=folder / "ours-offload"
+            )
 
         def theirs() -> None:
             with accelerate_empty():
                 model = many_small(count)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                accelerate_load(model, str(path), device_map=device_map, offload_folder=str(folder / "acc-offload"))
+                accelerate_load(
+                    model, str(path), device_map=device_map, offload_folder=str(folder / "acc-offload")
+                )
 
-        rows.append((f"{count} tensors", [measure("hasten", ours, repeat=3, number=1),
-                                          measure("Accelerate", theirs, repeat=3 if count <= 10000 else 1, number=1)]))
+        rows.append(
+            (
+                f"{count} tensors",
+                [
+                    measure("hasten", ours, repeat=3, number=1),
+                    measure("Accelerate", theirs, repeat=3 if count <= 10000 else 1, number=1),
+                ],
+            )
+        )
     return rows
 
 
@@ -157,12 +178,20 @@ print(hwm() - base)
 
 def peak_memory(folder: Path, layers: int) -> str:
     size = (folder / "model.safetensors").stat().st_size
-    lines = ["### Peak resident memory while loading the single file (fresh process each)", "",
-             "| contender | peak above baseline | x checkpoint size |", "|---|---|---|"]
+    lines = [
+        "### Peak resident memory while loading the single file (fresh process each)",
+        "",
+        "| contender | peak above baseline | x checkpoint size |",
+        "|---|---|---|",
+    ]
     for which in ("hasten", "accelerate"):
         code = PEAK.format(bench=str(Path(__file__).resolve().parent))
-        out = subprocess.run([sys.executable, "-c", code, which, str(folder / "model.safetensors"), str(layers)],
-                             capture_output=True, text=True, check=True).stdout.split()[-1]
+        out = subprocess.run(
+            [sys.executable, "-c", code, which, str(folder / "model.safetensors"), str(layers)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()[-1]
         peak = int(out)
         lines.append(f"| {which} | {peak / 2**20:.0f} MiB | {peak / size:.2f}x |")
     return "\n".join(lines)
@@ -191,10 +220,16 @@ def time_offload(folder: Path, layers: int) -> list[tuple[str, list[Timing]]]:
             array.flush()
         total = 0.0
         for name, tensor in state.items():
-            total += float(np.memmap(target / f"{name}.dat", dtype=np.float32, mode="r", shape=tuple(tensor.shape)).sum())
+            total += float(
+                np.memmap(target / f"{name}.dat", dtype=np.float32, mode="r", shape=tuple(tensor.shape)).sum()
+            )
 
-    return [("~1 GiB write + read", [measure("hasten", ours, repeat=3, number=1),
-                                      measure("numpy memmap", raw, repeat=3, number=1)])]
+    return [
+        (
+            "~1 GiB write + read",
+            [measure("hasten", ours, repeat=3, number=1), measure("numpy memmap", raw, repeat=3, number=1)],
+        )
+    ]
 
 
 def run(quick: bool) -> None:
@@ -202,13 +237,28 @@ def run(quick: bool) -> None:
     with tempfile.TemporaryDirectory(dir=Path.home()) as name:
         folder = Path(name)
         write_checkpoints(folder, layers)
-        print(table(f"Load {layers * 64} MiB into a meta model and read every weight once", time_loads(folder, layers)))
+        print(
+            table(
+                f"Load {layers * 64} MiB into a meta model and read every weight once",
+                time_loads(folder, layers),
+            )
+        )
         print()
-        print(table("A tenth of the tensors mapped to disk", time_small(folder, [2000] if quick else [5000, 10000, 20000])))
+        print(
+            table(
+                "A tenth of the tensors mapped to disk",
+                time_small(folder, [2000] if quick else [5000, 10000, 20000]),
+            )
+        )
         print()
         print(peak_memory(folder, layers))
         print()
-        print(table(f"offload_state_dict + load_offloaded_weights of {layers * 64} MiB", time_offload(folder, layers)))
+        print(
+            table(
+                f"offload_state_dict + load_offloaded_weights of {layers * 64} MiB",
+                time_offload(folder, layers),
+            )
+        )
 
 
 if __name__ == "__main__":

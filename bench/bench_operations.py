@@ -21,11 +21,12 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import Timing, measure, table  # noqa: E402
+from timing import Timing, measure, table
 
 
 def _ragged(rank: int, width: int) -> dict[str, Any]:
     """16 tensors in a nested structure, each with a different number of rows on each rank."""
+
     def t(i: int) -> torch.Tensor:
         return torch.full((20 + (i % 5) + 3 * rank, width), float(rank))
 
@@ -33,7 +34,9 @@ def _ragged(rank: int, width: int) -> dict[str, Any]:
 
 
 def _even(width: int) -> dict[str, Any]:
-    return {f"head{i}": [torch.ones(24, width), (torch.ones(24, width, dtype=torch.int64),)] for i in range(8)}
+    return {
+        f"head{i}": [torch.ones(24, width), (torch.ones(24, width, dtype=torch.int64),)] for i in range(8)
+    }
 
 
 def _cases(rank: int) -> list[tuple[str, list[tuple[str, Callable[[], Any]]]]]:
@@ -63,54 +66,90 @@ def _cases(rank: int) -> list[tuple[str, list[tuple[str, Callable[[], Any]]]]]:
     small_objects = [{"id": rank * 100 + i, "text": f"sample {i}", "score": 0.5 * i} for i in range(8)]
     big_objects = [os.urandom(1 << 20)]
     cases = []
-    for label, width in (("small (16 x ~22x8 floats, fits the envelope)", 8), ("large (16 x ~22x512 floats)", 512)):
+    for label, width in (
+        ("small (16 x ~22x8 floats, fits the envelope)", 8),
+        ("large (16 x ~22x512 floats)", 512),
+    ):
         data = _ragged(rank, width)
-        cases.append((f"pad_across_processes + gather, {label}", [
-            ("hasten", lambda d=data: hasten.gather(hasten.pad_across_processes(d))),
-            ("accelerate", lambda d=data: acc.gather(acc.pad_across_processes(d))),
-        ]))
+        cases.append(
+            (
+                f"pad_across_processes + gather, {label}",
+                [
+                    ("hasten", lambda d=data: hasten.gather(hasten.pad_across_processes(d))),
+                    ("accelerate", lambda d=data: acc.gather(acc.pad_across_processes(d))),
+                ],
+            )
+        )
     even = _even(64)
     cases += [
-        ("gather, 16 same-shape tensors of 2 dtypes (nested)", [
-            ("hasten", lambda: hasten.gather(even)),
-            ("accelerate", lambda: acc.gather(even)),
-        ]),
-        ("reduce(sum), 8 float tensors (nested)", [
-            ("hasten", lambda: hasten.reduce({k: v[0] for k, v in even.items()}, "sum")),
-            ("accelerate", lambda: acc.reduce({k: v[0] for k, v in even.items()}, "sum")),
-        ]),
-        ("gather, one 1 MiB tensor", [
-            ("hasten", lambda: hasten.gather(megabyte)),
-            ("accelerate", lambda: acc.gather(megabyte)),
-            ("raw all_gather_single", raw_gather),
-        ]),
-        ("gather_object, 8 small dicts per rank", [
-            ("hasten", lambda: hasten.gather_object(small_objects)),
-            ("accelerate", lambda: acc.gather_object(small_objects)),
-            ("raw all_gather_object", lambda: raw_gather_object(small_objects)),
-        ]),
-        ("gather_object, 1 MiB of bytes per rank", [
-            ("hasten", lambda: hasten.gather_object(big_objects)),
-            ("accelerate", lambda: acc.gather_object(big_objects)),
-            ("raw all_gather_object", lambda: raw_gather_object(big_objects)),
-        ]),
-        ("broadcast_object_list, 8 small dicts", [
-            ("hasten", lambda: hasten.broadcast_object_list(list(small_objects))),
-            ("accelerate", lambda: acc.broadcast_object_list(list(small_objects))),
-            ("raw broadcast_object_list", lambda: raw_broadcast_object_list(list(small_objects))),
-        ]),
-        ("broadcast_object_list, 1 MiB of bytes", [
-            ("hasten", lambda: hasten.broadcast_object_list(list(big_objects))),
-            ("accelerate", lambda: acc.broadcast_object_list(list(big_objects))),
-            ("raw broadcast_object_list", lambda: raw_broadcast_object_list(list(big_objects))),
-        ]),
+        (
+            "gather, 16 same-shape tensors of 2 dtypes (nested)",
+            [
+                ("hasten", lambda: hasten.gather(even)),
+                ("accelerate", lambda: acc.gather(even)),
+            ],
+        ),
+        (
+            "reduce(sum), 8 float tensors (nested)",
+            [
+                ("hasten", lambda: hasten.reduce({k: v[0] for k, v in even.items()}, "sum")),
+                ("accelerate", lambda: acc.reduce({k: v[0] for k, v in even.items()}, "sum")),
+            ],
+        ),
+        (
+            "gather, one 1 MiB tensor",
+            [
+                ("hasten", lambda: hasten.gather(megabyte)),
+                ("accelerate", lambda: acc.gather(megabyte)),
+                ("raw all_gather_single", raw_gather),
+            ],
+        ),
+        (
+            "gather_object, 8 small dicts per rank",
+            [
+                ("hasten", lambda: hasten.gather_object(small_objects)),
+                ("accelerate", lambda: acc.gather_object(small_objects)),
+                ("raw all_gather_object", lambda: raw_gather_object(small_objects)),
+            ],
+        ),
+        (
+            "gather_object, 1 MiB of bytes per rank",
+            [
+                ("hasten", lambda: hasten.gather_object(big_objects)),
+                ("accelerate", lambda: acc.gather_object(big_objects)),
+                ("raw all_gather_object", lambda: raw_gather_object(big_objects)),
+            ],
+        ),
+        (
+            "broadcast_object_list, 8 small dicts",
+            [
+                ("hasten", lambda: hasten.broadcast_object_list(list(small_objects))),
+                ("accelerate", lambda: acc.broadcast_object_list(list(small_objects))),
+                ("raw broadcast_object_list", lambda: raw_broadcast_object_list(list(small_objects))),
+            ],
+        ),
+        (
+            "broadcast_object_list, 1 MiB of bytes",
+            [
+                ("hasten", lambda: hasten.broadcast_object_list(list(big_objects))),
+                ("accelerate", lambda: acc.broadcast_object_list(list(big_objects))),
+                ("raw broadcast_object_list", lambda: raw_broadcast_object_list(list(big_objects))),
+            ],
+        ),
     ]
     return cases
 
 
 def _worker(rank: int, world: int, port: int, rounds: int, number: int, selected: str | None) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     torch.set_num_threads(1)
     from accelerate.state import PartialState as AcceleratePartialState
 
@@ -127,10 +166,15 @@ def _worker(rank: int, world: int, port: int, rounds: int, number: int, selected
             for name, function in contenders:
                 state.wait_for_everyone()
                 runs[name].append(measure(name, function, repeat=3, number=number))
-        rows.append((case, [
-            Timing(name, min(t.best for t in found), sorted(t.median for t in found)[len(found) // 2])
-            for name, found in runs.items()
-        ]))
+        rows.append(
+            (
+                case,
+                [
+                    Timing(name, min(t.best for t in found), sorted(t.median for t in found)[len(found) // 2])
+                    for name, found in runs.items()
+                ],
+            )
+        )
     if rank == 0:
         for case, timings in rows:
             print(table(case, [(f"{world} gloo ranks", timings)]))

@@ -24,9 +24,11 @@ class Timing:
     median: float
 
 
-def measure(name: str, function: Callable[[], Any], repeat: int = 7, number: int | None = None,
-            budget: float = 0.2) -> Timing:
-    """Time ``function()``: ``repeat`` rounds of ``number`` calls (chosen to fill ``budget`` s when ``None``)."""
+def measure(
+    name: str, function: Callable[[], Any], repeat: int = 7, number: int | None = None, budget: float = 0.2
+) -> Timing:
+    """Time ``function()``: ``repeat`` rounds of ``number`` calls (chosen to fill ``budget`` s when
+    ``None``)."""
     function()  # warm-up
     if number is None:
         start = time.perf_counter()
@@ -66,6 +68,8 @@ def table(title: str, rows: Sequence[tuple[str, Sequence[Timing]]], baseline: in
         ratios = [f"{timing.median / base:.2f}×" for i, timing in enumerate(timings) if i != baseline]
         lines.append("| " + " | ".join([case, *[fmt_seconds(t.median) for t in timings], *ratios]) + " |")
     lines.append("")
-    lines.append(f"Ratios are the other contender's median time over {names[baseline]}'s: above 1× means "
-                 f"{names[baseline]} is faster.")
+    lines.append(
+        f"Ratios are the other contender's median time over {names[baseline]}'s: above 1× means "
+        f"{names[baseline]} is faster."
+    )
     return "\n".join(lines)

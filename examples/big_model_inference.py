@@ -128,7 +128,10 @@ def main() -> int:
         f"({report['peak_mib'] - report['baseline_mib']:.0f} MiB above its start)."
     )
     ok = report["max_abs_diff"] < 1e-5
-    print(f"Outputs {'match' if ok else 'DIFFER from'} the in-memory model (max abs diff {report['max_abs_diff']:.2e}).")
+    print(
+        f"Outputs {'match' if ok else 'DIFFER from'} the in-memory model (max abs diff "
+        f"{report['max_abs_diff']:.2e})."
+    )
     return 0 if ok else 1
 
 

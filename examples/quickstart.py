@@ -33,7 +33,9 @@ def checkpoint_round_trip(state: PartialState) -> None:
     same = bool(torch.equal(loaded(x), model(x)))
     agreed = gather_object([same])
     if state.is_main_process:
-        print(f"Checkpoint saved by rank 0 to {path.name} and loaded back on every rank: identical = {agreed}")
+        print(
+            f"Checkpoint saved by rank 0 to {path.name} and loaded back on every rank: identical = {agreed}"
+        )
 
 
 def main() -> None:
@@ -57,7 +59,10 @@ def main() -> None:
 
     if state.is_main_process:
         expected = state.num_processes * (state.num_processes + 1) / 2
-        print(f"All {state.num_processes} processes met; sum of (rank + 1) = {total.item():g} (expected {expected:g}).")
+        print(
+            f"All {state.num_processes} processes met; sum of (rank + 1) = {total.item():g} (expected "
+            f"{expected:g})."
+        )
         print(f"Gathered ids (padded with -1): {gathered['ids'].tolist()}")
         print(f"Gathered scores: shape {tuple(gathered['scores'].shape)}; {names}")
     checkpoint_round_trip(state)

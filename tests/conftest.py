@@ -30,8 +30,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 # Accelerate (differential tests) sets its CUDA check. The inductor config is also imported
 # above, before any test, so its one-time write is never charged to whichever test first runs
 # a backward pass, torch.compile or bitsandbytes.
-_NOT_OURS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "PYTORCH_NVML_BASED_CUDA_CHECK",
-             "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"}  # fmt: skip
+_NOT_OURS = {
+    "PYTEST_CURRENT_TEST",
+    "TORCHINDUCTOR_CACHE_DIR",
+    "PYTORCH_NVML_BASED_CUDA_CHECK",
+    "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR",
+}
 
 
 def _environment() -> dict[str, str]:

@@ -24,8 +24,9 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable
+from typing import Any
 
 _CTX = mp.get_context("spawn")
 
@@ -41,7 +42,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def rank_environment(rank: int, world_size: int, port: int, local_world_size: int | None = None) -> dict[str, str]:
+def rank_environment(
+    rank: int, world_size: int, port: int, local_world_size: int | None = None
+) -> dict[str, str]:
     """The variables torchrun would set for ``rank`` of ``world_size`` on 127.0.0.1."""
     local = local_world_size or world_size
     return {
@@ -60,7 +63,7 @@ def _run_task(task: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) 
     function, args, kwargs = task
     try:
         return "ok", function(*args, **kwargs)
-    except BaseException as error:  # noqa: BLE001 - everything goes back to the parent
+    except BaseException as error:
         return "error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
 
 
@@ -91,7 +94,7 @@ def _pool_worker(env: dict[str, str], conn: Connection) -> None:
         _forget_hasten_state()
         try:
             conn.send(reply)
-        except Exception as error:  # noqa: BLE001 - e.g. an unpicklable return value
+        except Exception as error:
             conn.send(("error", f"could not send the result back: {error!r}"))
     PartialState().destroy_process_group()
 
@@ -111,7 +114,8 @@ def _one_shot_worker(env: dict[str, str], conn: Connection, task: Any) -> None:
 def _collect(
     conns: list[Connection], procs: list[Any], timeout: float, what: str, labels: list[int] | None = None
 ) -> list[Any]:
-    """Gather one reply per rank (``labels`` are the ranks' numbers); raise RankFailure naming failed and silent ranks."""
+    """Gather one reply per rank (``labels`` are the ranks' numbers); raise RankFailure naming failed and
+    silent ranks."""
     labels = labels if labels is not None else list(range(len(conns)))
     replies: dict[int, tuple[str, Any]] = {}
     deadline = time.monotonic() + timeout
@@ -127,7 +131,10 @@ def _collect(
                 replies[rank] = conn.recv()
             except EOFError:
                 exit_codes[rank].join(timeout=5)
-                replies[rank] = ("error", f"rank {rank} exited with code {exit_codes[rank].exitcode} without replying")
+                replies[rank] = (
+                    "error",
+                    f"rank {rank} exited with code {exit_codes[rank].exitcode} without replying",
+                )
         if any(status == "error" for status, _ in replies.values()):
             # Give the others a moment to finish; ranks stuck in a collective will not.
             grace = min(3.0, max(0.0, deadline - time.monotonic()))
@@ -138,10 +145,16 @@ def _collect(
                 except EOFError:
                     replies[rank] = ("error", f"rank {rank} exited without replying")
             break
-    failures = [f"--- rank {rank} raised:\n{value}" for rank, (status, value) in sorted(replies.items()) if status == "error"]
+    failures = [
+        f"--- rank {rank} raised:\n{value}"
+        for rank, (status, value) in sorted(replies.items())
+        if status == "error"
+    ]
     silent = sorted(set(labels) - set(replies))
     if silent:
-        failures.append(f"--- ranks {silent} did not finish within {timeout:g} s (stuck, probably in a collective)")
+        failures.append(
+            f"--- ranks {silent} did not finish within {timeout:g} s (stuck, probably in a collective)"
+        )
     if failures:
         raise RankFailure(f"{what} failed on {len(conns)} ranks:\n" + "\n".join(failures))
     return [replies[rank][1] for rank in labels]
@@ -173,14 +186,18 @@ class RankPool:
             self.close(kill=True)
             raise
 
-    def run(self, function: Callable[..., Any], *args: Any, timeout: float = 120.0, **kwargs: Any) -> list[Any]:
+    def run(
+        self, function: Callable[..., Any], *args: Any, timeout: float = 120.0, **kwargs: Any
+    ) -> list[Any]:
         """Run ``function(*args, **kwargs)`` on every rank; return the results in rank order."""
         if not self._procs:
             self._start()
         for conn in self._conns:
             conn.send((function, args, kwargs))
         try:
-            results = _collect(self._conns, self._procs, timeout, getattr(function, "__name__", repr(function)))
+            results = _collect(
+                self._conns, self._procs, timeout, getattr(function, "__name__", repr(function))
+            )
         except BaseException:
             self.close(kill=True)  # ranks may be stuck in a collective: start afresh next time
             raise
@@ -224,7 +241,9 @@ def run_on_ranks(
     for rank in labels:
         parent, child = _CTX.Pipe()
         rank_env = {**rank_environment(rank, world_size, port), **(env or {})}
-        proc = _CTX.Process(target=_one_shot_worker, args=(rank_env, child, (function, args, kwargs)), daemon=True)
+        proc = _CTX.Process(
+            target=_one_shot_worker, args=(rank_env, child, (function, args, kwargs)), daemon=True
+        )
         proc.start()
         child.close()
         procs.append(proc)

@@ -13,8 +13,8 @@ from hasten.utils.dataclasses import (
     DistributedDataParallelKwargs,
     FP8RecipeKwargs,
     FullyShardedDataParallelPlugin,
-    GradScalerKwargs,
     GradientAccumulationPlugin,
+    GradScalerKwargs,
     InitProcessGroupKwargs,
     MegatronLMPlugin,
     ProfileKwargs,
@@ -31,6 +31,10 @@ from hasten.big_modeling import (
     init_on_device,
     load_checkpoint_and_dispatch,
 )
+from hasten.launchers import (
+    debug_launcher,
+    notebook_launcher,
+)
 from hasten.utils.device_map import (
     infer_auto_device_map,
 )
@@ -42,10 +46,6 @@ from hasten.utils.memory import (
 )
 from hasten.utils.random import (
     synchronize_rng_states,
-)
-from hasten.launchers import (
-    debug_launcher,
-    notebook_launcher,
 )
 
 __all__ = [

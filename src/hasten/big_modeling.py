@@ -28,10 +28,10 @@ from hasten.hooks import (
     attach_align_device_hook_on_blocks,
 )
 from hasten.utils.device import accelerator_type, device_for_local_process
-from hasten.utils.environment import parse_flag_from_env
 from hasten.utils.device_map import check_device_map, infer_auto_device_map
-from hasten.utils.memory_budget import get_balanced_memory
+from hasten.utils.environment import parse_flag_from_env
 from hasten.utils.loading import load_checkpoint_in_model
+from hasten.utils.memory_budget import get_balanced_memory
 from hasten.utils.modeling import find_tied_parameters, retie_parameters
 from hasten.utils.offload import OffloadedWeightsLoader, extract_submodules_state_dict, offload_state_dict
 from hasten.utils.typing import Device, PathLike
@@ -60,7 +60,9 @@ def init_on_device(device: Device, include_buffers: bool | None = None) -> Itera
     Accelerate's, that hook sees modules built by other threads during the block.
     ``include_buffers=None`` reads ``ACCELERATE_INIT_INCLUDE_BUFFERS``.
     """
-    target = torch.device(device) if isinstance(device, (str, torch.device)) else torch.device(_as_device(device))
+    target = (
+        torch.device(device) if isinstance(device, (str, torch.device)) else torch.device(_as_device(device))
+    )
     if _include_buffers(include_buffers):
         with target:
             yield
@@ -154,7 +156,8 @@ def disk_offload(
     offload_buffers: bool = False,
     preload_module_classes: list[str] | None = None,
 ) -> nn.Module:
-    """Keep every weight in memory-mapped files under ``offload_dir``, loading each module's weights while it runs.
+    """Keep every weight in memory-mapped files under ``offload_dir``, loading each module's weights while it
+    runs.
 
     The weights are written there first unless ``offload_dir`` already holds an offload
     ``index.json`` (from a previous call or from ``offload_state_dict``).
@@ -188,21 +191,28 @@ def _refuse_moves(method: Callable[..., Any], model: nn.Module) -> Callable[...,
         if target is None:  # a dtype-only `.to(torch.float16)` moves nothing
             return method(*args, **kwargs)
         raise RuntimeError(
-            f"This model was dispatched with device_map={getattr(model, 'hf_device_map', {})!r}: its modules run on "
-            f"their own devices (some weights may live on the CPU or disk and are loaded on demand). Moving it with "
-            f".{method.__name__}() to {target} would break that placement. To move it, first remove the hooks with "
-            "`hasten.hooks.remove_hook_from_submodules(model)` (offloaded weights must then be loaded back), or "
+            f"This model was dispatched with device_map={getattr(model, 'hf_device_map', {})!r}: its "
+            "modules run on "
+            "their own devices (some weights may live on the CPU or disk and are loaded on demand). Moving "
+            "it with "
+            f".{method.__name__}() to {target} would break that placement. To move it, first remove the "
+            "hooks with "
+            "`hasten.hooks.remove_hook_from_submodules(model)` (offloaded weights must then be loaded "
+            "back), or "
             "dispatch again with the device map you want."
         )
 
     return guarded
 
 
-def _offload_folder_needed(device_map: Mapping[str, Device], offload_dir: PathLike | None, offload_index: Any) -> list[str]:
+def _offload_folder_needed(
+    device_map: Mapping[str, Device], offload_dir: PathLike | None, offload_index: Any
+) -> list[str]:
     disk_modules = [name for name, device in device_map.items() if device == "disk"]
     if disk_modules and offload_dir is None and offload_index is None:
         raise ValueError(
-            f"device_map sends {disk_modules} to 'disk', so dispatch_model needs offload_dir=<folder> to keep their "
+            f"device_map sends {disk_modules} to 'disk', so dispatch_model needs offload_dir=<folder> to "
+            "keep their "
             "weights in (or offload_index= describing weights already offloaded)."
         )
     return disk_modules
@@ -245,18 +255,26 @@ def dispatch_model(
     if not main_is_cpu and state_dict is None and cpu_modules:
         state_dict = extract_submodules_state_dict(model.state_dict(), cpu_modules)
     disk_modules = _offload_folder_needed(device_map, offload_dir, offload_index)
-    if disk_modules and offload_index is None and not os.path.isfile(os.path.join(offload_dir or "", "index.json")):
+    if (
+        disk_modules
+        and offload_index is None
+        and not os.path.isfile(os.path.join(offload_dir or "", "index.json"))
+    ):
         offload_state_dict(offload_dir, extract_submodules_state_dict(model.state_dict(), disk_modules))  # type: ignore[arg-type]
     offloaded = {"disk"} if main_is_cpu else {"cpu", "disk"}
-    execution_device = {name: main_device if device in ("cpu", "disk") else device for name, device in device_map.items()}
+    execution_device = {
+        name: main_device if device in ("cpu", "disk") else device for name, device in device_map.items()
+    }
     execution_device[""] = main_device
     weights_map = None
     save_folder = offload_dir if disk_modules else None
     if state_dict is not None or save_folder is not None or offload_index is not None:
         weights_map = OffloadedWeightsLoader(
-            state_dict=state_dict, save_folder=save_folder, index=offload_index,
+            state_dict=state_dict,
+            save_folder=save_folder,
+            index=offload_index,
             device=main_device if offload_index is not None else None,
-        )  # fmt: skip
+        )
     tied_params = find_tied_parameters(model)
     tied_params_map: dict[int, dict[torch.device, torch.Tensor]] = {}
     for group in tied_params:
@@ -266,7 +284,9 @@ def dispatch_model(
                 tied_params_map[tensor.data_ptr()] = {}
     attach_align_device_hook_on_blocks(
         model,
-        execution_device={name: _as_device(cast(Device, device)) for name, device in execution_device.items()},
+        execution_device={
+            name: _as_device(cast(Device, device)) for name, device in execution_device.items()
+        },
         offload={name: device in offloaded for name, device in device_map.items()},
         offload_buffers=offload_buffers,
         weights_map=weights_map,
@@ -316,26 +336,47 @@ def load_checkpoint_and_dispatch(
     """
     if isinstance(device_map, str):
         if device_map not in DEVICE_MAP_STRATEGIES:
-            raise ValueError(f"device_map={device_map!r} is not a strategy; use one of {list(DEVICE_MAP_STRATEGIES)} or a dict.")
+            raise ValueError(
+                f"device_map={device_map!r} is not a strategy; use one of {list(DEVICE_MAP_STRATEGIES)} or "
+                "a dict."
+            )
         if device_map != "sequential":
             max_memory = get_balanced_memory(  # type: ignore[assignment]
-                model, max_memory=max_memory, no_split_module_classes=no_split_module_classes, dtype=dtype,
+                model,
+                max_memory=max_memory,
+                no_split_module_classes=no_split_module_classes,
+                dtype=dtype,
                 low_zero=(device_map == "balanced_low_0"),
-            )  # fmt: skip
+            )
         device_map = infer_auto_device_map(
-            model, max_memory=max_memory, no_split_module_classes=no_split_module_classes, dtype=dtype,
+            model,
+            max_memory=max_memory,
+            no_split_module_classes=no_split_module_classes,
+            dtype=dtype,
             offload_buffers=offload_buffers,
-        )  # fmt: skip
+        )
     if offload_state_dict is None and device_map is not None:
         offload_state_dict = "disk" in device_map.values()
     load_checkpoint_in_model(
-        model, checkpoint, device_map=device_map, offload_folder=offload_folder, dtype=dtype,
-        offload_state_dict=bool(offload_state_dict), offload_buffers=offload_buffers, strict=strict,
-        full_state_dict=full_state_dict, broadcast_from_rank0=broadcast_from_rank0,
-    )  # fmt: skip
+        model,
+        checkpoint,
+        device_map=device_map,
+        offload_folder=offload_folder,
+        dtype=dtype,
+        offload_state_dict=bool(offload_state_dict),
+        offload_buffers=offload_buffers,
+        strict=strict,
+        full_state_dict=full_state_dict,
+        broadcast_from_rank0=broadcast_from_rank0,
+    )
     if device_map is None:
         return model
     return dispatch_model(
-        model, device_map=device_map, offload_dir=offload_folder, offload_buffers=offload_buffers,
-        skip_keys=skip_keys, preload_module_classes=preload_module_classes, force_hooks=force_hooks,
-    )  # fmt: skip
+        model,
+        device_map=device_map,
+        offload_dir=offload_folder,
+        offload_buffers=offload_buffers,
+        skip_keys=skip_keys,
+        preload_module_classes=preload_module_classes,
+        force_hooks=force_hooks,
+    )

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from hasten.utils.batches import find_device, send_to_device
 from hasten.utils.device import device_for_local_process
 from hasten.utils.modeling import named_module_tensors, set_module_tensor_to_device
 from hasten.utils.offload import PrefixedDataset
-from hasten.utils.batches import find_device, send_to_device
 from hasten.utils.typing import Device
 
 # Attributes dispatch_model sets on a model to refuse moves; removing hooks removes them too.
@@ -48,7 +48,9 @@ class ModelHook:
         """Called once when the hook is attached; returns the (possibly changed) module."""
         return module
 
-    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def pre_forward(
+        self, module: nn.Module, *args: Any, **kwargs: Any
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Called before ``forward`` with its inputs; returns the inputs to use."""
         return args, kwargs
 
@@ -72,7 +74,9 @@ class SequentialHook(ModelHook):
             module = hook.init_hook(module)
         return module
 
-    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def pre_forward(
+        self, module: nn.Module, *args: Any, **kwargs: Any
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         for hook in self.hooks:
             args, kwargs = hook.pre_forward(module, *args, **kwargs)
         return args, kwargs
@@ -122,9 +126,9 @@ def add_hook_to_module(module: nn.Module, hook: ModelHook, append: bool = False)
 
 def _restore_forward(module: nn.Module) -> None:
     original = module.__dict__.pop("_old_forward")
-    from_class = getattr(original, "__self__", None) is module and getattr(original, "__func__", None) is getattr(
-        type(module), "forward", None
-    )
+    from_class = getattr(original, "__self__", None) is module and getattr(
+        original, "__func__", None
+    ) is getattr(type(module), "forward", None)
     if from_class:
         module.__dict__.pop("forward", None)  # the class's forward is found again, exactly as before
     else:
@@ -211,7 +215,10 @@ class AlignDevicesHook(ModelHook):
         return [
             name
             for name, _ in named_module_tensors(
-                module, include_buffers=self.offload_buffers, recurse=self.place_submodules, remove_non_persistent=True
+                module,
+                include_buffers=self.offload_buffers,
+                recurse=self.place_submodules,
+                remove_non_persistent=True,
             )
         ]
 
@@ -222,7 +229,9 @@ class AlignDevicesHook(ModelHook):
         if not self.offload:
             if self.execution_device is not None:
                 for name in tensors:
-                    set_module_tensor_to_device(module, name, self.execution_device, tied_params_map=self.tied_params_map)
+                    set_module_tensor_to_device(
+                        module, name, self.execution_device, tied_params_map=self.tied_params_map
+                    )
             return module
         self.original_devices = {name: tensor.device for name, tensor in tensors.items()}
         if self.weights_map is None:
@@ -236,7 +245,9 @@ class AlignDevicesHook(ModelHook):
                 else [name for name, _ in module.named_buffers(recurse=self.place_submodules)]
             )
             for name in stay:
-                set_module_tensor_to_device(module, name, self.execution_device, tied_params_map=self.tied_params_map)
+                set_module_tensor_to_device(
+                    module, name, self.execution_device, tied_params_map=self.tied_params_map
+                )
         return module
 
     def _load_weights(self, module: nn.Module) -> None:
@@ -259,7 +270,9 @@ class AlignDevicesHook(ModelHook):
                 tied_params_map=self.tied_params_map,
             )
 
-    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def pre_forward(
+        self, module: nn.Module, *args: Any, **kwargs: Any
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         if self.io_same_device:
             self.input_device = find_device([args, kwargs])
         if self.offload:
@@ -309,7 +322,9 @@ def attach_execution_device_hook(
     if preload_module_classes is not None and type(module).__name__ in preload_module_classes:
         return
     for child in module.children():
-        attach_execution_device_hook(child, execution_device, skip_keys, preload_module_classes, tied_params_map)
+        attach_execution_device_hook(
+            child, execution_device, skip_keys, preload_module_classes, tied_params_map
+        )
 
 
 def _join(prefix: str, name: str) -> str:
@@ -334,7 +349,11 @@ def attach_align_device_hook(
     if offload_buffers:
         own += list(module.named_buffers(recurse=False))
     if own or preload:
-        prefixed = PrefixedDataset(weights_map, f"{module_name}.") if weights_map is not None and module_name else weights_map
+        prefixed = (
+            PrefixedDataset(weights_map, f"{module_name}.")
+            if weights_map is not None and module_name
+            else weights_map
+        )
         hook = AlignDevicesHook(
             execution_device=execution_device,
             offload=offload,
@@ -349,9 +368,16 @@ def attach_align_device_hook(
         return
     for name, child in module.named_children():
         attach_align_device_hook(
-            child, execution_device, offload, weights_map, offload_buffers, _join(module_name, name), skip_keys,
-            preload_module_classes, tied_params_map,
-        )  # fmt: skip
+            child,
+            execution_device,
+            offload,
+            weights_map,
+            offload_buffers,
+            _join(module_name, name),
+            skip_keys,
+            preload_module_classes,
+            tied_params_map,
+        )
 
 
 def attach_align_device_hook_on_blocks(
@@ -376,20 +402,42 @@ def attach_align_device_hook_on_blocks(
     if not isinstance(execution_device, Mapping) and not isinstance(offload, Mapping):
         if offload:
             attach_align_device_hook(
-                module, execution_device, True, weights_map, offload_buffers, module_name, skip_keys,
+                module,
+                execution_device,
+                True,
+                weights_map,
+                offload_buffers,
+                module_name,
+                skip_keys,
                 tied_params_map=tied_params_map,
-            )  # fmt: skip
+            )
         else:
             hook = AlignDevicesHook(
-                execution_device=execution_device, io_same_device=True, skip_keys=skip_keys, place_submodules=True,
+                execution_device=execution_device,
+                io_same_device=True,
+                skip_keys=skip_keys,
+                place_submodules=True,
                 tied_params_map=tied_params_map,
-            )  # fmt: skip
+            )
             add_hook_to_module(module, hook)
         return
-    devices = dict(execution_device) if isinstance(execution_device, Mapping) else dict.fromkeys(offload, execution_device)  # type: ignore[arg-type]
+    devices = (
+        dict(execution_device)
+        if isinstance(execution_device, Mapping)
+        else dict.fromkeys(offload, execution_device)
+    )  # type: ignore[arg-type]
     offloads = dict(offload) if isinstance(offload, Mapping) else dict.fromkeys(devices, offload)
-    _hook_block(module, devices, offloads, weights_map, offload_buffers, module_name, skip_keys,
-                preload_module_classes, tied_params_map)  # fmt: skip
+    _hook_block(
+        module,
+        devices,
+        offloads,
+        weights_map,
+        offload_buffers,
+        module_name,
+        skip_keys,
+        preload_module_classes,
+        tied_params_map,
+    )
 
 
 def _hook_block(
@@ -408,27 +456,52 @@ def _hook_block(
         device = devices[name]
         if offloads[name]:
             attach_align_device_hook(
-                module, device, True, weights_map, offload_buffers, name, skip_keys, preload_module_classes,
+                module,
+                device,
+                True,
+                weights_map,
+                offload_buffers,
+                name,
+                skip_keys,
+                preload_module_classes,
                 tied_params_map,
-            )  # fmt: skip
+            )
             if not hasattr(module, "_hf_hook"):
-                hook = AlignDevicesHook(device, io_same_device=is_root, skip_keys=skip_keys, tied_params_map=tied_params_map)
+                hook = AlignDevicesHook(
+                    device, io_same_device=is_root, skip_keys=skip_keys, tied_params_map=tied_params_map
+                )
                 add_hook_to_module(module, hook)
             attach_execution_device_hook(module, device, skip_keys, preload_module_classes, tied_params_map)
         else:
             hook = AlignDevicesHook(
-                device, offload_buffers=offload_buffers, io_same_device=is_root, place_submodules=True,
-                skip_keys=skip_keys, tied_params_map=tied_params_map,
-            )  # fmt: skip
+                device,
+                offload_buffers=offload_buffers,
+                io_same_device=is_root,
+                place_submodules=True,
+                skip_keys=skip_keys,
+                tied_params_map=tied_params_map,
+            )
             add_hook_to_module(module, hook)
             attach_execution_device_hook(module, device, skip_keys, tied_params_map=tied_params_map)
     elif is_root:
         add_hook_to_module(
-            module, AlignDevicesHook(devices.get(""), io_same_device=True, skip_keys=skip_keys, tied_params_map=tied_params_map)
+            module,
+            AlignDevicesHook(
+                devices.get(""), io_same_device=True, skip_keys=skip_keys, tied_params_map=tied_params_map
+            ),
         )
     for child_name, child in module.named_children():
-        _hook_block(child, devices, offloads, weights_map, offload_buffers, _join(name, child_name), skip_keys,
-                    preload_module_classes, tied_params_map)  # fmt: skip
+        _hook_block(
+            child,
+            devices,
+            offloads,
+            weights_map,
+            offload_buffers,
+            _join(name, child_name),
+            skip_keys,
+            preload_module_classes,
+            tied_params_map,
+        )
 
 
 class CpuOffload(ModelHook):
@@ -438,14 +511,20 @@ class CpuOffload(ModelHook):
     back to the CPU first, so only one model occupies the accelerator at a time.
     """
 
-    def __init__(self, execution_device: Device | None = None, prev_module_hook: UserCpuOffloadHook | None = None) -> None:
+    def __init__(
+        self, execution_device: Device | None = None, prev_module_hook: UserCpuOffloadHook | None = None
+    ) -> None:
         self.prev_module_hook = prev_module_hook
-        self.execution_device = execution_device if execution_device is not None else _default_execution_device()
+        self.execution_device = (
+            execution_device if execution_device is not None else _default_execution_device()
+        )
 
     def init_hook(self, module: nn.Module) -> nn.Module:
         return module.to("cpu")
 
-    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def pre_forward(
+        self, module: nn.Module, *args: Any, **kwargs: Any
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         if self.prev_module_hook is not None:
             self.prev_module_hook.offload()
         module.to(self.execution_device)

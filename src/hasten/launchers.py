@@ -20,10 +20,20 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _debug_worker(index: int, function: Callable[..., Any], args: tuple[Any, ...], world: int, port: int) -> None:
-    os.environ.update({"RANK": str(index), "LOCAL_RANK": str(index), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       "ACCELERATE_USE_CPU": "True"})  # fmt: skip
+def _debug_worker(
+    index: int, function: Callable[..., Any], args: tuple[Any, ...], world: int, port: int
+) -> None:
+    os.environ.update(
+        {
+            "RANK": str(index),
+            "LOCAL_RANK": str(index),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "ACCELERATE_USE_CPU": "True",
+        }
+    )
     function(*args)
 
 
@@ -35,8 +45,12 @@ def debug_launcher(function: Callable[..., Any], args: tuple[Any, ...] = (), num
     """
     if num_processes < 1:
         raise ValueError(f"debug_launcher: num_processes={num_processes} must be at least 1")
-    torch_mp.start_processes(_debug_worker, args=(function, args, num_processes, _free_port()),
-                             nprocs=num_processes, start_method="fork")  # fmt: skip
+    torch_mp.start_processes(
+        _debug_worker,
+        args=(function, args, num_processes, _free_port()),
+        nprocs=num_processes,
+        start_method="fork",
+    )
 
 
 def notebook_launcher(
@@ -73,11 +87,18 @@ def notebook_launcher(
 
     endpoint = rdzv_endpoint or f"{master_addr}:{use_port}"
     config = LaunchConfig(
-        min_nodes=num_nodes, max_nodes=num_nodes, nproc_per_node=num_processes, run_id=rdzv_id,
-        rdzv_backend=rdzv_backend, rdzv_endpoint=endpoint, rdzv_configs={"rank": node_rank, **(rdzv_conf or {})},
-        max_restarts=max_restarts, monitor_interval=monitor_interval, start_method="fork",
+        min_nodes=num_nodes,
+        max_nodes=num_nodes,
+        nproc_per_node=num_processes,
+        run_id=rdzv_id,
+        rdzv_backend=rdzv_backend,
+        rdzv_endpoint=endpoint,
+        rdzv_configs={"rank": node_rank, **(rdzv_conf or {})},
+        max_restarts=max_restarts,
+        monitor_interval=monitor_interval,
+        start_method="fork",
         log_line_prefix_template=log_line_prefix_template,
-    )  # fmt: skip
+    )
     before = dict(os.environ)
     try:
         with patch_environment(accelerate_mixed_precision=precision.value):

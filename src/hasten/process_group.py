@@ -59,7 +59,9 @@ def _timeout(value: Any) -> datetime.timedelta | None:
         return value
     if isinstance(value, (int, float)) and value > 0:
         return datetime.timedelta(seconds=value)
-    raise ConfigurationError(f"timeout={value!r} must be a datetime.timedelta or a positive number of seconds.")
+    raise ConfigurationError(
+        f"timeout={value!r} must be a datetime.timedelta or a positive number of seconds."
+    )
 
 
 def _choose_backend(requested: str | None, device: torch.device) -> str:
@@ -82,14 +84,24 @@ def _join_process_group(launch: LaunchEnvironment, backend: str, kwargs: dict[st
         # torchrun's agent keeps one store for every attempt: after a --max_restarts restart, a
         # worker could read a peer's address from the failed attempt and be refused. A prefix
         # per attempt keeps each attempt's keys apart.
-        client = dist.TCPStore(str(launch.master_addr), int(launch.master_port or 0), launch.world_size,
-                               is_master=False, timeout=timeout or datetime.timedelta(minutes=30))  # fmt: skip
+        client = dist.TCPStore(
+            str(launch.master_addr),
+            int(launch.master_port or 0),
+            launch.world_size,
+            is_master=False,
+            timeout=timeout or datetime.timedelta(minutes=30),
+        )
         kwargs["store"] = dist.PrefixStore(f"hasten/attempt_{launch.elastic_attempt}", client)
     elif init_method is None:
         init_method = address
     try:
         dist.init_process_group(
-            backend=backend, init_method=init_method, rank=launch.rank, world_size=launch.world_size, **extra, **kwargs
+            backend=backend,
+            init_method=init_method,
+            rank=launch.rank,
+            world_size=launch.world_size,
+            **extra,
+            **kwargs,
         )
         atexit.register(_destroy_at_exit)
     except dist.DistError as error:
@@ -100,7 +112,8 @@ def _join_process_group(launch: LaunchEnvironment, backend: str, kwargs: dict[st
             cause = "rank 0 could not be reached there"
         raise RendezvousTimeoutError(
             f"Rank {launch.rank} of {launch.world_size} could not join the process group at {address} "
-            f"within {waited}: {cause}. Start all {launch.world_size} processes with the same MASTER_ADDR and "
+            f"within {waited}: {cause}. Start all {launch.world_size} processes with the same MASTER_ADDR "
+            "and "
             "MASTER_PORT, check that rank 0 is reachable from every machine, or give slow starters more time "
             f"with InitProcessGroupKwargs(timeout=...). Underlying error: {str(error).splitlines()[0]}"
         ) from error

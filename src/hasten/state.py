@@ -59,13 +59,16 @@ class PartialState:
         live = PartialState._shared.backend
         if backend is not None and live is not None and backend.lower() != live:
             raise ConfigurationError(
-                f"backend={backend!r} was requested, but this process already joined a {live!r} process group. "
-                "Pass the backend the first time the state is created (or reset it and destroy the group first)."
+                f"backend={backend!r} was requested, but this process already joined a {live!r} process "
+                "group. "
+                "Pass the backend the first time the state is created (or reset it and destroy the group "
+                "first)."
             )
 
     @classmethod
     def _reset_state(cls) -> None:
-        """Forget the shared record (for tests); the process group, if any, stays up and is adopted next time."""
+        """Forget the shared record (for tests); the process group, if any, stays up and is adopted next
+        time."""
         PartialState._shared = None
 
     @property
@@ -77,7 +80,8 @@ class PartialState:
     def __repr__(self) -> str:
         s = self._state
         return (
-            f"Distributed environment: {s.distributed_type.value}{'  Backend: ' + s.backend if s.backend else ''}\n"
+            "Distributed environment: "
+            f"{s.distributed_type.value}{'  Backend: ' + s.backend if s.backend else ''}\n"
             f"Num processes: {s.num_processes}\nProcess index: {s.process_index}\n"
             f"Local process index: {s.local_process_index}\nDevice: {s.device}\n"
         )
@@ -227,7 +231,9 @@ class PartialState:
         Usable as ``@state.on_process(process_index=1)``.
         """
         if process_index is None:
-            raise TypeError("on_process needs process_index=<rank>, e.g. `@state.on_process(process_index=1)`.")
+            raise TypeError(
+                "on_process needs process_index=<rank>, e.g. `@state.on_process(process_index=1)`."
+            )
         if function is None:
             return lambda fn: self.on_process(fn, process_index=process_index)
         return self._only_if(self.process_index == process_index or not self.use_distributed, function)
@@ -236,7 +242,8 @@ class PartialState:
         """Decorator: the function runs on the process with local rank ``local_process_index`` only."""
         if local_process_index is None:
             raise TypeError(
-                "on_local_process needs local_process_index=<rank>, e.g. `@state.on_local_process(local_process_index=1)`."
+                "on_local_process needs local_process_index=<rank>, e.g. "
+                "`@state.on_local_process(local_process_index=1)`."
             )
         if function is None:
             return lambda fn: self.on_local_process(fn, local_process_index=local_process_index)
@@ -252,7 +259,8 @@ class PartialState:
 
     @contextlib.contextmanager
     def split_between_processes(self, inputs: Any, apply_padding: bool = False) -> Iterator[Any]:
-        """Yield this process's share of ``inputs``: contiguous, in rank order, sizes differing by at most one.
+        """Yield this process's share of ``inputs``: contiguous, in rank order, sizes differing by at most
+        one.
 
         ``inputs`` may be a list, tuple, tensor (split on dim 0) or a dict whose values are all
         of those with one common length. With ``apply_padding``, shorter shares are padded with
@@ -293,12 +301,17 @@ def _split_for_process(inputs: Any, process_index: int, num_processes: int, appl
         lengths = {key: len(value) for key, value in inputs.items()}
         if len(set(lengths.values())) > 1:
             raise ValueError(
-                f"split_between_processes needs every value of the dict to have the same length; got {lengths}."
+                "split_between_processes needs every value of the dict to have the same length; got "
+                f"{lengths}."
             )
-        return {key: _split_for_process(value, process_index, num_processes, apply_padding) for key, value in inputs.items()}
+        return {
+            key: _split_for_process(value, process_index, num_processes, apply_padding)
+            for key, value in inputs.items()
+        }
     if not isinstance(inputs, (list, tuple, torch.Tensor)):
         raise TypeError(
-            f"split_between_processes takes a list, tuple, tensor or dict of those; got {type(inputs).__name__}."
+            "split_between_processes takes a list, tuple, tensor or dict of those; got "
+            f"{type(inputs).__name__}."
         )
     start, end, padded_length = _split_bounds(len(inputs), process_index, num_processes)
     missing = padded_length - (end - start)
@@ -330,10 +343,14 @@ class _AcceleratorStateData:
 def _resolve_mixed_precision(mixed_precision: str | None) -> PrecisionType:
     if mixed_precision is not None:
         return PrecisionType.parse(mixed_precision, "mixed_precision")
-    return PrecisionType.parse(parse_choice_from_env("ACCELERATE_MIXED_PRECISION", "no"), "ACCELERATE_MIXED_PRECISION")
+    return PrecisionType.parse(
+        parse_choice_from_env("ACCELERATE_MIXED_PRECISION", "no"), "ACCELERATE_MIXED_PRECISION"
+    )
 
 
-def _engine_distributed_type(base: DistributedType, deepspeed: Any, fsdp: Any, megatron: Any) -> DistributedType:
+def _engine_distributed_type(
+    base: DistributedType, deepspeed: Any, fsdp: Any, megatron: Any
+) -> DistributedType:
     """The engine's type when a plugin or ``ACCELERATE_USE_*`` asks for one (also on a single process)."""
     if deepspeed is not None or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
         return DistributedType.DEEPSPEED
@@ -374,10 +391,15 @@ class AcceleratorState(PartialState):
         super().__init__(cpu, **kwargs)
         live = AcceleratorState._accelerator
         if live is not None:
-            if mixed_precision is not None and PrecisionType.parse(mixed_precision, "mixed_precision") != live.mixed_precision:
+            if (
+                mixed_precision is not None
+                and PrecisionType.parse(mixed_precision, "mixed_precision") != live.mixed_precision
+            ):
                 raise ValueError(
-                    f"mixed_precision={mixed_precision!r} differs from the {live.mixed_precision.value!r} this "
-                    "process's AcceleratorState was created with; it cannot change once set. Pass it the first "
+                    f"mixed_precision={mixed_precision!r} differs from the {live.mixed_precision.value!r} "
+                    "this "
+                    "process's AcceleratorState was created with; it cannot change once set. Pass it the "
+                    "first "
                     "time (to `Accelerator(mixed_precision=...)`), or reset the state in tests."
                 )
             return
@@ -409,7 +431,9 @@ class AcceleratorState(PartialState):
     @property
     def _data(self) -> _AcceleratorStateData:
         if AcceleratorState._accelerator is None:
-            raise RuntimeError("The accelerator state was reset; create `AcceleratorState()` again before using it.")
+            raise RuntimeError(
+                "The accelerator state was reset; create `AcceleratorState()` again before using it."
+            )
         return AcceleratorState._accelerator
 
     @property
@@ -497,7 +521,9 @@ class GradientState:
     @property
     def _data(self) -> _GradientStateData:
         if GradientState._shared is None:
-            raise RuntimeError("The gradient state was reset; create `GradientState()` again before using it.")
+            raise RuntimeError(
+                "The gradient state was reset; create `GradientState()` again before using it."
+            )
         return GradientState._shared
 
     @property
@@ -558,7 +584,8 @@ class GradientState:
 
     @property
     def remainder(self) -> int:
-        """How many samples the active data loader's last batch holds beyond an even split (-1 when unknown)."""
+        """How many samples the active data loader's last batch holds beyond an even split (-1 when
+        unknown)."""
         loader = self._data.active_dataloader
         return -1 if loader is None else int(getattr(loader, "remainder", -1))
 
@@ -585,4 +612,3 @@ class GradientState:
             f"Sync Gradients: {self.sync_gradients}\nAt end of current dataloader: {self.end_of_dataloader}\n"
             f"Extra samples added: {self.remainder}\nGradient accumulation plugin: {self.plugin_kwargs}\n"
         )
-

@@ -13,69 +13,172 @@ import pytest
 # Names API.md promises from `hasten.utils`.
 API_UTILS = {
     # constants
-    "MODEL_NAME", "OPTIMIZER_NAME", "RNG_STATE_NAME", "SCALER_NAME", "SCHEDULER_NAME", "WEIGHTS_NAME",
-    "SAFE_WEIGHTS_NAME", "WEIGHTS_INDEX_NAME", "SAFE_WEIGHTS_INDEX_NAME",
+    "MODEL_NAME",
+    "OPTIMIZER_NAME",
+    "RNG_STATE_NAME",
+    "SCALER_NAME",
+    "SCHEDULER_NAME",
+    "WEIGHTS_NAME",
+    "SAFE_WEIGHTS_NAME",
+    "WEIGHTS_INDEX_NAME",
+    "SAFE_WEIGHTS_INDEX_NAME",
     # enums
-    "ComputeEnvironment", "DistributedType", "DynamoBackend", "LoggerType", "PrecisionType", "RNGType",
-    "SageMakerDistributedType", "DDPCommunicationHookType", "FP8BackendType", "CustomDtype",
+    "ComputeEnvironment",
+    "DistributedType",
+    "DynamoBackend",
+    "LoggerType",
+    "PrecisionType",
+    "RNGType",
+    "SageMakerDistributedType",
+    "DDPCommunicationHookType",
+    "FP8BackendType",
+    "CustomDtype",
     # kwargs handlers, plugins, configurations
-    "KwargsHandler", "AutocastKwargs", "DistributedDataParallelKwargs", "FP8RecipeKwargs", "GradScalerKwargs",
-    "InitProcessGroupKwargs", "ProfileKwargs", "DeepSpeedPlugin", "FullyShardedDataParallelPlugin",
-    "GradientAccumulationPlugin", "MegatronLMPlugin", "TorchDynamoPlugin", "BnbQuantizationConfig",
-    "DataLoaderConfiguration", "ProjectConfiguration",
+    "KwargsHandler",
+    "AutocastKwargs",
+    "DistributedDataParallelKwargs",
+    "FP8RecipeKwargs",
+    "GradScalerKwargs",
+    "InitProcessGroupKwargs",
+    "ProfileKwargs",
+    "DeepSpeedPlugin",
+    "FullyShardedDataParallelPlugin",
+    "GradientAccumulationPlugin",
+    "MegatronLMPlugin",
+    "TorchDynamoPlugin",
+    "BnbQuantizationConfig",
+    "DataLoaderConfiguration",
+    "ProjectConfiguration",
     # data operations
-    "broadcast", "broadcast_object_list", "concatenate", "convert_outputs_to_fp32", "convert_to_fp32", "gather",
-    "gather_object", "listify", "pad_across_processes", "recursively_apply", "reduce", "send_to_device",
-    "slice_tensors", "pad_input_tensors", "find_batch_size", "find_device", "is_namedtuple", "honor_type",
-    "get_grad_scaler", "get_mixed_precision_context_manager",
+    "broadcast",
+    "broadcast_object_list",
+    "concatenate",
+    "convert_outputs_to_fp32",
+    "convert_to_fp32",
+    "gather",
+    "gather_object",
+    "listify",
+    "pad_across_processes",
+    "recursively_apply",
+    "reduce",
+    "send_to_device",
+    "slice_tensors",
+    "pad_input_tensors",
+    "find_batch_size",
+    "find_device",
+    "is_namedtuple",
+    "honor_type",
+    "get_grad_scaler",
+    "get_mixed_precision_context_manager",
     # environment checks and manipulation
-    "is_bf16_available", "is_ipex_available", "is_mps_available", "is_npu_available", "is_torch_version",
-    "is_torch_xla_available", "is_xpu_available", "patch_environment", "clear_environment", "write_basic_config",
-    "set_numa_affinity", "purge_accelerate_environment",
+    "is_bf16_available",
+    "is_ipex_available",
+    "is_mps_available",
+    "is_npu_available",
+    "is_torch_version",
+    "is_torch_xla_available",
+    "is_xpu_available",
+    "patch_environment",
+    "clear_environment",
+    "write_basic_config",
+    "set_numa_affinity",
+    "purge_accelerate_environment",
     # memory
-    "find_executable_batch_size", "release_memory", "clear_device_cache",
+    "find_executable_batch_size",
+    "release_memory",
+    "clear_device_cache",
     # model handling
-    "calculate_maximum_sizes", "compute_module_sizes", "extract_model_from_parallel", "get_balanced_memory",
-    "get_max_layer_size", "infer_auto_device_map", "load_checkpoint_in_model", "load_offloaded_weights",
-    "load_state_dict", "offload_state_dict", "retie_parameters", "find_tied_parameters",
-    "set_module_tensor_to_device", "shard_checkpoint", "get_module_children_bottom_up", "OffloadedWeightsLoader",
+    "calculate_maximum_sizes",
+    "compute_module_sizes",
+    "extract_model_from_parallel",
+    "get_balanced_memory",
+    "get_max_layer_size",
+    "infer_auto_device_map",
+    "load_checkpoint_in_model",
+    "load_offloaded_weights",
+    "load_state_dict",
+    "offload_state_dict",
+    "retie_parameters",
+    "find_tied_parameters",
+    "set_module_tensor_to_device",
+    "shard_checkpoint",
+    "get_module_children_bottom_up",
+    "OffloadedWeightsLoader",
     "PrefixedDataset",
     # parallel, random, XLA, quantization
-    "save", "load", "wait_for_everyone", "set_seed", "synchronize_rng_state", "synchronize_rng_states",
-    "install_xla", "load_and_quantize_model",
-}  # fmt: skip
+    "save",
+    "load",
+    "wait_for_everyone",
+    "set_seed",
+    "synchronize_rng_state",
+    "synchronize_rng_states",
+    "install_xla",
+    "load_and_quantize_model",
+}
 
 # Names API.md promises from `hasten`.
 API_TOP = {
-    "PartialState", "AcceleratorState", "GradientState", "init_empty_weights", "init_on_device", "dispatch_model",
-    "cpu_offload", "cpu_offload_with_hook", "disk_offload", "load_checkpoint_and_dispatch",
-    "find_executable_batch_size", "infer_auto_device_map", "load_checkpoint_in_model", "synchronize_rng_states",
-    "AutocastKwargs", "DistributedDataParallelKwargs", "FP8RecipeKwargs", "GradScalerKwargs",
-    "InitProcessGroupKwargs", "ProfileKwargs", "DeepSpeedPlugin", "FullyShardedDataParallelPlugin",
-    "GradientAccumulationPlugin", "MegatronLMPlugin", "TorchDynamoPlugin", "skip_first_batches", "debug_launcher",
-    "notebook_launcher", "Accelerator",
-}  # fmt: skip
+    "PartialState",
+    "AcceleratorState",
+    "GradientState",
+    "init_empty_weights",
+    "init_on_device",
+    "dispatch_model",
+    "cpu_offload",
+    "cpu_offload_with_hook",
+    "disk_offload",
+    "load_checkpoint_and_dispatch",
+    "find_executable_batch_size",
+    "infer_auto_device_map",
+    "load_checkpoint_in_model",
+    "synchronize_rng_states",
+    "AutocastKwargs",
+    "DistributedDataParallelKwargs",
+    "FP8RecipeKwargs",
+    "GradScalerKwargs",
+    "InitProcessGroupKwargs",
+    "ProfileKwargs",
+    "DeepSpeedPlugin",
+    "FullyShardedDataParallelPlugin",
+    "GradientAccumulationPlugin",
+    "MegatronLMPlugin",
+    "TorchDynamoPlugin",
+    "skip_first_batches",
+    "debug_launcher",
+    "notebook_launcher",
+    "Accelerator",
+}
 
 # Names not built yet, by the issue that builds them. Remove a name when it lands: the test fails
 # both when a name outside this set is missing and when a name inside it already exists.
 PENDING: dict[str, set[str]] = {
     "no issue yet (the Accelerator and its data loaders)": {"Accelerator", "skip_first_batches"},
-}  # fmt: skip
+}
 _PENDING = set().union(*PENDING.values())
 
 # Where hasten's signature differs from Accelerate's on purpose: name -> the reason.
 SIGNATURE_DIFFERENCES: dict[str, str] = {
     "write_basic_config": "save_location=None means the default file, found when called (honours HF_HOME set "
     "later); Accelerate bakes the path in at import time",
-    "find_tied_parameters": "no **kwargs: Accelerate's were for its own recursion and are documented as to be ignored",
+    "find_tied_parameters": (
+        "no **kwargs: Accelerate's were for its own recursion and are documented as to be ignored"
+    ),
 }
 
 # Where Accelerate keeps names it does not re-export from the facade hasten mirrors.
 ACCELERATE_HOMES = [
-    "accelerate.state", "accelerate.utils.dataclasses", "accelerate.utils.memory", "accelerate.utils.modeling",
-    "accelerate.utils.operations", "accelerate.utils.environment", "accelerate.utils.offload",
-    "accelerate.utils.random", "accelerate.big_modeling", "accelerate.hooks", "accelerate.launchers",
-]  # fmt: skip
+    "accelerate.state",
+    "accelerate.utils.dataclasses",
+    "accelerate.utils.memory",
+    "accelerate.utils.modeling",
+    "accelerate.utils.operations",
+    "accelerate.utils.environment",
+    "accelerate.utils.offload",
+    "accelerate.utils.random",
+    "accelerate.big_modeling",
+    "accelerate.hooks",
+    "accelerate.launchers",
+]
 NOT_IN_ACCELERATE = {
     "is_ipex_available": "Accelerate 1.x dropped it; API.md keeps it",
     "shard_checkpoint": "Accelerate 1.x dropped it for huggingface_hub's splitter; API.md keeps it",
@@ -128,7 +231,9 @@ def _comparable(parameter: inspect.Parameter) -> tuple[str, object, object]:
 
 
 def _accelerate_pairs() -> list[tuple[str, str]]:
-    return [("hasten.utils", name) for name in sorted(API_UTILS)] + [("hasten", name) for name in sorted(API_TOP)]
+    return [("hasten.utils", name) for name in sorted(API_UTILS)] + [
+        ("hasten", name) for name in sorted(API_TOP)
+    ]
 
 
 @pytest.mark.parametrize(("facade", "name"), _accelerate_pairs())
@@ -142,7 +247,11 @@ def test_shared_names_match_accelerate(facade: str, name: str) -> None:
     homes = [accelerate] + [importlib.import_module(home) for home in ACCELERATE_HOMES]
     theirs = next((getattr(home, name) for home in homes if hasattr(home, name)), None)
     assert theirs is not None, f"API.md lists {name!r} but accelerate has no such name"
-    if name in SIGNATURE_DIFFERENCES or not callable(theirs) or isinstance(theirs, type) and issubclass(theirs, str):
+    if (
+        name in SIGNATURE_DIFFERENCES
+        or not callable(theirs)
+        or (isinstance(theirs, type) and issubclass(theirs, str))
+    ):
         return
     try:
         their_signature = inspect.signature(theirs)

@@ -18,9 +18,18 @@ FACADES = {"hasten", "hasten.utils", "hasten.utils.dataclasses"}
 LAYERS: dict[str, int] = {
     **dict.fromkeys(
         [
-            "hasten.utils.constants", "hasten.utils.errors", "hasten.utils.typing", "hasten.utils.imports",
-            "hasten.utils.versions", "hasten.utils.environment", "hasten.utils.numa", "hasten.utils.process_env",
-            "hasten.utils.device", "hasten.utils.torch_xla", "hasten.utils.atomic", "hasten.utils.progress",
+            "hasten.utils.constants",
+            "hasten.utils.errors",
+            "hasten.utils.typing",
+            "hasten.utils.imports",
+            "hasten.utils.versions",
+            "hasten.utils.environment",
+            "hasten.utils.numa",
+            "hasten.utils.process_env",
+            "hasten.utils.device",
+            "hasten.utils.torch_xla",
+            "hasten.utils.atomic",
+            "hasten.utils.progress",
         ],
         0,
     ),
@@ -33,27 +42,61 @@ LAYERS: dict[str, int] = {
     "hasten.state": 3,
     "hasten.logging": 3,
     **dict.fromkeys(
-        ["hasten.utils.operations", "hasten.utils.exchange", "hasten.utils.amp", "hasten.utils.random",
-         "hasten.utils.memory", "hasten.utils.parallel"],
+        [
+            "hasten.utils.operations",
+            "hasten.utils.exchange",
+            "hasten.utils.amp",
+            "hasten.utils.random",
+            "hasten.utils.memory",
+            "hasten.utils.parallel",
+        ],
         4,
     ),
     **dict.fromkeys(
-        ["hasten.utils.modeling", "hasten.utils.memory_budget", "hasten.utils.device_map", "hasten.utils.loading",
-         "hasten.utils.offload", "hasten.utils.checkpoint_reader", "hasten.utils.sharding"],
+        [
+            "hasten.utils.modeling",
+            "hasten.utils.memory_budget",
+            "hasten.utils.device_map",
+            "hasten.utils.loading",
+            "hasten.utils.offload",
+            "hasten.utils.checkpoint_reader",
+            "hasten.utils.sharding",
+        ],
         5,
     ),
     **dict.fromkeys(["hasten.hooks", "hasten.big_modeling", "hasten.utils.bnb"], 6),
     **dict.fromkeys(
-        ["hasten.accelerator", "hasten.data_loader", "hasten.optimizer", "hasten.scheduler", "hasten.checkpointing",
-         "hasten.tracking", "hasten.launchers", "hasten.utils.deepspeed"],
+        [
+            "hasten.accelerator",
+            "hasten.data_loader",
+            "hasten.optimizer",
+            "hasten.scheduler",
+            "hasten.checkpointing",
+            "hasten.tracking",
+            "hasten.launchers",
+            "hasten.utils.deepspeed",
+        ],
         7,
     ),
     "hasten.commands": 8,
     "hasten.__main__": 8,
-}  # fmt: skip
+}
 
-OPTIONAL = ["deepspeed", "bitsandbytes", "transformers", "torch_xla", "torch._dynamo", "sympy", "accelerate",
-            "tqdm", "rich", "tensorboard", "wandb", "mlflow", "optree"]  # fmt: skip
+OPTIONAL = [
+    "deepspeed",
+    "bitsandbytes",
+    "transformers",
+    "torch_xla",
+    "torch._dynamo",
+    "sympy",
+    "accelerate",
+    "tqdm",
+    "rich",
+    "tensorboard",
+    "wandb",
+    "mlflow",
+    "optree",
+]
 
 
 def _module_name(path: Path) -> str:
@@ -75,7 +118,9 @@ def _hasten_imports(path: Path) -> list[tuple[int, str]]:
     package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name) for alias in node.names if alias.name.split(".")[0] == "hasten"]
+            found += [
+                (node.lineno, alias.name) for alias in node.names if alias.name.split(".")[0] == "hasten"
+            ]
         elif isinstance(node, ast.ImportFrom):
             module = node.module or ""
             if node.level:
@@ -114,7 +159,9 @@ ENTRY_POINTS = sorted(name for name in map(_module_name, SOURCES) if name != "ha
 
 
 def _import_fresh(entry: str) -> str | None:
-    result = subprocess.run([sys.executable, "-c", f"import {entry}"], capture_output=True, text=True, timeout=180)
+    result = subprocess.run(
+        [sys.executable, "-c", f"import {entry}"], capture_output=True, text=True, timeout=180
+    )
     return None if result.returncode == 0 else f"`import {entry}` failed:\n{result.stderr[-2000:]}"
 
 
@@ -132,11 +179,18 @@ def test_import_hasten_adds_no_optional_package() -> None:
         f"print(json.dumps(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in {OPTIONAL!r} "
         "or m.startswith('torch._dynamo'))))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert json.loads(result.stdout) == []
 
 
 def test_import_hasten_writes_no_environment_variable() -> None:
-    code = "import os, json; before = dict(os.environ); import hasten, hasten.utils; print(json.dumps(dict(os.environ) == before))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    code = (
+        "import os, json; before = dict(os.environ); import hasten, hasten.utils; "
+        "print(json.dumps(dict(os.environ) == before))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert json.loads(result.stdout) is True

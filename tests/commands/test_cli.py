@@ -15,8 +15,13 @@ import yaml
 
 def _hasten(home: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("ACCELERATE_", "PYTEST_"))}
-    return subprocess.run([sys.executable, "-m", "hasten", *argv], capture_output=True, text=True, timeout=120,
-                          env={**env, "HF_HOME": str(home), "COLUMNS": "200"})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "hasten", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "HF_HOME": str(home), "COLUMNS": "200"},
+    )
 
 
 def test_help_lists_every_subcommand(tmp_path: Path) -> None:
@@ -36,12 +41,22 @@ def test_config_default_then_env_then_update(tmp_path: Path) -> None:
     assert f"- PyTorch version: {torch.__version__}" in report and "- Python version:" in report
     assert "- mixed_precision: bf16" in report and "System RAM" in report
     old = tmp_path / "old.json"
-    old.write_text(json.dumps({"distributed_type": "FSDP", "fp16": True,
-                               "fsdp_config": {"fsdp_backward_prefetch_policy": "BACKWARD_PRE"}}))  # fmt: skip
+    old.write_text(
+        json.dumps(
+            {
+                "distributed_type": "FSDP",
+                "fp16": True,
+                "fsdp_config": {"fsdp_backward_prefetch_policy": "BACKWARD_PRE"},
+            }
+        )
+    )
     assert _hasten(tmp_path, "config", "update", "--config_file", str(old)).returncode == 0
     updated = json.loads(old.read_text())
     assert updated["mixed_precision"] == "fp16" and "fp16" not in updated and updated["num_machines"] == 1
-    assert updated["fsdp_config"] == {"fsdp_backward_prefetch": "BACKWARD_PRE"} and updated["distributed_type"] == "FSDP"
+    assert (
+        updated["fsdp_config"] == {"fsdp_backward_prefetch": "BACKWARD_PRE"}
+        and updated["distributed_type"] == "FSDP"
+    )
     missing = _hasten(tmp_path, "config", "update", "--config_file", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "no config file at" in missing.stderr
 
@@ -52,7 +67,9 @@ def build_small() -> torch.nn.Module:
 
 
 def test_estimate_memory_from_a_factory(tmp_path: Path) -> None:
-    result = _hasten(tmp_path, "estimate-memory", "tests.commands.test_cli:build_small", "--dtypes", "float32", "int4")
+    result = _hasten(
+        tmp_path, "estimate-memory", "tests.commands.test_cli:build_small", "--dtypes", "float32", "int4"
+    )
     assert result.returncode == 0, result.stderr
     assert "float32" in result.stdout and "3.82 MB" in result.stdout  # 1,001,001 params x 4 bytes
     assert "15.29 MB" in result.stdout  # training with Adam, 4x

@@ -57,14 +57,45 @@ def _zoo() -> Iterator[tuple[str, nn.Module, list[str]]]:
     yield "nested-split", Nested(), []
     transformers = pytest.importorskip("transformers")
     with init_empty_weights():
-        yield "gpt2", transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            n_layer=3, n_embd=32, n_head=4, vocab_size=200, bos_token_id=0, eos_token_id=0)), ["GPT2Block"]
-        yield "llama", transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=200, tie_word_embeddings=True)), ["LlamaDecoderLayer"]
-        yield "mixtral", transformers.MixtralForCausalLM(transformers.MixtralConfig(
-            num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=200, num_local_experts=4)), []  # fmt: skip
+        yield (
+            "gpt2",
+            transformers.GPT2LMHeadModel(
+                transformers.GPT2Config(
+                    n_layer=3, n_embd=32, n_head=4, vocab_size=200, bos_token_id=0, eos_token_id=0
+                )
+            ),
+            ["GPT2Block"],
+        )
+        yield (
+            "llama",
+            transformers.LlamaForCausalLM(
+                transformers.LlamaConfig(
+                    num_hidden_layers=3,
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    vocab_size=200,
+                    tie_word_embeddings=True,
+                )
+            ),
+            ["LlamaDecoderLayer"],
+        )
+        yield (
+            "mixtral",
+            transformers.MixtralForCausalLM(
+                transformers.MixtralConfig(
+                    num_hidden_layers=2,
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    vocab_size=200,
+                    num_local_experts=4,
+                )
+            ),
+            [],
+        )
 
 
 ZOO = list(_zoo())
@@ -90,12 +121,14 @@ def _quiet() -> Iterator[None]:
 def test_sizes_ties_and_order_agree(name: str, model: nn.Module, no_split: list[str]) -> None:
     assert dict(ours.compute_module_sizes(model)) == dict(theirs.compute_module_sizes(model))
     assert dict(ours.compute_module_sizes(model, dtype=torch.float16)) == dict(
-        theirs.compute_module_sizes(model, dtype=torch.float16))  # fmt: skip
+        theirs.compute_module_sizes(model, dtype=torch.float16)
+    )
     assert sorted(ours.find_tied_parameters(model)) == sorted(theirs.find_tied_parameters(model))
     from accelerate.utils.other import get_module_children_bottom_up
 
     assert [n for n, _ in ours.get_module_children_bottom_up(model, return_fqns=True)] == [
-        n for n, _ in get_module_children_bottom_up(model, return_fqns=True)]  # fmt: skip
+        n for n, _ in get_module_children_bottom_up(model, return_fqns=True)
+    ]
     assert ours.calculate_maximum_sizes(model) == theirs.calculate_maximum_sizes(model)
 
 
@@ -107,18 +140,28 @@ def test_device_maps_agree(name: str, model: nn.Module, no_split: list[str]) -> 
     tensors = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
     cases = 0
     for fraction, devices, split, options in itertools.product(
-        [0.05, 0.2, 0.6], [1, 3], [no_split, []],
+        [0.05, 0.2, 0.6],
+        [1, 3],
+        [no_split, []],
         [{}, {"dtype": torch.float16}, {"fallback_allocation": True}, {"clean_result": False}],
-    ):  # fmt: skip
-        budget = {index: int(total * fraction) for index in range(devices)} | {"cpu": int(total * fraction * 1.5)}
+    ):
+        budget = {index: int(total * fraction) for index in range(devices)} | {
+            "cpu": int(total * fraction * 1.5)
+        }
         expected = dict(theirs.infer_auto_device_map(model, dict(budget), split, **options))
         got = ours_map.infer_auto_device_map(model, dict(budget), split, **options)
         if got != expected:
             for tensor in tensors:
                 assert _device_of(got, tensor) is not None, f"{name}: {tensor} has no device"
-                assert _device_of(expected, tensor) in (None, _device_of(got, tensor)), (name, budget, options, tensor)
+                assert _device_of(expected, tensor) in (None, _device_of(got, tensor)), (
+                    name,
+                    budget,
+                    options,
+                    tensor,
+                )
         assert ours_budget.get_balanced_memory(model, dict(budget), split) == theirs.get_balanced_memory(
-            model, dict(budget), split)  # fmt: skip
+            model, dict(budget), split
+        )
         cases += 1
     assert cases == 48
 
@@ -141,5 +184,14 @@ def test_bool_tensors_are_one_byte_each() -> None:
 
 
 def test_clean_device_map_agrees() -> None:
-    device_map = {"a.0": 0, "a.1.x": 0, "a.1.y": 0, "b.c": 1, "b.d": 1, "e.0": "cpu", "e.1": "disk", "f": "disk"}
+    device_map = {
+        "a.0": 0,
+        "a.1.x": 0,
+        "a.1.y": 0,
+        "b.c": 1,
+        "b.d": 1,
+        "e.0": "cpu",
+        "e.1": "disk",
+        "f": "disk",
+    }
     assert ours_map.clean_device_map(dict(device_map)) == theirs.clean_device_map(dict(device_map))

@@ -14,7 +14,9 @@ accelerate = pytest.importorskip("accelerate")
 class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)) for _ in range(6))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)) for _ in range(6)
+        )
         self.norm = nn.LayerNorm(32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -31,13 +33,17 @@ def _source() -> Net:
     return Net().eval()
 
 
-@pytest.mark.parametrize(("safe", "shard"), [(True, "10KB"), (True, "10GB"), (False, "10KB"), (False, "10GB")])
+@pytest.mark.parametrize(
+    ("safe", "shard"), [(True, "10KB"), (True, "10GB"), (False, "10KB"), (False, "10GB")]
+)
 def test_accelerate_checkpoints_load_in_hasten(tmp_path: Path, safe: bool, shard: str) -> None:
     from hasten.big_modeling import init_empty_weights
     from hasten.utils.loading import load_checkpoint_in_model
 
     source = _source()
-    accelerate.Accelerator(cpu=True).save_model(source, tmp_path, max_shard_size=shard, safe_serialization=safe)
+    accelerate.Accelerator(cpu=True).save_model(
+        source, tmp_path, max_shard_size=shard, safe_serialization=safe
+    )
     with init_empty_weights():
         model = Net().eval()
     load_checkpoint_in_model(model, tmp_path)
@@ -49,8 +55,15 @@ def test_dispatch_matches_accelerate(tmp_path: Path) -> None:
 
     from hasten.big_modeling import dispatch_model
 
-    device_map = {"blocks.0": "cpu", "blocks.1": "disk", "blocks.2": "cpu", "blocks.3": "disk", "blocks.4": "cpu",
-                  "blocks.5": "cpu", "norm": "cpu"}  # fmt: skip
+    device_map = {
+        "blocks.0": "cpu",
+        "blocks.1": "disk",
+        "blocks.2": "cpu",
+        "blocks.3": "disk",
+        "blocks.4": "cpu",
+        "blocks.5": "cpu",
+        "norm": "cpu",
+    }
     ours, theirs = _source(), _source()
     dispatch_model(ours, device_map, offload_dir=tmp_path / "ours")
     their_dispatch(theirs, device_map, offload_dir=str(tmp_path / "theirs"))

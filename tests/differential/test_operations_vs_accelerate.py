@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 
+from hasten import utils as ours
 from hasten.state import PartialState
 from hasten.utils import operations as ours_ops
 from hasten.utils import precision as ours_precision
-from hasten import utils as ours
 from hasten.utils.tree import tree_leaves
 from tests.ranks import RankPool
 
@@ -32,7 +32,12 @@ def corpus() -> list[Any]:
         [torch.ones(2, 2), torch.zeros(2, 1, dtype=torch.int64)],
         (torch.ones(3, dtype=torch.float16),),
         {"input_ids": torch.arange(8).view(2, 4), "attention_mask": torch.ones(2, 4, dtype=torch.bool)},
-        {"a": [torch.ones(2), (torch.full((2, 2), 2.0, dtype=torch.bfloat16), Pair(torch.ones(2), torch.zeros(2)))]},
+        {
+            "a": [
+                torch.ones(2),
+                (torch.full((2, 2), 2.0, dtype=torch.bfloat16), Pair(torch.ones(2), torch.zeros(2))),
+            ]
+        },
         OrderedDict(z=torch.ones(2, 3), a=[torch.zeros(2)]),
         {"x": torch.ones(4), "meta": {"name": "batch", "n": 3, "none": None}},
         Pair({"p": torch.ones(2)}, [torch.tensor([1.5, 2.5])]),
@@ -61,8 +66,9 @@ CASES = list(enumerate(corpus()))
 
 @pytest.mark.parametrize(("index", "data"), CASES, ids=[str(i) for i, _ in CASES])
 def test_tree_operations_agree(index: int, data: Any) -> None:
-    assert_same(accelerate_ops.recursively_apply(lambda t: t * 2, data),
-                ours.recursively_apply(lambda t: t * 2, data))
+    assert_same(
+        accelerate_ops.recursively_apply(lambda t: t * 2, data), ours.recursively_apply(lambda t: t * 2, data)
+    )
     assert_same(accelerate_ops.send_to_device(data, "cpu"), ours.send_to_device(data, "cpu"))
     assert accelerate_ops.listify(data) == ours.listify(data)
     assert_same(accelerate_ops.convert_to_fp32(data), ours_precision.convert_to_fp32(data))
@@ -81,8 +87,10 @@ def test_tree_operations_agree(index: int, data: Any) -> None:
 
 @pytest.mark.parametrize(("index", "data"), CASES, ids=[str(i) for i, _ in CASES])
 def test_skip_keys_and_strictness_agree(index: int, data: Any) -> None:
-    assert_same(accelerate_ops.send_to_device(data, "meta", skip_keys=["a", "x"]),
-                ours.send_to_device(data, "meta", skip_keys=["a", "x"]))
+    assert_same(
+        accelerate_ops.send_to_device(data, "meta", skip_keys=["a", "x"]),
+        ours.send_to_device(data, "meta", skip_keys=["a", "x"]),
+    )
     theirs_raises = ours_raises = False
     try:
         accelerate_ops.recursively_apply(lambda t: t, data, error_on_other_type=True)
@@ -96,10 +104,14 @@ def test_skip_keys_and_strictness_agree(index: int, data: Any) -> None:
 
 
 @pytest.mark.parametrize(("batch_size", "num_processes"), [(3, 4), (5, 4), (1, 2), (7, 8)])
-def test_pad_input_tensors_agrees_where_accelerate_pads_to_a_multiple(batch_size: int, num_processes: int) -> None:
+def test_pad_input_tensors_agrees_where_accelerate_pads_to_a_multiple(
+    batch_size: int, num_processes: int
+) -> None:
     data = {"x": torch.arange(batch_size * 2).view(batch_size, 2) + 1, "y": [torch.ones(batch_size)]}
-    assert_same(accelerate_ops.pad_input_tensors(data, batch_size, num_processes),
-                ours_ops.pad_input_tensors(data, batch_size, num_processes))
+    assert_same(
+        accelerate_ops.pad_input_tensors(data, batch_size, num_processes),
+        ours_ops.pad_input_tensors(data, batch_size, num_processes),
+    )
 
 
 def test_small_helpers_agree() -> None:

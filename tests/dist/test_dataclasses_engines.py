@@ -126,7 +126,7 @@ def _fsdp2_train_and_save(folder: str, activation_checkpointing: bool) -> dict[s
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["Block"],
         state_dict_type="FULL_STATE_DICT", activation_checkpointing=activation_checkpointing,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     model = plugin.wrap(Model())
     sharded_blocks = [isinstance(m, FSDPModule) for m in model.modules()]

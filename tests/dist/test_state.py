@@ -23,7 +23,7 @@ def _describe() -> dict[str, object]:
         "rank": state.process_index, "local": state.local_process_index, "n": state.num_processes,
         "type": state.distributed_type.value, "backend": state.backend, "device": str(state.device),
         "main": state.is_main_process, "last": state.is_last_process, "distributed": state.use_distributed,
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize("pool", POOLS)

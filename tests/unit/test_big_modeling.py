@@ -87,10 +87,20 @@ def test_disk_offload_matches_and_reuses_the_folder(tmp_path: Path) -> None:
 def test_dispatch_with_cpu_and_disk_keeps_ties_and_outputs(tmp_path: Path) -> None:
     model = _model()
     expected = model(IDS)
-    device_map = {"embed": "cpu", "blocks.0": "cpu", "blocks.1": "disk", "blocks.2": "cpu", "blocks.3": "disk", "head": "cpu"}
+    device_map = {
+        "embed": "cpu",
+        "blocks.0": "cpu",
+        "blocks.1": "disk",
+        "blocks.2": "cpu",
+        "blocks.3": "disk",
+        "head": "cpu",
+    }
     dispatch_model(model, device_map, offload_dir=tmp_path)
     assert model.hf_device_map == device_map
-    assert model.blocks[1].linear.weight.device.type == "meta" and model.blocks[0].linear.weight.device.type == "cpu"
+    assert (
+        model.blocks[1].linear.weight.device.type == "meta"
+        and model.blocks[0].linear.weight.device.type == "cpu"
+    )
     assert model.head.weight is model.embed.weight
     assert torch.allclose(model(IDS), expected)
 
@@ -98,7 +108,10 @@ def test_dispatch_with_cpu_and_disk_keeps_ties_and_outputs(tmp_path: Path) -> No
 def test_a_dispatched_model_refuses_to_move_but_casts() -> None:
     model = _model()
     dispatch_model(model, {"": "cpu"}, force_hooks=True)
-    with pytest.raises(RuntimeError, match=r"dispatched with device_map=\{'': 'cpu'\}.*Moving it with \.to\(\) to cpu would break"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"dispatched with device_map=\{'': 'cpu'\}.*Moving it with \.to\(\) to cpu would break",
+    ):
         model.to("cpu")
     with pytest.raises(RuntimeError, match=r"\.cuda\(\) to the accelerator"):
         model.cuda()
@@ -115,7 +128,9 @@ def test_a_single_device_map_moves_without_hooks() -> None:
 
 
 def test_disk_map_needs_a_folder() -> None:
-    with pytest.raises(ValueError, match=r"device_map sends \['blocks'\] to 'disk', so dispatch_model needs offload_dir"):
+    with pytest.raises(
+        ValueError, match=r"device_map sends \['blocks'\] to 'disk', so dispatch_model needs offload_dir"
+    ):
         dispatch_model(_model(), {"embed": "cpu", "blocks": "disk", "head": "cpu"})
 
 
@@ -126,12 +141,20 @@ def test_bad_device_maps_are_explained() -> None:
 
 def test_skip_keys_and_preload_classes(tmp_path: Path) -> None:
     model = _model()
-    dispatch_model(model, {"": "cpu", "blocks.0": "disk"}, offload_dir=tmp_path, skip_keys="cache",
-                   preload_module_classes=["Block"], force_hooks=True)  # fmt: skip
+    dispatch_model(
+        model,
+        {"": "cpu", "blocks.0": "disk"},
+        offload_dir=tmp_path,
+        skip_keys="cache",
+        preload_module_classes=["Block"],
+        force_hooks=True,
+    )
     hook = model.blocks[0]._hf_hook
     hooks = getattr(hook, "hooks", (hook,))
     assert any(getattr(h, "place_submodules", False) for h in hooks)  # preloaded as a whole
-    assert not hasattr(model.blocks[0].linear, "_hf_hook") or not getattr(model.blocks[0].linear._hf_hook, "offload", False)
+    assert not hasattr(model.blocks[0].linear, "_hf_hook") or not getattr(
+        model.blocks[0].linear._hf_hook, "offload", False
+    )
     assert all(getattr(h, "skip_keys", "cache") == "cache" for h in hooks)
 
 
@@ -149,13 +172,19 @@ def test_load_checkpoint_and_dispatch_under_a_budget(tmp_path: Path, strategy: s
     with init_empty_weights():
         model = Stack().eval()
     model = load_checkpoint_and_dispatch(
-        model, checkpoint, device_map=strategy, max_memory={"cpu": 1000}, no_split_module_classes=["Block"],
+        model,
+        checkpoint,
+        device_map=strategy,
+        max_memory={"cpu": 1000},
+        no_split_module_classes=["Block"],
         offload_folder=tmp_path / "offload",
-    )  # fmt: skip
+    )
     assert "disk" in model.hf_device_map.values()
     assert torch.allclose(model(IDS), expected)
 
 
 def test_load_checkpoint_and_dispatch_rejects_unknown_strategies(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"device_map='fastest' is not a strategy; use one of \['auto', 'balanced'"):
+    with pytest.raises(
+        ValueError, match=r"device_map='fastest' is not a strategy; use one of \['auto', 'balanced'"
+    ):
         load_checkpoint_and_dispatch(_model(), tmp_path, device_map="fastest")

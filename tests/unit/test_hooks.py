@@ -6,7 +6,6 @@ import copy
 import inspect
 import pickle
 
-import pytest
 import torch
 from torch import nn
 
@@ -64,7 +63,11 @@ def test_add_then_remove_restores_the_class_forward_exactly() -> None:
     add_hook_to_module(layer, AddOne())
     assert "forward" in layer.__dict__ and hasattr(layer, "_hf_hook") and hasattr(layer, "_old_forward")
     remove_hook_from_module(layer)
-    assert "forward" not in layer.__dict__ and not hasattr(layer, "_hf_hook") and not hasattr(layer, "_old_forward")
+    assert (
+        "forward" not in layer.__dict__
+        and not hasattr(layer, "_hf_hook")
+        and not hasattr(layer, "_old_forward")
+    )
     assert layer.forward.__func__ is nn.Linear.forward
 
 
@@ -169,7 +172,9 @@ def test_offload_buffers_too() -> None:
 
 def test_align_hook_repr_and_skip_keys() -> None:
     hook = AlignDevicesHook(execution_device="cpu", skip_keys="cache")
-    assert repr(hook).startswith("AlignDevicesHook(execution_device=cpu") and "skip_keys='cache'" in repr(hook)
+    assert repr(hook).startswith("AlignDevicesHook(execution_device=cpu") and "skip_keys='cache'" in repr(
+        hook
+    )
 
 
 def test_blocks_dispatch_with_mixed_offload() -> None:
@@ -178,9 +183,11 @@ def test_blocks_dispatch_with_mixed_offload() -> None:
     expected = seq(x)
     weights = {name: t.clone() for name, t in seq.state_dict().items()}
     attach_align_device_hook_on_blocks(
-        seq, execution_device={"0": "cpu", "1": "cpu", "2": "cpu"}, offload={"0": False, "1": True, "2": False},
+        seq,
+        execution_device={"0": "cpu", "1": "cpu", "2": "cpu"},
+        offload={"0": False, "1": True, "2": False},
         weights_map=weights,
-    )  # fmt: skip
+    )
     assert seq[1].weight.device.type == "meta" and seq[0].weight.device.type == "cpu"
     assert hasattr(seq, "_hf_hook") and seq._hf_hook.io_same_device
     assert torch.allclose(seq(x), expected)

@@ -84,22 +84,33 @@ def test_split_between_processes_on_one_process_is_the_identity() -> None:
 
 
 def test_inconsistent_launch_is_a_value_error_before_any_network_call() -> None:
-    with patch_environment(RANK="2", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"):
-        with pytest.raises(ValueError, match=r"RANK=2 is not a valid rank in a world of 2 processes"):
-            PartialState()
+    with (
+        patch_environment(RANK="2", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"),
+        pytest.raises(ValueError, match=r"RANK=2 is not a valid rank in a world of 2 processes"),
+    ):
+        PartialState()
     assert not dist.is_initialized()
 
 
 def test_nccl_without_cuda_is_refused_before_any_network_call() -> None:
-    with patch_environment(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"):
-        with pytest.raises(ConfigurationError, match=r"backend='nccl' needs a cuda device, but this process computes on 'cpu'"):
-            PartialState(backend="nccl")
+    with (
+        patch_environment(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"),
+        pytest.raises(
+            ConfigurationError,
+            match=r"backend='nccl' needs a cuda device, but this process computes on 'cpu'",
+        ),
+    ):
+        PartialState(backend="nccl")
 
 
 def test_bad_timeout_is_refused() -> None:
-    with patch_environment(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"):
-        with pytest.raises(ConfigurationError, match=r"timeout='soon' must be a datetime.timedelta or a positive number"):
-            PartialState(timeout="soon")
+    with (
+        patch_environment(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"),
+        pytest.raises(
+            ConfigurationError, match=r"timeout='soon' must be a datetime.timedelta or a positive number"
+        ),
+    ):
+        PartialState(timeout="soon")
 
 
 def test_a_launch_of_one_process_forms_a_group_of_one() -> None:
@@ -108,7 +119,9 @@ def test_a_launch_of_one_process_forms_a_group_of_one() -> None:
         assert dist.is_initialized() and state.backend == "gloo"
         assert state.distributed_type is DistributedType.MULTI_CPU
         assert state.num_processes == 1 and not state.use_distributed
-        with pytest.raises(ConfigurationError, match=r"backend='mpi' was requested, but this process already joined a 'gloo'"):
+        with pytest.raises(
+            ConfigurationError, match=r"backend='mpi' was requested, but this process already joined a 'gloo'"
+        ):
             PartialState(backend="mpi")
         state.destroy_process_group()
     assert not dist.is_initialized()
@@ -126,24 +139,33 @@ def test_accelerator_state_precision_from_argument_and_environment() -> None:
 def test_accelerator_state_cannot_change_precision() -> None:
     AcceleratorState(mixed_precision="bf16")
     assert AcceleratorState(mixed_precision="bf16").mixed_precision == "bf16"
-    with pytest.raises(ValueError, match=r"mixed_precision='fp16' differs from the 'bf16' this process's AcceleratorState"):
+    with pytest.raises(
+        ValueError, match=r"mixed_precision='fp16' differs from the 'bf16' this process's AcceleratorState"
+    ):
         AcceleratorState(mixed_precision="fp16")
 
 
 def test_accelerator_state_bad_precision() -> None:
-    with pytest.raises(ValueError, match=r"mixed_precision='fp32' is not valid; expected one of \['no', 'fp8', 'fp16', 'bf16'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"mixed_precision='fp32' is not valid; expected one of \['no', 'fp8', 'fp16', 'bf16'\]",
+    ):
         AcceleratorState(mixed_precision="fp32")
-    with patch_environment(ACCELERATE_MIXED_PRECISION="half"), pytest.raises(
-        ValueError, match=r"ACCELERATE_MIXED_PRECISION='half' is not valid"
+    with (
+        patch_environment(ACCELERATE_MIXED_PRECISION="half"),
+        pytest.raises(ValueError, match=r"ACCELERATE_MIXED_PRECISION='half' is not valid"),
     ):
         AcceleratorState()
 
 
 @pytest.mark.parametrize(
     ("variable", "expected"),
-    [("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED), ("ACCELERATE_USE_FSDP", DistributedType.FSDP),
-     ("ACCELERATE_USE_MEGATRON_LM", DistributedType.MEGATRON_LM)],
-)  # fmt: skip
+    [
+        ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED),
+        ("ACCELERATE_USE_FSDP", DistributedType.FSDP),
+        ("ACCELERATE_USE_MEGATRON_LM", DistributedType.MEGATRON_LM),
+    ],
+)
 def test_engine_flags_set_the_distributed_type(variable: str, expected: DistributedType) -> None:
     with patch_environment(**{variable: "true"}):
         state = AcceleratorState()
@@ -174,7 +196,12 @@ class _Loader:
 
 def test_gradient_state() -> None:
     state = GradientState()
-    assert (state.num_steps, state.sync_gradients, state.in_dataloader, state.end_of_dataloader) == (1, True, False, False)
+    assert (state.num_steps, state.sync_gradients, state.in_dataloader, state.end_of_dataloader) == (
+        1,
+        True,
+        False,
+        False,
+    )
     assert state.remainder == -1 and state.sync_with_dataloader and not state.adjust_scheduler
     GradientState(gradient_accumulation_plugin=_Plugin())
     assert (state.num_steps, state.adjust_scheduler, state.sync_with_dataloader) == (4, True, False)

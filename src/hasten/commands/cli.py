@@ -13,11 +13,15 @@ from collections.abc import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hasten", description="Run PyTorch on one process or many.")
-    commands = parser.add_subparsers(dest="command", metavar="{env,config,launch,estimate-memory}", required=True)
+    commands = parser.add_subparsers(
+        dest="command", metavar="{env,config,launch,estimate-memory}", required=True
+    )
     commands.add_parser("env", help="print versions, hardware and config, for bug reports")
     config = commands.add_parser("config", help="write or update the launch config file")
     config_commands = config.add_subparsers(dest="config_command", required=True)
-    default = config_commands.add_parser("default", help="write a config for this machine with default settings")
+    default = config_commands.add_parser(
+        "default", help="write a config for this machine with default settings"
+    )
     default.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16", "fp8"])
     default.add_argument("--config_file", help="where to write (default: the default config file)")
     update = config_commands.add_parser("update", help="bring an older config file to the current keys")
@@ -25,10 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
     from hasten.commands.launch import add_launch_arguments
 
     add_launch_arguments(commands.add_parser("launch", help="run a script on several processes or machines"))
-    estimate = commands.add_parser("estimate-memory", help="memory a model needs, per dtype, without loading it")
+    estimate = commands.add_parser(
+        "estimate-memory", help="memory a model needs, per dtype, without loading it"
+    )
     estimate.add_argument("model", help="a folder or config.json (transformers), or a `module:factory` path")
-    estimate.add_argument("--dtypes", nargs="+", default=["float32", "float16", "int8", "int4"],
-                          choices=["float32", "float16", "bfloat16", "int8", "int4"])  # fmt: skip
+    estimate.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32", "float16", "int8", "int4"],
+        choices=["float32", "float16", "bfloat16", "int8", "int4"],
+    )
     return parser
 
 

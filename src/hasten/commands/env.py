@@ -12,8 +12,20 @@ from hasten.utils.config_file import default_config_file, load_config_file
 from hasten.utils.device import accelerator_count, accelerator_type
 from hasten.utils.imports import package_version
 
-OPTIONAL = ["accelerate", "transformers", "safetensors", "numpy", "deepspeed", "bitsandbytes", "tqdm", "rich",
-            "tensorboard", "wandb", "mlflow", "torch_xla"]  # fmt: skip
+OPTIONAL = [
+    "accelerate",
+    "transformers",
+    "safetensors",
+    "numpy",
+    "deepspeed",
+    "bitsandbytes",
+    "tqdm",
+    "rich",
+    "tensorboard",
+    "wandb",
+    "mlflow",
+    "torch_xla",
+]
 
 
 def environment_report() -> dict[str, str]:

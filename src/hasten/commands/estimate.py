@@ -16,21 +16,28 @@ BYTES_PER_PARAMETER = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "int8": 
 
 
 def build_on_meta(target: str) -> nn.Module:
-    """The model named by ``target``: a transformers config (folder or ``config.json``) or ``module:factory``."""
+    """The model named by ``target``: a transformers config (folder or ``config.json``) or
+    ``module:factory``."""
     path = Path(target)
     if path.exists():
         config_file = path / "config.json" if path.is_dir() else path
         if not config_file.is_file():
-            raise ValueError(f"{target!r} is a folder without config.json; point at a model folder or a config file")
+            raise ValueError(
+                f"{target!r} is a folder without config.json; point at a model folder or a config file"
+            )
         require("transformers", extra="test", purpose="build a model from a config.json")
         import transformers
 
-        config = transformers.AutoConfig.from_pretrained(str(config_file.parent if path.is_dir() else config_file))
+        config = transformers.AutoConfig.from_pretrained(
+            str(config_file.parent if path.is_dir() else config_file)
+        )
         with init_empty_weights(include_buffers=True):
             return transformers.AutoModel.from_config(config)
     module_name, _, factory_name = target.partition(":")
     if not factory_name:
-        raise ValueError(f"{target!r} is neither an existing path nor a `module:factory` name (e.g. mypkg.models:build)")
+        raise ValueError(
+            f"{target!r} is neither an existing path nor a `module:factory` name (e.g. mypkg.models:build)"
+        )
     try:
         factory = getattr(importlib.import_module(module_name), factory_name)
     except (ImportError, AttributeError) as error:

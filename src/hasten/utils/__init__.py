@@ -15,6 +15,12 @@ from hasten.utils.batches import (
     send_to_device,
     slice_tensors,
 )
+from hasten.utils.bnb import (
+    get_keys_to_not_convert,
+    has_4bit_bnb_layers,
+    load_and_quantize_model,
+    replace_with_bnb_layers,
+)
 from hasten.utils.config_file import write_basic_config
 from hasten.utils.constants import (
     FSDP_MODEL_NAME,
@@ -38,8 +44,8 @@ from hasten.utils.dataclasses import (
     BnbQuantizationConfig,
     ComputeEnvironment,
     CustomDtype,
-    DDPCommunicationHookType,
     DataLoaderConfiguration,
+    DDPCommunicationHookType,
     DeepSpeedPlugin,
     DistributedDataParallelKwargs,
     DistributedType,
@@ -47,8 +53,8 @@ from hasten.utils.dataclasses import (
     FP8BackendType,
     FP8RecipeKwargs,
     FullyShardedDataParallelPlugin,
-    GradScalerKwargs,
     GradientAccumulationPlugin,
+    GradScalerKwargs,
     HfDeepSpeedConfig,
     InitProcessGroupKwargs,
     KwargsHandler,
@@ -61,6 +67,12 @@ from hasten.utils.dataclasses import (
     SageMakerDistributedType,
     TorchDynamoPlugin,
     get_module_class_from_name,
+)
+from hasten.utils.device_map import (
+    check_device_map,
+    check_tied_parameters_on_same_device,
+    clean_device_map,
+    infer_auto_device_map,
 )
 from hasten.utils.environment import (
     are_libraries_initialized,
@@ -112,30 +124,18 @@ from hasten.utils.imports import (
     is_wandb_available,
     is_xpu_available,
 )
-from hasten.utils.operations import (
-    broadcast,
-    broadcast_object_list,
-    copy_tensor_to_devices,
-    gather,
-    gather_object,
-    pad_across_processes,
-    pad_input_tensors,
-    reduce,
-)
-from hasten.utils.precision import convert_outputs_to_fp32, convert_to_fp32
-from hasten.utils.tree import honor_type, is_namedtuple, is_torch_tensor, recursively_apply
-from hasten.utils.versions import compare_versions, is_torch_version
-from hasten.utils.device_map import (
-    check_device_map,
-    check_tied_parameters_on_same_device,
-    clean_device_map,
-    infer_auto_device_map,
-)
-from hasten.utils.memory_budget import get_balanced_memory, get_max_memory
 from hasten.utils.loading import (
     load_checkpoint_in_model,
     load_state_dict,
 )
+from hasten.utils.memory import (
+    clear_device_cache,
+    find_executable_batch_size,
+    find_largest_executable_batch_size,
+    release_memory,
+    should_reduce_batch_size,
+)
+from hasten.utils.memory_budget import get_balanced_memory, get_max_memory
 from hasten.utils.modeling import (
     calculate_maximum_sizes,
     compute_module_sizes,
@@ -150,14 +150,24 @@ from hasten.utils.modeling import (
     set_module_tensor_to_device,
 )
 from hasten.utils.offload import (
+    OffloadedWeightsLoader,
+    PrefixedDataset,
     extract_submodules_state_dict,
     load_offloaded_weight,
     load_offloaded_weights,
     offload_state_dict,
     offload_weight,
-    OffloadedWeightsLoader,
-    PrefixedDataset,
     save_offload_index,
+)
+from hasten.utils.operations import (
+    broadcast,
+    broadcast_object_list,
+    copy_tensor_to_devices,
+    gather,
+    gather_object,
+    pad_across_processes,
+    pad_input_tensors,
+    reduce,
 )
 from hasten.utils.parallel import (
     extract_model_from_parallel,
@@ -165,30 +175,20 @@ from hasten.utils.parallel import (
     save,
     wait_for_everyone,
 )
-from hasten.utils.sharding import (
-    shard_checkpoint,
-)
-from hasten.utils.memory import (
-    clear_device_cache,
-    find_executable_batch_size,
-    find_largest_executable_batch_size,
-    release_memory,
-    should_reduce_batch_size,
-)
+from hasten.utils.precision import convert_outputs_to_fp32, convert_to_fp32
 from hasten.utils.random import (
     set_seed,
     synchronize_rng_state,
     synchronize_rng_states,
 )
+from hasten.utils.sharding import (
+    shard_checkpoint,
+)
 from hasten.utils.torch_xla import (
     install_xla,
 )
-from hasten.utils.bnb import (
-    get_keys_to_not_convert,
-    has_4bit_bnb_layers,
-    load_and_quantize_model,
-    replace_with_bnb_layers,
-)
+from hasten.utils.tree import honor_type, is_namedtuple, is_torch_tensor, recursively_apply
+from hasten.utils.versions import compare_versions, is_torch_version
 
 __all__ = [
     "AutocastKwargs",

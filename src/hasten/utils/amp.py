@@ -1,4 +1,5 @@
-"""Mixed-precision helpers: the autocast context for the state's precision, and a gradient scaler for the device."""
+"""Mixed-precision helpers: the autocast context for the state's precision, and a gradient scaler for the
+device."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def get_grad_scaler(distributed_type: DistributedType | None = None, **kwargs: A
 
     Args:
         distributed_type: ``DistributedType.FSDP`` selects ``ShardedGradScaler``.
-        **kwargs: ``GradScaler`` arguments, as :class:`~hasten.utils.dataclasses.GradScalerKwargs` produces them.
+        **kwargs: ``GradScaler`` arguments, as :class:`~hasten.utils.dataclasses.GradScalerKwargs` produces
+            them.
     """
     device = accelerator_type()
     if distributed_type == DistributedType.FSDP:

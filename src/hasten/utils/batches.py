@@ -69,7 +69,8 @@ def _as_device(device: Any) -> torch.device:
             _DEVICES[device] = parsed
         return parsed
     raise TypeError(
-        f"send_to_device: device={device!r} must be a torch.device, a device string such as 'cpu' or 'cuda:0', "
+        f"send_to_device: device={device!r} must be a torch.device, a device string such as 'cpu' or "
+        "'cuda:0', "
         "or an accelerator index."
     )
 
@@ -103,7 +104,9 @@ def send_to_device(
         try:
             skip = frozenset(skip_keys)
         except TypeError:
-            raise TypeError(f"send_to_device: skip_keys={skip_keys!r} must be a key or a list of keys.") from None
+            raise TypeError(
+                f"send_to_device: skip_keys={skip_keys!r} must be a key or a list of keys."
+            ) from None
 
     def move(node: Any) -> Any:
         if type(node) is _Tensor:
@@ -113,13 +116,22 @@ def send_to_device(
         except TypeError:  # a .to() that takes no non_blocking
             return node.to(target)
 
-    return tree_map(move, tensor, is_leaf=_has_to, skip_keys=skip, leaf_first=True, caller="send_to_device",
-                    argument="tensor")
+    return tree_map(
+        move,
+        tensor,
+        is_leaf=_has_to,
+        skip_keys=skip,
+        leaf_first=True,
+        caller="send_to_device",
+        argument="tensor",
+    )
 
 
 def get_data_structure(data: Any) -> Any:
     """``data`` with a :class:`TensorInformation` (shape and dtype) in place of each tensor."""
-    return tree_map(lambda t: TensorInformation(shape=t.shape, dtype=t.dtype), data, caller="get_data_structure")
+    return tree_map(
+        lambda t: TensorInformation(shape=t.shape, dtype=t.dtype), data, caller="get_data_structure"
+    )
 
 
 def get_shape(data: Any) -> Any:
@@ -169,7 +181,8 @@ def _concatenate_level(items: list[Any], dim: int, path: str) -> Any:
         except TypeError:
             bad = next(i for i, item in enumerate(items) if not isinstance(item, _Tensor))
             raise TypeError(
-                f"concatenate: data[{bad}]{path} is a {type(items[bad]).__qualname__}, but data[0]{path} is a tensor."
+                f"concatenate: data[{bad}]{path} is a {type(items[bad]).__qualname__}, but data[0]{path} is "
+                "a tensor."
             ) from None
     if isinstance(first, (list, tuple)):
         for index, item in enumerate(items):
@@ -177,7 +190,9 @@ def _concatenate_level(items: list[Any], dim: int, path: str) -> Any:
                 raise ValueError(
                     f"concatenate: data[{index}]{path} does not have the {len(first)} items of data[0]{path}."
                 )
-        parts = [_concatenate_level([item[i] for item in items], dim, f"{path}[{i}]") for i in range(len(first))]
+        parts = [
+            _concatenate_level([item[i] for item in items], dim, f"{path}[{i}]") for i in range(len(first))
+        ]
         return rebuild_sequence(first, parts)
     if isinstance(first, Mapping):
         merged = {}
@@ -185,12 +200,16 @@ def _concatenate_level(items: list[Any], dim: int, path: str) -> Any:
             try:
                 column = [item[key] for item in items]
             except (KeyError, TypeError):
-                raise ValueError(f"concatenate: some item of data lacks the key {path}[{key!r}] of data[0].") from None
+                raise ValueError(
+                    f"concatenate: some item of data lacks the key {path}[{key!r}] of data[0]."
+                ) from None
             merged[key] = _concatenate_level(column, dim, f"{path}[{key!r}]")
         return rebuild_mapping(first, merged)
     if len(items) == 1:
         return first
-    raise TypeError(f"concatenate: can only concatenate tensors, but data[0]{path} is a {type(first).__qualname__}.")
+    raise TypeError(
+        f"concatenate: can only concatenate tensors, but data[0]{path} is a {type(first).__qualname__}."
+    )
 
 
 def _concatenate_fast(first: Any, rest: Sequence[Any], dim: int) -> Any:
@@ -210,7 +229,9 @@ def _concatenate_fast(first: Any, rest: Sequence[Any], dim: int) -> Any:
                 raise KeyError("keys differ")
         columns = zip(first.values(), *[other.values() for other in rest])
         merged = {
-            key: torch.cat(column, dim) if type(column[0]) is _Tensor else _concatenate_fast(column[0], column[1:], dim)
+            key: torch.cat(column, dim)
+            if type(column[0]) is _Tensor
+            else _concatenate_fast(column[0], column[1:], dim)
             for key, column in zip(keys, columns)
         }
         return merged if cls is dict else rebuild_mapping(first, merged)
@@ -219,7 +240,9 @@ def _concatenate_fast(first: Any, rest: Sequence[Any], dim: int) -> Any:
             if len(other) != len(first):
                 raise ValueError("lengths differ")
         items = [
-            torch.cat(column, dim) if type(column[0]) is _Tensor else _concatenate_fast(column[0], column[1:], dim)
+            torch.cat(column, dim)
+            if type(column[0]) is _Tensor
+            else _concatenate_fast(column[0], column[1:], dim)
             for column in zip(first, *rest)
         ]
         return items if cls is list else tuple(items) if cls is tuple else rebuild_sequence(first, items)
@@ -238,7 +261,7 @@ def concatenate(data: Sequence[Any], dim: int = 0) -> Any:
         raise ValueError(f"concatenate: data must be a non-empty list of batches, got {data!r:.80}.")
     try:
         return _concatenate_fast(data[0], data[1:], dim)
-    except Exception:  # noqa: BLE001 - the careful walk below explains what went wrong, with its path
+    except Exception:
         pass
     try:
         return _concatenate_level(list(data), dim, "")
@@ -259,13 +282,19 @@ def find_batch_size(data: Any) -> int:
     for _ in range(MAX_NESTING * 10):
         if isinstance(node, (list, tuple, Mapping)):
             if len(node) == 0:
-                raise ValueError(f"find_batch_size: data{path} is an empty {type(node).__qualname__}, so it holds no batch.")
+                raise ValueError(
+                    f"find_batch_size: data{path} is an empty {type(node).__qualname__}, so it holds no "
+                    "batch."
+                )
             key = next(iter(node)) if isinstance(node, Mapping) else 0
             path += key_text(node, key)
             node = node[key]
             continue
         if not isinstance(node, _Tensor):
-            raise TypeError(f"find_batch_size: data{path} is a {type(node).__qualname__}; can only find the batch size of tensors.")
+            raise TypeError(
+                f"find_batch_size: data{path} is a {type(node).__qualname__}; can only find the batch size "
+                "of tensors."
+            )
         if node.ndim == 0:
             raise ValueError(f"find_batch_size: data{path} is a 0-d tensor, which has no batch dimension.")
         return int(node.shape[0])

@@ -19,9 +19,9 @@ from torch import nn
 from hasten.big_modeling import dispatch_model, init_empty_weights
 from hasten.utils.dataclasses.configs import BnbQuantizationConfig
 from hasten.utils.device_map import infer_auto_device_map
-from hasten.utils.memory_budget import get_balanced_memory
 from hasten.utils.imports import require
 from hasten.utils.loading import load_checkpoint_in_model
+from hasten.utils.memory_budget import get_balanced_memory
 from hasten.utils.modeling import DtypeLike, find_tied_parameters
 from hasten.utils.typing import Device, PathLike
 
@@ -64,16 +64,30 @@ def _quantized_linear(linear: nn.Linear, config: BnbQuantizationConfig) -> nn.Mo
     bnb = _bnb()
     bias = linear.bias is not None
     if config.load_in_8bit:
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
-                                    threshold=config.llm_int8_threshold)  # fmt: skip
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=bias,
+            has_fp16_weights=False,
+            threshold=config.llm_int8_threshold,
+        )
         weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
     else:
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias,
-                                  compute_dtype=config.bnb_4bit_compute_dtype,
-                                  compress_statistics=config.bnb_4bit_use_double_quant,
-                                  quant_type=config.bnb_4bit_quant_type)  # fmt: skip
-        weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type=config.bnb_4bit_quant_type,
-                                   compress_statistics=config.bnb_4bit_use_double_quant, module=layer)  # fmt: skip
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=bias,
+            compute_dtype=config.bnb_4bit_compute_dtype,
+            compress_statistics=config.bnb_4bit_use_double_quant,
+            quant_type=config.bnb_4bit_quant_type,
+        )
+        weight = bnb.nn.Params4bit(
+            linear.weight.data,
+            requires_grad=False,
+            quant_type=config.bnb_4bit_quant_type,
+            compress_statistics=config.bnb_4bit_use_double_quant,
+            module=layer,
+        )
     layer.weight = weight
     if bias:
         layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
@@ -110,12 +124,20 @@ def quantize_in_place(model: nn.Module, device: Device | None = "cpu") -> None:
     to ``device`` (``None``: where each layer's weight already is)."""
     bnb = _bnb()
     for module in model.modules():
-        if isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)) and module.weight.device.type != "meta":
+        if (
+            isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
+            and module.weight.device.type != "meta"
+        ):
             module.to(module.weight.device if device is None else device)
 
 
-def _device_map(model: nn.Module, config: BnbQuantizationConfig, device_map: Any, max_memory: Any,
-                no_split_module_classes: list[str] | None) -> dict[str, Device]:  # fmt: skip
+def _device_map(
+    model: nn.Module,
+    config: BnbQuantizationConfig,
+    device_map: Any,
+    max_memory: Any,
+    no_split_module_classes: list[str] | None,
+) -> dict[str, Device]:
     if device_map is None:
         return {"": "cpu"}
     if isinstance(device_map, Mapping):
@@ -129,8 +151,13 @@ def _device_map(model: nn.Module, config: BnbQuantizationConfig, device_map: Any
         if isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
     }
     if device_map != "sequential":
-        max_memory = get_balanced_memory(model, max_memory, no_split_module_classes, special_dtypes=special,
-                                         low_zero=device_map == "balanced_low_0")  # fmt: skip
+        max_memory = get_balanced_memory(
+            model,
+            max_memory,
+            no_split_module_classes,
+            special_dtypes=special,
+            low_zero=device_map == "balanced_low_0",
+        )
     return infer_auto_device_map(model, max_memory, no_split_module_classes, special_dtypes=special)
 
 
@@ -158,7 +185,8 @@ def load_and_quantize_model(
     on_meta = any(parameter.device.type == "meta" for parameter in model.parameters())
     if on_meta and weights_location is None:
         raise ValueError(
-            "the model is on the meta device (init_empty_weights) but weights_location is None: pass the checkpoint "
+            "the model is on the meta device (init_empty_weights) but weights_location is None: pass the "
+            "checkpoint "
             "to load the weights from"
         )
     with init_empty_weights(include_buffers=False) if on_meta else contextlib.nullcontext():
@@ -167,14 +195,21 @@ def load_and_quantize_model(
     placement = _device_map(model, config, device_map, max_memory, no_split_module_classes)
     if "disk" in placement.values():
         raise ValueError(
-            f"device_map sends {[k for k, v in placement.items() if v == 'disk']} to disk; quantized layers cannot be "
+            f"device_map sends {[k for k, v in placement.items() if v == 'disk']} to disk; quantized layers "
+            "cannot be "
             "offloaded to disk. Give the CPU enough max_memory, or skip those modules from quantization"
         )
     if on_meta:
         assert weights_location is not None
-        load_checkpoint_in_model(model, weights_location, device_map=placement, dtype=config.torch_dtype,
-                                 offload_folder=offload_folder, offload_state_dict=offload_state_dict,
-                                 keep_in_fp32_modules=keep_fp32)  # fmt: skip
+        load_checkpoint_in_model(
+            model,
+            weights_location,
+            device_map=placement,
+            dtype=config.torch_dtype,
+            offload_folder=offload_folder,
+            offload_state_dict=offload_state_dict,
+            keep_in_fp32_modules=keep_fp32,
+        )
     quantize_in_place(model, device=None)
     devices = set(placement.values())
     if len(devices) > 1:
@@ -194,6 +229,8 @@ def _cast_unquantized(model: nn.Module, config: BnbQuantizationConfig, keep_fp32
         target = torch.float32 if _skipped(name, keep_fp32) else dtype
         if target is None:
             continue
-        for key, parameter in list(module._parameters.items()):  # noqa: SLF001
+        for key, parameter in list(module._parameters.items()):
             if parameter is not None and parameter.is_floating_point() and parameter.dtype != target:
-                module._parameters[key] = nn.Parameter(parameter.data.to(target), requires_grad=parameter.requires_grad)  # noqa: SLF001
+                module._parameters[key] = nn.Parameter(
+                    parameter.data.to(target), requires_grad=parameter.requires_grad
+                )

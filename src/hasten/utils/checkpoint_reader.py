@@ -31,14 +31,29 @@ from hasten.utils.errors import CheckpointError
 from hasten.utils.typing import PathLike
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "C64": torch.complex64,
-    **{name: getattr(torch, attr) for name, attr in (
-        ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
-        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-    ) if hasattr(torch, attr)},
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "C64": torch.complex64,
+    **{
+        name: getattr(torch, attr)
+        for name, attr in (
+            ("U16", "uint16"),
+            ("U32", "uint32"),
+            ("U64", "uint64"),
+            ("F8_E4M3", "float8_e4m3fn"),
+            ("F8_E5M2", "float8_e5m2"),
+        )
+        if hasattr(torch, attr)
+    },
+}
 
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors refuses larger headers too
 
@@ -83,7 +98,8 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int, data_size: 
     if not 0 <= begin <= end <= data_size or end - begin != expected:
         raise _corrupt(
             path,
-            f"tensor {name!r} ({entry['dtype']} {shape}, {expected} bytes) claims bytes {begin}..{end} but the "
+            f"tensor {name!r} ({entry['dtype']} {shape}, {expected} bytes) claims bytes {begin}..{end} but "
+            "the "
             f"data section holds {data_size} bytes",
         )
     return TensorInfo(dtype, tuple(shape), data_start + begin, expected)
@@ -99,7 +115,7 @@ class SafetensorsFile:
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
         try:
-            handle = open(self.path, "rb")
+            handle = open(self.path, "rb")  # noqa: SIM115 - closed by the `with` below
         except FileNotFoundError:
             raise CheckpointError(f"Checkpoint file {self.path} does not exist.") from None
         with handle:
@@ -118,7 +134,8 @@ class SafetensorsFile:
             self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
             data_start = 8 + header_size
             self.infos = {
-                name: _parse_entry(self.path, name, entry, data_start, size - data_start) for name, entry in header.items()
+                name: _parse_entry(self.path, name, entry, data_start, size - data_start)
+                for name, entry in header.items()
             }
             self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if size > data_start else None
 
@@ -134,7 +151,9 @@ class SafetensorsFile:
         if info.start % info.dtype.itemsize:  # misaligned data cannot be viewed safely: copy it
             data = bytearray(self._map[info.start : info.start + info.nbytes])
             return torch.frombuffer(data, dtype=info.dtype).reshape(info.shape)
-        flat = torch.frombuffer(self._map, dtype=info.dtype, count=info.nbytes // info.dtype.itemsize, offset=info.start)
+        flat = torch.frombuffer(
+            self._map, dtype=info.dtype, count=info.nbytes // info.dtype.itemsize, offset=info.start
+        )
         return flat.reshape(info.shape)
 
     def release(self, name: str) -> None:
@@ -168,14 +187,18 @@ def load_bin(path: PathLike, weights_only: bool = True) -> dict[str, torch.Tenso
     except pickle.UnpicklingError as error:
         if weights_only:
             raise CheckpointError(
-                f"{path} holds objects beyond tensors and plain containers, and hasten does not unpickle them by "
+                f"{path} holds objects beyond tensors and plain containers, and hasten does not unpickle "
+                "them by "
                 "default: unpickling runs code from the file. If you trust the file, convert it once to "
-                "safetensors, or load it yourself with torch.load(..., weights_only=False). First line of the "
+                "safetensors, or load it yourself with torch.load(..., weights_only=False). First line of "
+                "the "
                 f"refusal: {str(error).splitlines()[0]}"
             ) from error
         raise CheckpointError(f"{path} is not a readable torch checkpoint: {error}") from error
     except RuntimeError as error:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or corrupt): {error}") from error
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint (truncated or corrupt): {error}"
+        ) from error
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict of tensors.")
     return state

@@ -22,7 +22,9 @@ from hasten.utils.typing import PathLike
 
 def cache_dir() -> Path:
     """Where Accelerate keeps its config: ``$HF_HOME/accelerate`` (``~/.cache/huggingface/accelerate``)."""
-    hf_home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    hf_home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface"
+    )
     return Path(hf_home).expanduser() / "accelerate"
 
 
@@ -34,9 +36,18 @@ def default_config_file() -> Path:
 def _distributed_defaults() -> dict[str, Any]:
     kind = accelerator_type()
     count = accelerator_count(kind)
-    multi = {"cuda": DistributedType.MULTI_GPU, "xpu": DistributedType.MULTI_XPU, "npu": DistributedType.MULTI_NPU}
+    multi = {
+        "cuda": DistributedType.MULTI_GPU,
+        "xpu": DistributedType.MULTI_XPU,
+        "npu": DistributedType.MULTI_NPU,
+    }
     if kind in multi and count > 1:
-        return {"distributed_type": multi[kind].value, "num_processes": count, "gpu_ids": "all", "use_cpu": False}
+        return {
+            "distributed_type": multi[kind].value,
+            "num_processes": count,
+            "gpu_ids": "all",
+            "use_cpu": False,
+        }
     return {"distributed_type": DistributedType.NO.value, "num_processes": 1, "use_cpu": kind == "cpu"}
 
 
@@ -123,11 +134,15 @@ def load_config_file(path: PathLike) -> dict[str, Any]:
     try:
         loaded = json.loads(text) if target.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as error:
-        raise ValueError(f"config file {str(target)!r} is not valid {target.suffix.lstrip('.') or 'YAML'}: {error}") from None
+        raise ValueError(
+            f"config file {str(target)!r} is not valid {target.suffix.lstrip('.') or 'YAML'}: {error}"
+        ) from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ValueError(f"config file {str(target)!r} must hold a mapping of settings, not {type(loaded).__name__}")
+        raise ValueError(
+            f"config file {str(target)!r} must hold a mapping of settings, not {type(loaded).__name__}"
+        )
     return _renamed(loaded)
 
 

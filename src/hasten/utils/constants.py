@@ -32,8 +32,27 @@ DEEPSPEED_MULTINODE_LAUNCHERS = ["pdsh", "standard", "openmpi", "mvapich", "mpic
 
 # The torchrun parameters that `hasten launch` forwards to `torch.distributed.run`.
 TORCH_LAUNCH_PARAMS = [
-    "nnodes", "nproc_per_node", "rdzv_backend", "rdzv_endpoint", "rdzv_id", "rdzv_conf",
-    "standalone", "max_restarts", "monitor_interval", "start_method", "role", "module", "m",
-    "no_python", "run_path", "log_dir", "r", "redirects", "t", "tee", "node_rank",
-    "master_addr", "master_port",
-]  # fmt: skip
+    "nnodes",
+    "nproc_per_node",
+    "rdzv_backend",
+    "rdzv_endpoint",
+    "rdzv_id",
+    "rdzv_conf",
+    "standalone",
+    "max_restarts",
+    "monitor_interval",
+    "start_method",
+    "role",
+    "module",
+    "m",
+    "no_python",
+    "run_path",
+    "log_dir",
+    "r",
+    "redirects",
+    "t",
+    "tee",
+    "node_rank",
+    "master_addr",
+    "master_port",
+]

@@ -8,7 +8,8 @@ from hasten.utils.imports import is_cuda_available, is_mps_available, is_npu_ava
 
 
 def accelerator_type() -> str:
-    """The device type of the accelerator present: ``"cuda"``, ``"xpu"``, ``"npu"``, ``"mps"`` or ``"cpu"``."""
+    """The device type of the accelerator present: ``"cuda"``, ``"xpu"``, ``"npu"``, ``"mps"`` or
+    ``"cpu"``."""
     if is_cuda_available():
         return "cuda"
     if is_xpu_available():

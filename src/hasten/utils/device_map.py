@@ -196,8 +196,13 @@ class _LargestLayer:
     it stays, exactly as in Accelerate, so the maps agree.
     """
 
-    def __init__(self, frontier: _Frontier, layers: dict[str, tuple[float, int]], first: Sequence[Entry],
-                 sizes: dict[str, float]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        frontier: _Frontier,
+        layers: dict[str, tuple[float, int]],
+        first: Sequence[Entry],
+        sizes: dict[str, float],
+    ) -> None:
         self._frontier = frontier
         self._layers = layers
         modules_size, modules_count = frontier.largest_layer()
@@ -231,9 +236,17 @@ class _LargestLayer:
 class _Planner:
     """One run of :func:`infer_auto_device_map`; see there for the rules."""
 
-    def __init__(self, model: nn.Module, budget: dict[DeviceKey, int], no_split: list[str],
-                 dtype: DtypeLike | None, special_dtypes: dict[str, DtypeLike] | None,
-                 verbose: bool, offload_buffers: bool, fallback_allocation: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        budget: dict[DeviceKey, int],
+        no_split: list[str],
+        dtype: DtypeLike | None,
+        special_dtypes: dict[str, DtypeLike] | None,
+        verbose: bool,
+        offload_buffers: bool,
+        fallback_allocation: bool,
+    ) -> None:
         self.budget = budget
         self.devices: list[DeviceKey] = [*budget, *(["disk"] if "disk" not in budget else [])]
         gpus = [device for device in self.devices if device not in ("cpu", "disk")]
@@ -259,7 +272,7 @@ class _Planner:
 
     def _say(self, message: str) -> None:
         if self.verbose:
-            print(message)  # noqa: T201 - verbose=True asks for a printed trace, as in Accelerate
+            print(message)
 
     def run(self) -> dict[str, Device]:
         frontier, sizes = self.frontier, self.sizes
@@ -283,13 +296,20 @@ class _Planner:
             if outside and used + size <= limit and self._split_tied(name, value, holders):
                 continue
             if used + size >= limit and not is_layer(value, self.no_split):
-                self._say(f"  {name} ({size} bytes) does not fit in the {limit - used} bytes left on {device}: split.")
+                self._say(
+                    f"  {name} ({size} bytes) does not fit in the {limit - used} bytes left on {device}: "
+                    "split."
+                )
                 frontier.push(_split_entries(name, value))
                 self.largest.refresh()
                 continue
-            if used == 0 and self.fallback_allocation and device != "disk":
-                if self._fallback(name, value, device, with_ties):
-                    continue
+            if (
+                used == 0
+                and self.fallback_allocation
+                and device != "disk"
+                and self._fallback(name, value, device, with_ties)
+            ):
+                continue
             if used == 0:
                 self.minimum[device] = with_ties + reserved
             self._say(f"  {name} does not fit on {device} and cannot be split: moving on to the next device.")
@@ -308,8 +328,15 @@ class _Planner:
             total += self.sizes.get(holder[0], 0) - self.sizes.get(tensor_name, 0)
         return total, holders
 
-    def _assign(self, name: str, value: Any, device: DeviceKey, with_ties: float, holders: list[Entry],
-                limit: float | None) -> None:  # fmt: skip
+    def _assign(
+        self,
+        name: str,
+        value: Any,
+        device: DeviceKey,
+        with_ties: float,
+        holders: list[Entry],
+        limit: float | None,
+    ) -> None:
         left = "" if limit is None else f" ({limit - self.used[device]} bytes left)"
         tied = f" with tied {[holder for holder, _ in holders]}" if holders else ""
         self._say(f"  {name}{tied} ({with_ties} bytes) goes on {device}{left}.")
@@ -330,7 +357,9 @@ class _Planner:
             self._say(f"  {name} fits but not with its tied weights: splitting {holder}.")
             entries = self.frontier.entries()
             at = next(index for index, (entry, _) in enumerate(entries) if entry == holder)
-            self.frontier.reset([(name, value), *entries[:at], *_split_entries(holder, module), *entries[at + 1 :]])
+            self.frontier.reset(
+                [(name, value), *entries[:at], *_split_entries(holder, module), *entries[at + 1 :]]
+            )
             self.largest.refresh()
             return True
         return False
@@ -349,8 +378,9 @@ class _Planner:
         return True
 
 
-def _find_fallback(entries: list[Entry], sizes: dict[str, float], limit: float, no_split: list[str],
-                   ties: _Ties) -> tuple[Entry, list[Entry]] | None:  # fmt: skip
+def _find_fallback(
+    entries: list[Entry], sizes: dict[str, float], limit: float, no_split: list[str], ties: _Ties
+) -> tuple[Entry, list[Entry]] | None:
     """The first module or tensor (depth first) that fits in ``limit`` with its tied weights, and the
     remaining entries with the chosen one's ancestors replaced by their parts."""
     stack = list(reversed(entries))
@@ -359,7 +389,9 @@ def _find_fallback(entries: list[Entry], sizes: dict[str, float], limit: float, 
         name, value = stack.pop()
         total = sizes.get(name, 0)
         for tensor_name in ties.outside(name):
-            holder = next((entry for entry, _ in reversed(stack) if tensor_name.startswith(entry + ".")), None)
+            holder = next(
+                (entry for entry, _ in reversed(stack) if tensor_name.startswith(entry + ".")), None
+            )
             if holder is not None:
                 total += sizes.get(holder, 0) - sizes.get(tensor_name, 0)
         if total <= limit:
@@ -411,14 +443,17 @@ def infer_auto_device_map(
     budget = get_max_memory(max_memory)
     no_split = no_split_list(no_split_module_classes)
     with gc_paused():
-        planner = _Planner(model, budget, no_split, dtype, special_dtypes, verbose, offload_buffers, fallback_allocation)
+        planner = _Planner(
+            model, budget, no_split, dtype, special_dtypes, verbose, offload_buffers, fallback_allocation
+        )
         device_map = planner.run()
     if clean_result:
         device_map = clean_device_map(device_map)
     if max_memory is not None and budget.get("disk", None) == 0 and "disk" in device_map.values():
         on_disk = [name for name, device in device_map.items() if device == "disk"]
         raise ValueError(
-            f"the model ({planner.sizes.get('', 0)} bytes) does not fit in max_memory={max_memory!r}, which forbids "
+            f"the model ({planner.sizes.get('', 0)} bytes) does not fit in max_memory={max_memory!r}, which "
+            "forbids "
             f"disk ('disk': 0): {on_disk} would go to disk. Raise a budget, or allow disk offload"
         )
     _warn_offloaded_buffers(planner)
@@ -439,7 +474,8 @@ def _warn_offloaded_buffers(planner: _Planner) -> None:
     )
     if not room:
         warnings.warn(
-            f"The offloaded modules hold {int(off_accelerator)} bytes of buffers, which fit on no accelerator next to "
+            f"The offloaded modules hold {int(off_accelerator)} bytes of buffers, which fit on no "
+            "accelerator next to "
             "the weights placed there; if you run out of memory, pass offload_buffers=True",
             UserWarning,
             stacklevel=3,
@@ -514,7 +550,8 @@ def check_tied_parameters_on_same_device(tied_params: list[list[str]], device_ma
         devices = {name: _device_of(name, device_map) for name in group}
         if len({str(device) for device in devices.values()}) > 1:
             logger.warning(
-                "Tied parameters are on different devices: %s. Put them on one device in your device_map, or use "
+                "Tied parameters are on different devices: %s. Put them on one device in your device_map, "
+                "or use "
                 "device_map='auto'.",
                 devices,
             )

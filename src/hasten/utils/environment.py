@@ -12,8 +12,8 @@ import functools
 import inspect
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Callable, Literal, TypeVar, overload
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Literal, TypeVar, overload
 
 from hasten.utils.numa import cpus_of_accelerator
 
@@ -196,7 +196,9 @@ def override_numa_affinity(local_process_index: int, verbose: bool | None = None
         verbose = parse_flag_from_env("ACCELERATE_DEBUG_MODE")
     cpus = cpus_of_accelerator(local_process_index)
     if cpus is None:
-        logger.debug("No NUMA information for local process %d; CPU affinity left as is.", local_process_index)
+        logger.debug(
+            "No NUMA information for local process %d; CPU affinity left as is.", local_process_index
+        )
         return
     os.sched_setaffinity(0, cpus)
     if verbose:

@@ -54,12 +54,29 @@ class Op(enum.IntEnum):
 _DTYPES: list[torch.dtype] = [
     getattr(torch, name)
     for name in (
-        "float32", "float64", "float16", "bfloat16", "uint8", "int8", "int16", "int32", "int64", "bool",
-        "complex64", "complex128", "complex32", "uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2",
-        "float8_e4m3fnuz", "float8_e5m2fnuz",
+        "float32",
+        "float64",
+        "float16",
+        "bfloat16",
+        "uint8",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "bool",
+        "complex64",
+        "complex128",
+        "complex32",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "float8_e4m3fnuz",
+        "float8_e5m2fnuz",
     )
     if isinstance(getattr(torch, name, None), torch.dtype)
-]  # fmt: skip
+]
 _DTYPE_CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
 
 
@@ -203,7 +220,9 @@ def _write_envelope(op: int, words: list[int], payload: torch.Tensor | None) -> 
     return envelope
 
 
-def _read_envelopes(received: torch.Tensor, own_words: list[int], world: int, device: torch.device) -> list[Reply]:
+def _read_envelopes(
+    received: torch.Tensor, own_words: list[int], world: int, device: torch.device
+) -> list[Reply]:
     rows = received.view(world, ENVELOPE_BYTES)
     host = rows if rows.device.type == "cpu" else rows.cpu()
     heads = host[:, : 8 * _HEADER_WORDS].contiguous().view(torch.int64).tolist()
@@ -251,8 +270,10 @@ _HINTS = {
     "pad_across_processes(tensor, dim=...), which makes them the same size.",
     Op.BROADCAST: "broadcast needs receiving tensors of the sender's dtype and shape on every rank.",
     Op.REDUCE: "reduce needs the same dtype and shape on every rank.",
-    Op.PAD_ACROSS_PROCESSES: "pad_across_processes needs the same structure on every rank, with the same number "
-    "of dimensions per tensor; only the size along `dim` may differ.",
+    Op.PAD_ACROSS_PROCESSES: (
+        "pad_across_processes needs the same structure on every rank, with the same number "
+        "of dimensions per tensor; only the size along `dim` may differ."
+    ),
 }
 
 
@@ -266,7 +287,7 @@ def _leaf_lines(calls: Sequence[Call], paths: Sequence[str], differs: Any, limit
         if differs(index):
             lines.append(f"  - {path}: " + _per_rank([call.describe_leaf(index) for call in calls]))
     if len(lines) > limit:
-        lines = lines[:limit] + [f"  - ... and {len(lines) - limit} more"]
+        lines = [*lines[:limit], f"  - ... and {len(lines) - limit} more"]
     return lines
 
 
@@ -289,9 +310,13 @@ def check_calls(
     calls = [reply.call for reply in replies]
     first = calls[0]
     if any(call.op != first.op for call in calls):
-        names = [f"{Op(call.op).label}()" if call.op in Op._value2member_map_ else f"op {call.op}" for call in calls]
+        names = [
+            f"{Op(call.op).label}()" if call.op in Op._value2member_map_ else f"op {call.op}"
+            for call in calls
+        ]
         raise DistributedOperationException(
-            f"The ranks called different collectives at the same time: {_per_rank(names)}. Every rank must call "
+            f"The ranks called different collectives at the same time: {_per_rank(names)}. Every rank must "
+            "call "
             "the same operations in the same order."
         )
     op = Op(first.op)
@@ -311,7 +336,8 @@ def check_calls(
             for rank, call in enumerate(calls)
         )
         raise DistributedOperationException(
-            f"{op.label}: the ranks passed different numbers of tensors:\n{listing}\n{_HINTS.get(op, '')}".rstrip()
+            f"{op.label}: the ranks passed different numbers of tensors:\n{listing}\n"
+            f"{_HINTS.get(op, '')}".rstrip()
         )
 
     def differs(index: int) -> bool:
@@ -324,5 +350,7 @@ def check_calls(
     if lines:
         what = "dtypes or shapes" if compare == "shape" else "numbers of dimensions"
         raise DistributedOperationException(
-            f"{op.label}: the ranks passed tensors of different {what}:\n" + "\n".join(lines) + f"\n{_HINTS[op]}"
+            f"{op.label}: the ranks passed tensors of different {what}:\n"
+            + "\n".join(lines)
+            + f"\n{_HINTS[op]}"
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -36,7 +36,7 @@ _EXTRAS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def package_version(name: str) -> str | None:
     """The installed version of the package imported as ``name``, or ``None`` when absent.
 
@@ -73,8 +73,12 @@ def require(package: str, *, extra: str | None = None, purpose: str | None = Non
         return
     extra = extra if extra is not None else _EXTRAS.get(package)
     what = f"{purpose} needs" if purpose else "This feature needs"
-    hint = f"pip install 'hasten[{extra}]'" if extra else f"pip install {_DISTRIBUTIONS.get(package, package)}"
-    raise ImportError(f"{what} the optional package {package!r}, which is not installed. Install it with: {hint}")
+    hint = (
+        f"pip install 'hasten[{extra}]'" if extra else f"pip install {_DISTRIBUTIONS.get(package, package)}"
+    )
+    raise ImportError(
+        f"{what} the optional package {package!r}, which is not installed. Install it with: {hint}"
+    )
 
 
 # --- optional packages -------------------------------------------------------------------------
@@ -178,13 +182,13 @@ def is_ipex_available() -> bool:
 # --- accelerators ------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def is_cuda_available() -> bool:
     """Whether a CUDA device is usable."""
     return torch.cuda.is_available()
 
 
-@lru_cache(maxsize=None)
+@cache
 def is_mps_available(min_version: str = "1.12") -> bool:
     """Whether Apple's Metal Performance Shaders backend is usable with torch >= ``min_version``."""
     from packaging.version import Version
@@ -195,7 +199,7 @@ def is_mps_available(min_version: str = "1.12") -> bool:
     return bool(backend.is_built() and backend.is_available())
 
 
-@lru_cache(maxsize=None)
+@cache
 def is_xpu_available(check_device: bool = False) -> bool:
     """Whether an Intel XPU is usable; with ``check_device``, also that one can be selected."""
     xpu = getattr(torch, "xpu", None)
@@ -209,7 +213,7 @@ def is_xpu_available(check_device: bool = False) -> bool:
     return True
 
 
-@lru_cache(maxsize=None)
+@cache
 def is_npu_available(check_device: bool = False) -> bool:
     """Whether an Ascend NPU is usable (needs ``torch_npu``, imported only when installed)."""
     if not _is_package_available("torch_npu"):
@@ -227,7 +231,7 @@ def is_npu_available(check_device: bool = False) -> bool:
     return True
 
 
-@lru_cache(maxsize=None)
+@cache
 def is_torch_xla_available(check_is_tpu: bool = False, check_is_gpu: bool = False) -> bool:
     """Whether torch_xla is installed; with a check flag, also that it drives a TPU or GPU."""
     if not _is_package_available("torch_xla"):

@@ -26,7 +26,12 @@ import torch.distributed as dist
 from torch import nn
 
 from hasten.utils.checkpoint_reader import SafetensorsFile, load_bin
-from hasten.utils.constants import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from hasten.utils.constants import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
 from hasten.utils.device_map import check_tied_parameters_on_same_device
 from hasten.utils.errors import CheckpointError
 from hasten.utils.memory import clear_device_cache
@@ -55,12 +60,15 @@ def checkpoint_files(checkpoint: PathLike) -> list[Path]:
         indexes = sorted(p for p in path.iterdir() if p.name.endswith(".index.json"))
         if not indexes:
             raise CheckpointError(
-                f"{path} holds no {SAFE_WEIGHTS_NAME}, {WEIGHTS_NAME} or *.index.json; pass a checkpoint file, "
+                f"{path} holds no {SAFE_WEIGHTS_NAME}, {WEIGHTS_NAME} or *.index.json; pass a checkpoint "
+                "file, "
                 "an index, or a folder with one of them."
             )
         preferred = [p for p in indexes if p.name in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME)]
         if len(indexes) > 1 and len(preferred) != 1:
-            raise CheckpointError(f"{path} holds several indexes {[p.name for p in indexes]}; pass the one to load.")
+            raise CheckpointError(
+                f"{path} holds several indexes {[p.name for p in indexes]}; pass the one to load."
+            )
         path = (preferred or indexes)[0]
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {path} does not exist (expected a file, an index or a folder).")
@@ -83,7 +91,8 @@ def _shards_of_index(index_path: Path) -> list[Path]:
         shard = (folder / name).resolve()
         if not shard.is_relative_to(folder):
             raise CheckpointError(
-                f"Index {index_path} names shard {name!r}, which resolves to {shard}, outside the checkpoint folder "
+                f"Index {index_path} names shard {name!r}, which resolves to {shard}, outside the "
+                "checkpoint folder "
                 f"{folder}; refusing to read it."
             )
         if not shard.is_file():
@@ -125,14 +134,17 @@ def _device_lookup(device_map: Mapping[str, Device]) -> Any:
                 return device_map[prefix]
             if not prefix:
                 raise CheckpointError(
-                    f"No device for {name!r}: device_map names none of its modules (keys: {sorted(device_map)[:8]}…)."
+                    f"No device for {name!r}: device_map names none of its modules (keys: "
+                    f"{sorted(device_map)[:8]}…)."
                 )
             prefix = prefix.rpartition(".")[0]
 
     return device_of
 
 
-def load_state_dict(checkpoint_file: PathLike, device_map: Mapping[str, Device] | None = None) -> dict[str, torch.Tensor]:
+def load_state_dict(
+    checkpoint_file: PathLike, device_map: Mapping[str, Device] | None = None
+) -> dict[str, torch.Tensor]:
     """Read one checkpoint file into a state dict, each tensor on the device ``device_map`` gives it.
 
     CPU tensors (and those mapped to ``"disk"``, left unread) are views of the file that are read
@@ -189,19 +201,28 @@ def _plan(model: nn.Module, files: list[Path], strict: bool) -> _Plan:
         for name, shape in checkpoint.shapes().items():
             found.add(name)
             if name in expected and expected[name] != shape:
-                mismatches.append(f"{name}: checkpoint {list(shape)} in {path.name}, model {list(expected[name])}")
+                mismatches.append(
+                    f"{name}: checkpoint {list(shape)} in {path.name}, model {list(expected[name])}"
+                )
     if mismatches:
         raise CheckpointError(
-            f"The checkpoint does not fit the model; nothing was loaded. Shape mismatches: {'; '.join(mismatches[:10])}"
+            "The checkpoint does not fit the model; nothing was loaded. Shape mismatches: "
+            f"{'; '.join(mismatches[:10])}"
             + (f" (and {len(mismatches) - 10} more)" if len(mismatches) > 10 else "")
         )
-    tied_found = {name for group in find_tied_parameters(model) if found.intersection(group) for name in group}
+    tied_found = {
+        name for group in find_tied_parameters(model) if found.intersection(group) for name in group
+    }
     statistics = {name for name in found if name.endswith(".SCB")}  # 8-bit scales stored beside their weights
-    plan = _Plan(checkpoints, sorted(set(expected) - found - tied_found), sorted(found - set(expected) - statistics))
+    plan = _Plan(
+        checkpoints, sorted(set(expected) - found - tied_found), sorted(found - set(expected) - statistics)
+    )
     if strict and (plan.missing or plan.unexpected):
         raise CheckpointError(
-            f"strict=True and the checkpoint's keys differ from the model's; nothing was loaded. Missing from the "
-            f"checkpoint: {plan.missing[:20]}; not in the model: {plan.unexpected[:20]}. Pass strict=False to load "
+            "strict=True and the checkpoint's keys differ from the model's; nothing was loaded. Missing "
+            "from the "
+            f"checkpoint: {plan.missing[:20]}; not in the model: {plan.unexpected[:20]}. Pass strict=False "
+            "to load "
             "the matching part."
         )
     return plan
@@ -264,8 +285,20 @@ def _load_mapped(
     total = sum(len(checkpoint.shapes()) for checkpoint in plan.checkpoints)
     with Progress(total, "Loading checkpoint") as progress:
         for checkpoint in plan.checkpoints:
-            _load_file(model, checkpoint, model_keys, buffers, current, device_of, offload_folder, dtype,
-                       offload_buffers, keep_in_fp32_modules, offload_index, progress)  # fmt: skip
+            _load_file(
+                model,
+                checkpoint,
+                model_keys,
+                buffers,
+                current,
+                device_of,
+                offload_folder,
+                dtype,
+                offload_buffers,
+                keep_in_fp32_modules,
+                offload_index,
+                progress,
+            )
     return offload_index
 
 
@@ -292,7 +325,11 @@ def _load_file(
             device = device_of(name)
         else:
             device = "cpu" if current[name].type == "meta" else current[name]
-        tensor_dtype = checkpoint.tensor(name).dtype if checkpoint.safetensors is None else checkpoint.safetensors.infos[name].dtype
+        tensor_dtype = (
+            checkpoint.tensor(name).dtype
+            if checkpoint.safetensors is None
+            else checkpoint.safetensors.infos[name].dtype
+        )
         new_dtype = _target_dtype(name, tensor_dtype, dtype, keep_in_fp32_modules)
         if device == "disk" and (offload_buffers or name not in buffers):
             assert offload_folder is not None
@@ -350,12 +387,16 @@ def load_checkpoint_in_model(
             )
     if offload_8bit_bnb:
         raise ValueError(
-            "offload_8bit_bnb=True: hasten does not write 8-bit quantized weights to disk (their statistics do not "
-            "fit the offload format). Keep quantized layers off disk with load_and_quantize_model and a larger "
+            "offload_8bit_bnb=True: hasten does not write 8-bit quantized weights to disk (their statistics "
+            "do not "
+            "fit the offload format). Keep quantized layers off disk with load_and_quantize_model and a "
+            "larger "
             "max_memory, or offload them unquantized."
         )
     if _is_sharded_with_dtensors(model):
-        _load_into_dtensors(model, checkpoint_files(checkpoint), strict, full_state_dict, broadcast_from_rank0)
+        _load_into_dtensors(
+            model, checkpoint_files(checkpoint), strict, full_state_dict, broadcast_from_rank0
+        )
         return
     if broadcast_from_rank0 and device_map is None and dist.is_initialized() and dist.get_world_size() > 1:
         plan = _broadcast_checkpoint(model, checkpoint, strict, dtype, keep_in_fp32_modules)
@@ -366,7 +407,9 @@ def load_checkpoint_in_model(
     folder = Path(offload_folder) if offload_folder is not None else None
     if folder is not None and device_map is not None and "disk" in device_map.values():
         folder.mkdir(parents=True, exist_ok=True)
-    offload_index = _load_mapped(model, plan, device_map, folder, dtype, offload_buffers, keep_in_fp32_modules)
+    offload_index = _load_mapped(
+        model, plan, device_map, folder, dtype, offload_buffers, keep_in_fp32_modules
+    )
     if offload_index:
         assert folder is not None
         save_offload_index(offload_index, str(folder))
@@ -378,14 +421,20 @@ def load_checkpoint_in_model(
 def _report(model: nn.Module, checkpoint: PathLike, plan: _Plan) -> None:
     if plan.unexpected:
         logger.warning(
-            "%d weights of %s are not in %s and were not used: %s", len(plan.unexpected), checkpoint,
-            type(model).__name__, plan.unexpected[:20],
-        )  # fmt: skip
+            "%d weights of %s are not in %s and were not used: %s",
+            len(plan.unexpected),
+            checkpoint,
+            type(model).__name__,
+            plan.unexpected[:20],
+        )
     if plan.missing:
         logger.warning(
-            "%d weights of %s were not in %s and keep their current values: %s", len(plan.missing),
-            type(model).__name__, checkpoint, plan.missing[:20],
-        )  # fmt: skip
+            "%d weights of %s were not in %s and keep their current values: %s",
+            len(plan.missing),
+            type(model).__name__,
+            checkpoint,
+            plan.missing[:20],
+        )
 
 
 _CHUNK_BYTES = 256 * 1024 * 1024
@@ -407,8 +456,10 @@ def _broadcast_checkpoint(
             model_keys = set(model.state_dict())
             entries = [
                 (name, tuple(c.tensor(name).shape), c.tensor(name).dtype)
-                for c in plan.checkpoints for name in c.shapes() if name in model_keys
-            ]  # fmt: skip
+                for c in plan.checkpoints
+                for name in c.shapes()
+                if name in model_keys
+            ]
             outcome = [(entries, plan.missing, plan.unexpected)]
         except CheckpointError as error:
             outcome = [error]
@@ -432,7 +483,9 @@ def _broadcast_checkpoint(
             for (name, shape), piece in zip(chunk, torch.split(buffer, sizes)):
                 device = "cpu" if current[name].type == "meta" else current[name]
                 new_dtype = _target_dtype(name, tensor_dtype, dtype, keep_in_fp32_modules)
-                set_module_tensor_to_device(model, name, device, value=piece.view(shape), dtype=new_dtype, clear_cache=False)
+                set_module_tensor_to_device(
+                    model, name, device, value=piece.view(shape), dtype=new_dtype, clear_cache=False
+                )
     return plan if plan is not None else _Plan([], missing, unexpected)
 
 
@@ -443,7 +496,9 @@ def _numel(shape: tuple[int, ...]) -> int:
     return count
 
 
-def _chunks(group: list[tuple[str, tuple[int, ...]]], itemsize: int) -> Iterator[list[tuple[str, tuple[int, ...]]]]:
+def _chunks(
+    group: list[tuple[str, tuple[int, ...]]], itemsize: int
+) -> Iterator[list[tuple[str, tuple[int, ...]]]]:
     chunk: list[tuple[str, tuple[int, ...]]] = []
     size = 0
     for entry in group:
@@ -478,5 +533,7 @@ def _load_into_dtensors(
     if on_rank0:
         for path in files:
             state.update(load_state_dict(path))
-    options = StateDictOptions(full_state_dict=full_state_dict, strict=strict, broadcast_from_rank0=broadcast_from_rank0)
+    options = StateDictOptions(
+        full_state_dict=full_state_dict, strict=strict, broadcast_from_rank0=broadcast_from_rank0
+    )
     set_model_state_dict(model, cast(Any, state), options=options)

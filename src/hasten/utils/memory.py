@@ -106,7 +106,9 @@ def find_executable_batch_size(
     """
     if function is None:
         return functools.partial(
-            find_executable_batch_size, starting_batch_size=starting_batch_size, reduce_batch_size_fn=reduce_batch_size_fn
+            find_executable_batch_size,
+            starting_batch_size=starting_batch_size,
+            reduce_batch_size_fn=reduce_batch_size_fn,
         )
     batch_size = starting_batch_size
 
@@ -123,12 +125,13 @@ def find_executable_batch_size(
         while True:
             if batch_size <= 0:
                 raise RuntimeError(
-                    f"find_executable_batch_size: {function.__name__} ran out of memory at every batch size down to 1 "
+                    f"find_executable_batch_size: {function.__name__} ran out of memory at every batch size "
+                    "down to 1 "
                     f"(starting from {starting_batch_size}); the model itself may not fit"
                 )
             try:
                 return function(batch_size, *args, **kwargs)
-            except Exception as error:  # noqa: BLE001 - only out-of-memory errors are retried
+            except Exception as error:
                 if not should_reduce_batch_size(error):
                     raise
                 _forget(error)
@@ -140,7 +143,9 @@ def find_executable_batch_size(
 
 
 def find_largest_executable_batch_size(
-    function: Callable[..., T] | None = None, starting_batch_size: int = 128, max_batch_size: int | None = None
+    function: Callable[..., T] | None = None,
+    starting_batch_size: int = 128,
+    max_batch_size: int | None = None,
 ) -> Any:
     """Find the largest batch size ``function(batch_size, ...)`` runs with, in O(log n) trials.
 
@@ -153,13 +158,15 @@ def find_largest_executable_batch_size(
     """
     if function is None:
         return functools.partial(
-            find_largest_executable_batch_size, starting_batch_size=starting_batch_size, max_batch_size=max_batch_size
+            find_largest_executable_batch_size,
+            starting_batch_size=starting_batch_size,
+            max_batch_size=max_batch_size,
         )
 
     def attempt(size: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any]:
         try:
             return True, function(size, *args, **kwargs)
-        except Exception as error:  # noqa: BLE001 - only out-of-memory errors count as "does not fit"
+        except Exception as error:
             if not should_reduce_batch_size(error):
                 raise
             _forget(error)
@@ -184,7 +191,9 @@ def find_largest_executable_batch_size(
             fits, result = attempt(size, args, kwargs)
             good, best, bad = (size, result, bad) if fits else (good, best, size)
         if not good:
-            raise RuntimeError(f"find_largest_executable_batch_size: {function.__name__} does not fit even with batch size 1")
+            raise RuntimeError(
+                f"find_largest_executable_batch_size: {function.__name__} does not fit even with batch size 1"
+            )
         while bad is not None and bad - good > 1:
             size = (good + bad) // 2
             fits, result = attempt(size, args, kwargs)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Union
 
 import psutil
 import torch
@@ -19,8 +18,8 @@ from hasten.utils.modeling import DtypeLike, compute_module_sizes, convert_file_
 
 logger = logging.getLogger(__name__)
 
-DeviceKey = Union[int, str]
-MemoryBudget = dict[DeviceKey, Union[int, str]]
+DeviceKey = int | str
+MemoryBudget = dict[DeviceKey, int | str]
 
 NAMED_DEVICES = ("mps", "cpu", "disk")
 """Budget keys besides accelerator indices, in the order devices are filled."""
@@ -30,7 +29,9 @@ def _parse_budget(key: object, value: object) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"max_memory[{key!r}]={value!r}: give bytes as an int or a string such as '10GiB' or '500MB'")
+        raise ValueError(
+            f"max_memory[{key!r}]={value!r}: give bytes as an int or a string such as '10GiB' or '500MB'"
+        )
     try:
         return convert_file_size_to_int(value)
     except ValueError as error:
@@ -59,8 +60,10 @@ def _detect_budget() -> dict[DeviceKey, int]:
         for index in range(accelerator_count(kind)):
             try:
                 budget[index] = int(backend.mem_get_info(index)[0])
-            except Exception as error:  # noqa: BLE001 - a device that cannot report is skipped, as documented
-                logger.info("Device %s:%d cannot report its free memory (%s); it gets no budget.", kind, index, error)
+            except Exception as error:
+                logger.info(
+                    "Device %s:%d cannot report its free memory (%s); it gets no budget.", kind, index, error
+                )
     budget["cpu"] = psutil.virtual_memory().available
     return budget
 
@@ -84,7 +87,9 @@ def get_max_memory(max_memory: MemoryBudget | None = None) -> dict[DeviceKey, in
     present = accelerator_count()
     missing = [index for index in indices if index >= present]
     if missing:
-        logger.info("max_memory plans for devices %s that this machine does not have (it has %d).", missing, present)
+        logger.info(
+            "max_memory plans for devices %s that this machine does not have (it has %d).", missing, present
+        )
     order: list[DeviceKey] = [*indices, *(name for name in NAMED_DEVICES if name in parsed)]
     return {key: parsed[key] for key in order}
 

@@ -14,7 +14,7 @@ import gc
 import re
 from collections import defaultdict
 from collections.abc import Iterator, MutableMapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from hasten.utils.dataclasses.enums import CustomDtype
 from hasten.utils.memory import clear_device_cache
 from hasten.utils.typing import Device
 
-DtypeLike = Union[str, torch.dtype, CustomDtype]
+DtypeLike = str | torch.dtype | CustomDtype
 
 _SIZE_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([KMGT]I?B)\s*$", re.IGNORECASE)
 _BINARY = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -44,7 +44,8 @@ def convert_file_size_to_int(size: int | str) -> int:
         match = _SIZE_PATTERN.match(size)
         if match is None:
             raise ValueError(
-                f"size={size!r} is not a size hasten can read: use an int number of bytes or a number followed by "
+                f"size={size!r} is not a size hasten can read: use an int number of bytes or a number "
+                "followed by "
                 f"one of {sorted(_BINARY) + sorted(_DECIMAL)} (e.g. '10GiB', '500MB')"
             )
         number, unit = float(match.group(1)), match.group(2)
@@ -91,11 +92,14 @@ def _keeps_own_dtype(dtype: torch.dtype) -> bool:
 
 
 def _non_persistent(module: nn.Module) -> set[str]:
-    return module._non_persistent_buffers_set  # noqa: SLF001 - torch keeps this set nowhere public
+    return module._non_persistent_buffers_set
 
 
 def named_module_tensors(
-    module: nn.Module, include_buffers: bool = True, recurse: bool = False, remove_non_persistent: bool = False
+    module: nn.Module,
+    include_buffers: bool = True,
+    recurse: bool = False,
+    remove_non_persistent: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The parameters of ``module``, then its buffers (all of them, or only persistent ones)."""
     yield from module.named_parameters(recurse=recurse)
@@ -127,7 +131,7 @@ def _walk(model: nn.Module, remove_duplicate: bool) -> tuple[list[tuple[str, nn.
     def visit(name: str, dot: str, module: nn.Module) -> None:
         nonlocal skipped
         append((name, module))
-        for key, child in module._modules.items():  # noqa: SLF001
+        for key, child in module._modules.items():
             if child is None:
                 continue
             if id(child) in seen:
@@ -188,7 +192,9 @@ class ModuleScan:
         buffers_only: bool = False,
     ) -> None:
         target = None if dtype is None else dtype_byte_size(as_torch_dtype(dtype))
-        special = {name: dtype_byte_size(as_torch_dtype(kind)) for name, kind in (special_dtypes or {}).items()}
+        special = {
+            name: dtype_byte_size(as_torch_dtype(kind)) for name, kind in (special_dtypes or {}).items()
+        }
         per_element: dict[torch.dtype, float] = {}
         sizes: defaultdict[str, float] = defaultdict(int)
         buffer_sizes: dict[str, float] = {}
@@ -227,11 +233,11 @@ class ModuleScan:
         def visit(prefix: str, dot: str, module: nn.Module) -> tuple[float, float, int]:
             nonlocal shared
             modules.append((prefix, module))
-            total, count = (0.0, 0) if buffers_only else tensors(dot, module._parameters, False)  # noqa: SLF001
-            buffers, buffer_count = tensors(dot, module._buffers, True)  # noqa: SLF001
+            total, count = (0.0, 0) if buffers_only else tensors(dot, module._parameters, False)
+            buffers, buffer_count = tensors(dot, module._buffers, True)
             total += buffers
             count += buffer_count
-            for key, child in module._modules.items():  # noqa: SLF001
+            for key, child in module._modules.items():
                 if child is None:
                     continue
                 if id(child) in seen:
@@ -254,7 +260,8 @@ class ModuleScan:
                 visit("", "", model)
         except RecursionError:
             raise ValueError(
-                f"{type(model).__name__} is nested deeper than Python can recurse ({len(modules)} modules on one "
+                f"{type(model).__name__} is nested deeper than Python can recurse ({len(modules)} modules "
+                "on one "
                 "path); raise sys.setrecursionlimit to size it"
             ) from None
         self.modules = modules
@@ -296,14 +303,16 @@ def compute_module_total_buffer_size(
     model: nn.Module, dtype: DtypeLike | None = None, special_dtypes: dict[str, DtypeLike] | None = None
 ) -> float:
     """Bytes held by all buffers of ``model`` (sized as :func:`compute_module_sizes` does)."""
-    return compute_module_sizes(model, dtype=dtype, special_dtypes=special_dtypes, buffers_only=True).get("", 0)
+    return compute_module_sizes(model, dtype=dtype, special_dtypes=special_dtypes, buffers_only=True).get(
+        "", 0
+    )
 
 
 def is_layer(module: Any, no_split_module_classes: Sequence[str]) -> bool:
     """A layer is kept whole on one device: a tensor, a module without children, or a no-split class."""
     if not isinstance(module, nn.Module):
         return True
-    children = module._modules.values()  # noqa: SLF001
+    children = module._modules.values()
     return type(module).__name__ in no_split_module_classes or all(child is None for child in children)
 
 
@@ -377,7 +386,7 @@ def find_tied_parameters(model: nn.Module) -> list[list[str]]:
     groups: dict[int, list[str]] = {}
     for prefix, module in walk_modules(model, remove_duplicate=False):
         dot = f"{prefix}." if prefix else ""
-        for name, parameter in module._parameters.items():  # noqa: SLF001
+        for name, parameter in module._parameters.items():
             if parameter is not None:
                 groups.setdefault(id(parameter), []).append(dot + name)
     return [sorted(set(names)) for names in groups.values() if len(set(names)) > 1]
@@ -389,11 +398,11 @@ def _owner(model: nn.Module, tensor_name: str) -> tuple[nn.Module, str]:
     module = model
     if path:
         for part in path.split("."):
-            child = module._modules.get(part)  # noqa: SLF001
+            child = module._modules.get(part)
             if child is None:
                 raise ValueError(
                     f"tensor_name={tensor_name!r}: {type(module).__name__} has no submodule {part!r} "
-                    f"(its children are {list(module._modules)})"  # noqa: SLF001
+                    f"(its children are {list(module._modules)})"
                 )
             module = child
     return module, leaf
@@ -407,7 +416,8 @@ def retie_parameters(model: nn.Module, tied_params: list[list[str]]) -> None:
     for group in tied_params:
         owners = [_owner(model, name) for name in group]
         source = next(
-            (getattr(module, leaf) for module, leaf in owners if getattr(module, leaf).device.type != "meta"), None
+            (getattr(module, leaf) for module, leaf in owners if getattr(module, leaf).device.type != "meta"),
+            None,
         )
         if source is None:
             continue
@@ -436,29 +446,32 @@ def set_module_tensor_to_device(
     copy per device.
     """
     owner, leaf = _owner(module, tensor_name)
-    is_buffer = leaf in owner._buffers  # noqa: SLF001
-    if leaf not in owner._parameters and not is_buffer:  # noqa: SLF001
+    is_buffer = leaf in owner._buffers
+    if leaf not in owner._parameters and not is_buffer:
         raise ValueError(
             f"tensor_name={tensor_name!r}: {type(owner).__name__} has no parameter or buffer {leaf!r} "
-            f"(it has parameters {list(owner._parameters)} and buffers {list(owner._buffers)})"  # noqa: SLF001
+            f"(it has parameters {list(owner._parameters)} and buffers {list(owner._buffers)})"
         )
-    old = owner._buffers[leaf] if is_buffer else owner._parameters[leaf]  # noqa: SLF001
+    old = owner._buffers[leaf] if is_buffer else owner._parameters[leaf]
     if old is None:
         raise ValueError(f"tensor_name={tensor_name!r} is registered as None; there is no tensor to place")
     if tied_params_map is not None:
         for pointer in (value.data_ptr() if value is not None else None, old.data_ptr()):
             shared = tied_params_map.get(pointer) if pointer is not None else None
             if shared is not None and device in shared:
-                owner._parameters[leaf] = shared[device]  # type: ignore[assignment]  # noqa: SLF001
+                owner._parameters[leaf] = shared[device]  # type: ignore[assignment]
                 return
     target = torch.device(device) if not isinstance(device, torch.device) else device
     if old.device.type == "meta" and target.type != "meta" and value is None:
-        raise ValueError(f"tensor_name={tensor_name!r} is on the meta device: pass `value` to place it on {device!r}")
+        raise ValueError(
+            f"tensor_name={tensor_name!r} is on the meta device: pass `value` to place it on {device!r}"
+        )
     param_cls = type(old)
     if value is not None:
         if old.shape != value.shape and param_cls.__name__ != "Params4bit":
             raise ValueError(
-                f"tensor_name={tensor_name!r}: the value has shape {tuple(value.shape)} but the model expects "
+                f"tensor_name={tensor_name!r}: the value has shape {tuple(value.shape)} but the model "
+                "expects "
                 f"{tuple(old.shape)}; the checkpoint does not match this model"
             )
         if dtype is None:
@@ -475,15 +488,15 @@ def set_module_tensor_to_device(
         else:
             new = torch.tensor(value, device=target)
         if is_buffer:
-            owner._buffers[leaf] = new  # noqa: SLF001
+            owner._buffers[leaf] = new
         elif value is not None or new is not old or type(new) is not param_cls:
-            owner._parameters[leaf] = _as_parameter(new, old, param_cls)  # noqa: SLF001
+            owner._parameters[leaf] = _as_parameter(new, old, param_cls)
             if fp16_statistics is not None:
-                owner._parameters[leaf].SCB = fp16_statistics.to(target, non_blocking=non_blocking)  # type: ignore[union-attr]  # noqa: SLF001
+                owner._parameters[leaf].SCB = fp16_statistics.to(target, non_blocking=non_blocking)  # type: ignore[union-attr]
     if clear_cache and target.type not in ("cpu", "meta"):
         clear_device_cache()
     if tied_params_map is not None:
-        placed = owner._buffers[leaf] if is_buffer else owner._parameters[leaf]  # noqa: SLF001
+        placed = owner._buffers[leaf] if is_buffer else owner._parameters[leaf]
         for pointer in (old.data_ptr(), value.data_ptr() if value is not None else None):
             if pointer is not None and pointer in tied_params_map and device not in tied_params_map[pointer]:
                 tied_params_map[pointer][device] = placed  # type: ignore[assignment]
@@ -500,5 +513,5 @@ def _as_parameter(new: torch.Tensor, old: torch.Tensor, param_cls: type) -> nn.P
     else:
         wrapped = nn.Parameter(data, requires_grad=old.requires_grad)
     if hf_initialized is not None:
-        wrapped._is_hf_initialized = hf_initialized  # type: ignore[attr-defined]  # noqa: SLF001
+        wrapped._is_hf_initialized = hf_initialized  # type: ignore[attr-defined]
     return wrapped

@@ -50,7 +50,9 @@ def _pci_bus_id(local_process_index: int) -> str | None:
     if not torch.cuda.is_available() or local_process_index >= torch.cuda.device_count():
         return None
     props = torch.cuda.get_device_properties(local_process_index)
-    domain, bus, device = (getattr(props, name, None) for name in ("pci_domain_id", "pci_bus_id", "pci_device_id"))
+    domain, bus, device = (
+        getattr(props, name, None) for name in ("pci_domain_id", "pci_bus_id", "pci_device_id")
+    )
     if domain is None or bus is None or device is None:
         return None
     return f"{domain:04x}:{bus:02x}:{device:02x}.0"

@@ -58,7 +58,9 @@ def load_offloaded_weight(weight_file: PathLike, weight_info: Mapping[str, Any])
         shape = tuple(int(size) for size in weight_info["shape"])
         dtype = as_torch_dtype(str(weight_info["dtype"]))
     except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"the offload index entry for {str(weight_file)!r} is malformed: {error}") from None
+        raise CheckpointError(
+            f"the offload index entry for {str(weight_file)!r} is malformed: {error}"
+        ) from None
     expected = math.prod(shape) * dtype.itemsize
     try:
         actual = os.path.getsize(weight_file)
@@ -94,7 +96,9 @@ def _read_index(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         raise CheckpointError(f"offload index {str(path)!r} cannot be read: {error}") from None
     if not isinstance(loaded, dict):
-        raise CheckpointError(f"offload index {str(path)!r} must hold a JSON object, not {type(loaded).__name__}")
+        raise CheckpointError(
+            f"offload index {str(path)!r} must hold a JSON object, not {type(loaded).__name__}"
+        )
     return loaded
 
 
@@ -107,7 +111,9 @@ def offload_state_dict(save_dir: PathLike, state_dict: Mapping[str, torch.Tensor
     save_offload_index(index, save_dir)
 
 
-def load_offloaded_weights(model: torch.nn.Module, index: Mapping[str, Any] | None, offload_folder: PathLike) -> None:
+def load_offloaded_weights(
+    model: torch.nn.Module, index: Mapping[str, Any] | None, offload_folder: PathLike
+) -> None:
     """Put every weight listed in ``index`` (read from ``offload_folder``) into ``model`` on the CPU.
 
     8-bit statistics stored next to a weight as ``<name with SCB for weight>`` are attached to it.
@@ -120,7 +126,9 @@ def load_offloaded_weights(model: torch.nn.Module, index: Mapping[str, Any] | No
         statistics_name = name.replace("weight", "SCB")
         statistics = None
         if "weight" in name and statistics_name in index:
-            statistics = load_offloaded_weight(_dat_path(offload_folder, statistics_name), index[statistics_name])
+            statistics = load_offloaded_weight(
+                _dat_path(offload_folder, statistics_name), index[statistics_name]
+            )
         value = load_offloaded_weight(_dat_path(offload_folder, name), info)
         set_module_tensor_to_device(model, name, "cpu", value=value, fp16_statistics=statistics)
 
@@ -175,7 +183,9 @@ class OffloadedWeightsLoader(Mapping[str, torch.Tensor]):
         device: Device | None = None,
     ) -> None:
         if state_dict is None and save_folder is None and index is None:
-            raise ValueError("OffloadedWeightsLoader needs a state_dict, a save_folder or an index (all were None)")
+            raise ValueError(
+                "OffloadedWeightsLoader needs a state_dict, a save_folder or an index (all were None)"
+            )
         self.state_dict = {} if state_dict is None else state_dict
         self.save_folder = save_folder
         if index is None and save_folder is not None:
@@ -191,7 +201,9 @@ class OffloadedWeightsLoader(Mapping[str, torch.Tensor]):
         if "safetensors_file" in info:
             return self._from_safetensors(key, info)
         if self.save_folder is None:
-            raise CheckpointError(f"offloaded weight {key!r} is a .dat entry but no save_folder was given to read it")
+            raise CheckpointError(
+                f"offloaded weight {key!r} is a .dat entry but no save_folder was given to read it"
+            )
         return load_offloaded_weight(_dat_path(self.save_folder, key), info)
 
     def _from_safetensors(self, key: str, info: Mapping[str, Any]) -> torch.Tensor:

@@ -35,11 +35,11 @@ from hasten.utils.errors import (
     RendezvousTimeoutError,
 )
 from hasten.utils.exchange import (
-    all_gather_into,
-    as_bytes,
     ENVELOPE_BYTES,
     Call,
     Op,
+    all_gather_into,
+    as_bytes,
     call_of,
     check_calls,
     comm_device,
@@ -84,7 +84,8 @@ def _reports_timeouts(function: F) -> F:
                 raise
             state = PartialState()
             raise RendezvousTimeoutError(
-                f"{function.__name__} on rank {state.process_index} of {state.num_processes}: the other ranks did "
+                f"{function.__name__} on rank {state.process_index} of {state.num_processes}: the other "
+                "ranks did "
                 f"not all take part before the process-group timeout ({text.splitlines()[0]}). A rank that "
                 "crashed, or that skipped or reordered its collectives, is the usual cause; with "
                 "ACCELERATE_DEBUG_MODE=1 mismatched calls raise instead of waiting."
@@ -102,20 +103,31 @@ def _paths(data: Any, argument: str) -> Callable[[], list[str]]:
     return lambda: leaf_paths(data, argument)
 
 
-def _check_devices(state: PartialState, leaves: Sequence[torch.Tensor], data: Any, caller: str, argument: str) -> None:
+def _check_devices(
+    state: PartialState, leaves: Sequence[torch.Tensor], data: Any, caller: str, argument: str
+) -> None:
     """Debug mode: every leaf must be on this process's device type."""
     wanted = state.device.type
     for index, leaf in enumerate(leaves):
         if leaf.device.type != wanted:
             raise DistributedOperationException(
                 f"{caller}: {leaf_paths(data, argument)[index]} is on {leaf.device.type!r}, but this process "
-                f"computes on {wanted!r}. Move it there first, e.g. with send_to_device(..., {str(state.device)!r})."
+                f"computes on {wanted!r}. Move it there first, e.g. with send_to_device(..., "
+                f"{str(state.device)!r})."
             )
 
 
-def _debug_check(state: PartialState, op: Op, leaves: Sequence[torch.Tensor], data: Any, argument: str,
-                 arguments: Sequence[int] = (), names: Sequence[str] = ()) -> None:
-    """In debug mode, make sure every rank is in the same call with compatible tensors before communicating."""
+def _debug_check(
+    state: PartialState,
+    op: Op,
+    leaves: Sequence[torch.Tensor],
+    data: Any,
+    argument: str,
+    arguments: Sequence[int] = (),
+    names: Sequence[str] = (),
+) -> None:
+    """In debug mode, make sure every rank is in the same call with compatible tensors before
+    communicating."""
     if not state.debug:
         return
     _check_devices(state, leaves, data, op.label, argument)
@@ -133,7 +145,9 @@ def _as_gatherable(leaf: torch.Tensor) -> torch.Tensor:
     return leaf if leaf.is_contiguous() else leaf.contiguous()
 
 
-def _unpack_gathered(rows: torch.Tensor, offsets: Sequence[int], leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def _unpack_gathered(
+    rows: torch.Tensor, offsets: Sequence[int], leaves: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
     """Each leaf's rows from every rank, concatenated along dim 0 (``rows`` is world x bytes, uint8)."""
     world = rows.shape[0]
     out = []
@@ -203,7 +217,7 @@ def _unpickled(data: torch.Tensor) -> Any:
 
 
 @_reports_timeouts
-def gather_object(object: Any) -> Any:  # noqa: A002 - Accelerate's parameter name
+def gather_object(object: Any) -> Any:
     """Gather a picklable object from every process into one list, in rank order.
 
     A list or tuple from each rank is flattened into the result (``[a, b]`` on rank 0 and
@@ -215,7 +229,7 @@ def gather_object(object: Any) -> Any:  # noqa: A002 - Accelerate's parameter na
         return object
     payload = _pickled(object)
     replies = exchange(Call(int(Op.GATHER_OBJECT), (), ()), payload)
-    check_calls(replies, lambda: [])
+    check_calls(replies, list)
     if all(reply.payload is not None for reply in replies):
         parts = [_unpickled(reply.payload) for reply in replies if reply.payload is not None]
     else:
@@ -244,7 +258,11 @@ def _gather_big_objects(state: PartialState, payload: torch.Tensor, sizes: Seque
 
 
 def _check_source(state: PartialState, from_process: Any, caller: str) -> int:
-    if isinstance(from_process, bool) or not isinstance(from_process, int) or not 0 <= from_process < state.num_processes:
+    if (
+        isinstance(from_process, bool)
+        or not isinstance(from_process, int)
+        or not 0 <= from_process < state.num_processes
+    ):
         raise ConfigurationError(
             f"{caller}: from_process={from_process!r} must be the rank of a process, an int from 0 to "
             f"{state.num_processes - 1}."
@@ -270,7 +288,7 @@ def broadcast_object_list(object_list: list[Any], from_process: int = 0) -> list
         )
     if state.debug:
         replies = exchange(Call(int(Op.BROADCAST_OBJECT_LIST), (source,), ()))
-        check_calls(replies, lambda: [], ("from_process",))
+        check_calls(replies, list, ("from_process",))
     device = comm_device(state)
     sending = state.process_index == source
     payload = _pickled(list(object_list)) if sending else None
@@ -285,7 +303,9 @@ def broadcast_object_list(object_list: list[Any], from_process: int = 0) -> list
     if 8 + size <= ENVELOPE_BYTES:
         data = envelope[8 : 8 + size]
     else:  # too big for the envelope: a second broadcast of exactly its size
-        data = payload.to(device) if payload is not None else torch.empty(size, dtype=torch.uint8, device=device)
+        data = (
+            payload.to(device) if payload is not None else torch.empty(size, dtype=torch.uint8, device=device)
+        )
         dist.broadcast(data, src=source)
     if not sending:
         object_list[:] = _unpickled(data)
@@ -307,13 +327,16 @@ def copy_tensor_to_devices(tensor: torch.Tensor | None = None) -> torch.Tensor:
     """
     if tensor is not None and not isinstance(tensor, torch.Tensor):
         raise TypeError(
-            f"copy_tensor_to_devices: tensor must be a torch.Tensor on one process and None on the others, got "
+            "copy_tensor_to_devices: tensor must be a torch.Tensor on one process and None on the others, "
+            "got "
             f"{type(tensor).__qualname__}."
         )
     state = _distributed()
     if state is None:
         if tensor is None:
-            raise ValueError("copy_tensor_to_devices: tensor is None on the only process; pass the tensor to share.")
+            raise ValueError(
+                "copy_tensor_to_devices: tensor is None on the only process; pass the tensor to share."
+            )
         return tensor.to(PartialState().device)
     leaves = [] if tensor is None else [tensor.detach().contiguous()]
     payload = None
@@ -322,7 +345,7 @@ def copy_tensor_to_devices(tensor: torch.Tensor | None = None) -> torch.Tensor:
         payload = torch.empty(total, dtype=torch.uint8, device=comm_device(state))
         pack_into(payload, offsets, leaves)
     replies = exchange(call_of(Op.COPY_TENSOR_TO_DEVICES, leaves), payload)
-    check_calls(replies, lambda: [], compare="none")
+    check_calls(replies, list, compare="none")
     holders = [rank for rank, reply in enumerate(replies) if reply.call.leaves]
     if len(holders) != 1:
         raise DistributedOperationException(
@@ -380,8 +403,13 @@ def broadcast(tensor: Any, from_process: int = 0) -> Any:
 # Dtypes gloo cannot reduce, and the wider dtype that gives the same result (sums wrap the same way).
 _REDUCE_AS: dict[torch.dtype, torch.dtype] = {
     dtype: wider
-    for name, wider in (("int16", torch.int32), ("uint16", torch.int32), ("uint32", torch.int64),
-                        ("float8_e4m3fn", torch.float32), ("float8_e5m2", torch.float32))
+    for name, wider in (
+        ("int16", torch.int32),
+        ("uint16", torch.int32),
+        ("uint32", torch.int64),
+        ("float8_e4m3fn", torch.float32),
+        ("float8_e5m2", torch.float32),
+    )
     if isinstance(dtype := getattr(torch, name, None), torch.dtype)
 }
 
@@ -414,8 +442,10 @@ def reduce(tensor: Any, reduction: Reduction = "mean", scale: float = 1.0) -> An
     for index, leaf in enumerate(leaves):
         if mode == "mean" and not (leaf.is_floating_point() or leaf.is_complex()):
             raise TypeError(
-                f"reduce: reduction='mean' needs floating-point tensors, but {leaf_paths(tensor, 'tensor')[index]} "
-                f"is {leaf.dtype}. Use reduction='sum' (and divide by num_processes), or convert it to float first."
+                "reduce: reduction='mean' needs floating-point tensors, but "
+                f"{leaf_paths(tensor, 'tensor')[index]} "
+                f"is {leaf.dtype}. Use reduction='sum' (and divide by num_processes), or convert it to "
+                "float first."
             )
     _debug_check(state, Op.REDUCE, leaves, tensor, "tensor", (_REDUCTIONS.index(mode),), ("reduction",))
     op = dist.ReduceOp.MAX if mode == "max" else dist.ReduceOp.SUM
@@ -478,7 +508,8 @@ def pad_across_processes(tensor: Any, dim: int = 0, pad_index: int = 0, pad_firs
     for index, leaf in enumerate(leaves):
         if getattr(leaf, "is_nested", False):
             warnings.warn(
-                "pad_across_processes cannot pad a nested tensor without more information; it is returned as it is.",
+                "pad_across_processes cannot pad a nested tensor without more information; it is returned "
+                "as it is.",
                 CannotPadNestedTensorWarning,
                 stacklevel=2,
             )
@@ -513,7 +544,9 @@ def pad_input_tensors(tensor: Any, batch_size: int, num_processes: int, dim: int
         ConfigurationError: ``num_processes`` is not a positive int or ``batch_size`` is negative.
     """
     if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
-        raise ConfigurationError(f"pad_input_tensors: num_processes={num_processes!r} must be a positive int.")
+        raise ConfigurationError(
+            f"pad_input_tensors: num_processes={num_processes!r} must be a positive int."
+        )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
         raise ConfigurationError(f"pad_input_tensors: batch_size={batch_size!r} must be an int >= 0.")
     target = -(-batch_size // num_processes) * num_processes

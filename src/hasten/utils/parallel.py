@@ -10,7 +10,7 @@ from __future__ import annotations
 import codecs
 import io
 from collections.abc import Mapping
-from typing import IO, Any, Union
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from hasten.utils.atomic import atomic_path
 from hasten.utils.imports import is_deepspeed_available
 from hasten.utils.typing import PathLike
 
-FileLike = Union[PathLike, IO[bytes]]
+FileLike = PathLike | IO[bytes]
 
 
 def wait_for_everyone() -> None:
@@ -30,7 +30,8 @@ def wait_for_everyone() -> None:
 
 
 def without_aliases(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """``state_dict`` with each shared tensor kept once, under its first name (safetensors refuses aliases)."""
+    """``state_dict`` with each shared tensor kept once, under its first name (safetensors refuses
+    aliases)."""
     seen: set[tuple[torch.device, int, int]] = set()
     result = {}
     for name, value in state_dict.items():
@@ -50,7 +51,8 @@ def _write(obj: Any, f: FileLike, safe_serialization: bool) -> None:
 
         if not isinstance(obj, Mapping) or not all(isinstance(value, torch.Tensor) for value in obj.values()):
             raise TypeError(
-                f"save(safe_serialization=True) needs a dict of tensors (a state_dict), not {type(obj).__name__}; "
+                "save(safe_serialization=True) needs a dict of tensors (a state_dict), not "
+                f"{type(obj).__name__}; "
                 "save other objects with safe_serialization=False"
             )
         tensors = without_aliases(obj)
@@ -84,10 +86,14 @@ def save(obj: Any, f: FileLike, save_on_each_node: bool = False, safe_serializat
 
 def _numpy_globals() -> list[Any]:
     core = getattr(np, "_core", None) or np.core
-    allowed: list[Any] = [core.multiarray._reconstruct, np.ndarray, np.dtype, codecs.encode]  # noqa: SLF001
+    allowed: list[Any] = [core.multiarray._reconstruct, np.ndarray, np.dtype, codecs.encode]
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
-        allowed += [getattr(dtypes, name) for name in ("UInt32DType", "Float64DType", "Int64DType") if hasattr(dtypes, name)]
+        allowed += [
+            getattr(dtypes, name)
+            for name in ("UInt32DType", "Float64DType", "Int64DType")
+            if hasattr(dtypes, name)
+        ]
     return allowed
 
 
@@ -124,7 +130,9 @@ def _compiled(model: nn.Module) -> bool:
 
 
 def _unwrap_recursively(module: nn.Module, wrappers: tuple[type, ...]) -> nn.Module:
-    while isinstance(module, wrappers) or (hasattr(module, "module") and isinstance(module.module, nn.Module)):
+    while isinstance(module, wrappers) or (
+        hasattr(module, "module") and isinstance(module.module, nn.Module)
+    ):
         module = module.module  # type: ignore[assignment]
     for name, child in list(module.named_children()):
         setattr(module, name, _unwrap_recursively(child, wrappers))
@@ -147,7 +155,7 @@ def extract_model_from_parallel(
     wrappers = _wrapper_types()
     compiled = model if _compiled(model) else None
     if compiled is not None:
-        model = compiled._orig_mod  # type: ignore[assignment]  # noqa: SLF001
+        model = compiled._orig_mod  # type: ignore[assignment]
     while isinstance(model, wrappers):
         model = model.module  # type: ignore[assignment]
     if recursive:
@@ -160,6 +168,6 @@ def extract_model_from_parallel(
                 forward = forward.__wrapped__
             model.forward = forward.__get__(model) if not hasattr(forward, "__self__") else forward
     if keep_torch_compile and compiled is not None:
-        compiled._orig_mod = model  # noqa: SLF001
+        compiled._orig_mod = model
         return compiled
     return model

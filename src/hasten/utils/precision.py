@@ -9,7 +9,8 @@ carries the wrapper can still be pickled (``torch.save(model)``, sending it to
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -16,7 +16,12 @@ from dataclasses import dataclass
 _RANK = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 _WORLD_SIZE = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 _LOCAL_RANK = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
-_LOCAL_WORLD_SIZE = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
+_LOCAL_WORLD_SIZE = (
+    "LOCAL_WORLD_SIZE",
+    "MPI_LOCALNRANKS",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "MV2_COMM_WORLD_LOCAL_SIZE",
+)
 
 
 def _first_int(env: Mapping[str, str], keys: tuple[str, ...]) -> tuple[str, int] | None:
@@ -108,7 +113,8 @@ class LaunchEnvironment:
         if not 0 <= local_rank_value < local_world_size:
             name = local_rank[0] if local_rank else "LOCAL_RANK"
             raise ValueError(
-                f"{name}={local_rank_value} is not a valid local rank on a node of {local_world_size} processes."
+                f"{name}={local_rank_value} is not a valid local rank on a node of {local_world_size} "
+                "processes."
             )
         port_raw = env.get("MASTER_PORT", "").strip()
         try:

@@ -48,7 +48,9 @@ class Progress:
         if is_tqdm_available():
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.total, desc=self.description, unit=self.unit, initial=self.done, leave=False)
+            self._bar = tqdm(
+                total=self.total, desc=self.description, unit=self.unit, initial=self.done, leave=False
+            )
             return
         from rich.progress import Progress as RichProgress
 

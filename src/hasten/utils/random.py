@@ -65,7 +65,9 @@ def _get_state(rng_type: RNGType, generator: torch.Generator | None) -> torch.Te
         return generator.get_state()
     if rng_type == RNGType.XLA:
         if not is_torch_xla_available():
-            raise ValueError("rng_type='xla': torch_xla is not installed, so there is no XLA generator to synchronise")
+            raise ValueError(
+                "rng_type='xla': torch_xla is not installed, so there is no XLA generator to synchronise"
+            )
         import torch_xla.core.xla_model as xm
 
         return torch.tensor(xm.get_rng_state(), dtype=torch.int64)
@@ -86,7 +88,9 @@ def _set_state(rng_type: RNGType, state: torch.Tensor, generator: torch.Generato
         _device_module(rng_type).set_rng_state(state)
 
 
-def synchronize_rng_state(rng_type: RNGType | str | None = None, generator: torch.Generator | None = None) -> None:
+def synchronize_rng_state(
+    rng_type: RNGType | str | None = None, generator: torch.Generator | None = None
+) -> None:
     """Give this rank's generator rank 0's state, so every rank draws the same numbers next.
 
     Args:
@@ -104,7 +108,9 @@ def synchronize_rng_state(rng_type: RNGType | str | None = None, generator: torc
     _set_state(kind, state, generator)
 
 
-def synchronize_rng_states(rng_types: Iterable[RNGType | str], generator: torch.Generator | None = None) -> None:
+def synchronize_rng_states(
+    rng_types: Iterable[RNGType | str], generator: torch.Generator | None = None
+) -> None:
     """:func:`synchronize_rng_state` for each of ``rng_types``."""
     for rng_type in rng_types:
         synchronize_rng_state(RNGType.parse(rng_type, "rng_types"), generator)

@@ -34,7 +34,9 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 
 def shard_checkpoint(
-    state_dict: Mapping[str, torch.Tensor], max_shard_size: int | str = "10GB", weights_name: str = WEIGHTS_NAME
+    state_dict: Mapping[str, torch.Tensor],
+    max_shard_size: int | str = "10GB",
+    weights_name: str = WEIGHTS_NAME,
 ) -> tuple[Shards, dict[str, Any] | None]:
     """Split ``state_dict`` into shards of at most ``max_shard_size`` (bytes, or ``"10GB"``-style strings).
 
@@ -65,7 +67,9 @@ def shard_checkpoint(
     if len(shards) == 1:
         return {weights_name: shards[0]}, None
     stem, dot, extension = weights_name.rpartition(".")
-    names = [f"{stem}-{number:05d}-of-{len(shards):05d}{dot}{extension}" for number in range(1, len(shards) + 1)]
+    names = [
+        f"{stem}-{number:05d}-of-{len(shards):05d}{dot}{extension}" for number in range(1, len(shards) + 1)
+    ]
     weight_map = {tensor_name: file for file, shard in zip(names, shards) for tensor_name in shard}
     return dict(zip(names, shards)), {"metadata": {"total_size": total}, "weight_map": weight_map}
 

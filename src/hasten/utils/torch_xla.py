@@ -22,7 +22,8 @@ def xla_install_command(upgrade: bool = False, torch_version: str | None = None)
     system, machine = platform.system(), platform.machine().lower()
     if system != "Linux" or machine not in ("x86_64", "amd64", "aarch64"):
         raise RuntimeError(
-            f"install_xla: torch_xla publishes wheels for Linux on x86_64 and aarch64 only (this is {system} on "
+            "install_xla: torch_xla publishes wheels for Linux on x86_64 and aarch64 only (this is "
+            f"{system} on "
             f"{platform.machine()}); run it on the TPU host"
         )
     if upgrade:
@@ -36,7 +37,8 @@ def xla_install_command(upgrade: bool = False, torch_version: str | None = None)
         raise RuntimeError(f"install_xla: cannot read the torch version {version_text!r}") from None
     if version.is_prerelease or version.is_devrelease:
         raise RuntimeError(
-            f"install_xla: torch {version_text} is a pre-release; torch_xla matches releases only. Install a torch "
+            f"install_xla: torch {version_text} is a pre-release; torch_xla matches releases only. Install "
+            "a torch "
             "release, or torch_xla's nightly yourself"
         )
     return [sys.executable, "-m", "pip", "install", f"torch_xla[tpu]~={version.major}.{version.minor}.0"]

@@ -80,11 +80,14 @@ def rebuild_sequence(node: Any, items: list[Any]) -> Any:
     try:
         return cls(*items) if by_position else cls(items)
     except TypeError as error:
-        raise Unbuildable(node, f"{cls.__qualname__} could not be rebuilt from its items ({error})") from error
+        raise Unbuildable(
+            node, f"{cls.__qualname__} could not be rebuilt from its items ({error})"
+        ) from error
 
 
 def rebuild_mapping(node: Any, items: dict[Any, Any]) -> Any:
-    """A Mapping of ``node``'s type holding ``items``: keeps a defaultdict's factory and a UserDict's attributes."""
+    """A Mapping of ``node``'s type holding ``items``: keeps a defaultdict's factory and a UserDict's
+    attributes."""
     cls = type(node)
     if cls is dict:
         return items
@@ -98,8 +101,9 @@ def rebuild_mapping(node: Any, items: dict[Any, Any]) -> Any:
         return cls(items)
     except TypeError as error:
         raise Unbuildable(
-            node, f"{cls.__qualname__} could not be rebuilt from a dict of its items ({error}); give it a "
-            "constructor that accepts a dict, or convert it to a dict first"
+            node,
+            f"{cls.__qualname__} could not be rebuilt from a dict of its items ({error}); give it a "
+            "constructor that accepts a dict, or convert it to a dict first",
         ) from error
 
 
@@ -156,7 +160,9 @@ def _walker(
         if leaf_first and test(node):
             return func(node)
         if isinstance(node, (list, tuple)):
-            return rebuild_sequence(node, [func(v) if tensors and type(v) is _Tensor else visit(v) for v in node])
+            return rebuild_sequence(
+                node, [func(v) if tensors and type(v) is _Tensor else visit(v) for v in node]
+            )
         if isinstance(node, Mapping):
             return rebuild_mapping(node, {k: v if k in skip_keys else visit(v) for k, v in node.items()})
         return leaf(node)
@@ -270,7 +276,9 @@ class TreeSpec:
 
     __slots__ = ("_data", "_is_leaf", "_tensors", "num_leaves")
 
-    def __init__(self, data: Any, is_leaf: Callable[[Any], bool] | None, tensors: bool, num_leaves: int) -> None:
+    def __init__(
+        self, data: Any, is_leaf: Callable[[Any], bool] | None, tensors: bool, num_leaves: int
+    ) -> None:
         self._data = data
         self._is_leaf = is_leaf
         self._tensors = tensors
@@ -279,7 +287,9 @@ class TreeSpec:
     def unflatten(self, leaves: Sequence[Any]) -> Any:
         """The original structure with ``leaves`` (in flatten order) in place of its leaves."""
         if len(leaves) != self.num_leaves:
-            raise ValueError(f"unflatten needs {self.num_leaves} leaves for this structure, got {len(leaves)}.")
+            raise ValueError(
+                f"unflatten needs {self.num_leaves} leaves for this structure, got {len(leaves)}."
+            )
         it = iter(leaves)
         return tree_map(lambda _: next(it), self._data, is_leaf=self._is_leaf, tensors=self._tensors)
 
@@ -303,7 +313,9 @@ def tree_flatten(
     >>> len(leaves), spec.unflatten(["A", "B"])
     (2, {'a': 'A', 'b': ('B', 3)})
     """
-    leaves = tree_leaves(data, is_leaf=is_leaf, tensors=tensors, strict=strict, caller=caller, argument=argument)
+    leaves = tree_leaves(
+        data, is_leaf=is_leaf, tensors=tensors, strict=strict, caller=caller, argument=argument
+    )
     return leaves, TreeSpec(data, is_leaf, tensors, len(leaves))
 
 
@@ -354,7 +366,9 @@ def _path_to(data: Any, target: Any) -> str | None:
     return None
 
 
-def _explain(error: Unbuildable, data: Any, test: Callable[[Any], bool], caller: str, argument: str) -> TypeError:
+def _explain(
+    error: Unbuildable, data: Any, test: Callable[[Any], bool], caller: str, argument: str
+) -> TypeError:
     path = argument + (_path_to(data, error.node) or "")
     if error.problem != "unsupported leaf":
         return TypeError(f"{caller}: {path} is a {error.problem}.")
@@ -400,13 +414,15 @@ def nesting_error(data: Any, caller: str, argument: str, error: RecursionError) 
     path, back_to = _shorten(path), None if back_to is None else _shorten(back_to)
     if back_to is not None:
         return TreeNestingError(
-            f"{caller}: {argument}{path} is {argument}{back_to} itself, so {argument} contains itself and has "
+            f"{caller}: {argument}{path} is {argument}{back_to} itself, so {argument} contains itself and "
+            "has "
             "no end. Pass a structure without cycles (copy the part that refers back)."
         )
     if depth < MAX_NESTING:
         return error  # the recursion came from the applied function, not from the structure
     return TreeNestingError(
-        f"{caller}: {argument} is nested {depth} levels deep (down to {argument}{path}), deeper than Python's "
+        f"{caller}: {argument} is nested {depth} levels deep (down to {argument}{path}), deeper than "
+        "Python's "
         "recursion limit allows. Flatten the structure, or raise the limit with sys.setrecursionlimit()."
     )
 

@@ -7,7 +7,7 @@ from typing import Union
 
 import torch
 
-Device = Union[str, int, torch.device]
+Device = str | int | torch.device
 """A device as users write it: ``"cuda:0"``, ``0``, ``"cpu"``, ``"disk"`` or a ``torch.device``."""
 
 PathLike = Union[str, "os.PathLike[str]"]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from packaging.version import Version, parse
 
@@ -24,7 +25,9 @@ def _operation(operation: str) -> Callable[[Any, Any], bool]:
         return STR_OPERATION_TO_FUNC[operation]
     except KeyError:
         valid = ", ".join(repr(op) for op in STR_OPERATION_TO_FUNC)
-        raise ValueError(f"operation={operation!r} is not a comparison operator; use one of {valid}.") from None
+        raise ValueError(
+            f"operation={operation!r} is not a comparison operator; use one of {valid}."
+        ) from None
 
 
 def compare_versions(library_or_version: str | Version, operation: str, requirement_version: str) -> bool:

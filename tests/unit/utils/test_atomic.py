@@ -65,7 +65,9 @@ with atomic_write(sys.argv[1]) as handle:
 def test_a_killed_writer_leaves_the_previous_file_intact(tmp_path: Path) -> None:
     target = tmp_path / "weights.bin"
     target.write_bytes(b"previous")
-    with subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True) as writer:
+    with subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True
+    ) as writer:
         try:
             assert writer.stdout is not None and writer.stdout.readline().strip() == "writing"
         finally:

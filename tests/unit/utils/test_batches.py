@@ -63,7 +63,11 @@ def test_send_to_device_makes_no_copy_when_already_there() -> None:
 def test_send_to_device_skip_keys_as_string_or_list() -> None:
     batch = {"a": torch.ones(1), "b": torch.ones(1), "c": {"a": torch.ones(1)}}
     out = send_to_device(batch, "meta", skip_keys="a")
-    assert out["a"].device.type == "cpu" and out["c"]["a"].device.type == "cpu" and out["b"].device.type == "meta"
+    assert (
+        out["a"].device.type == "cpu"
+        and out["c"]["a"].device.type == "cpu"
+        and out["b"].device.type == "meta"
+    )
     out = send_to_device(batch, "meta", skip_keys=["a", "b"])
     assert out["a"].device.type == "cpu" and out["b"].device.type == "cpu"
 
@@ -115,7 +119,9 @@ def test_structure_shape_and_initialise() -> None:
     assert structure["a"] == TensorInformation(torch.Size([2, 3]), torch.float16)
     assert get_shape(data) == {"a": [2, 3], "b": [[4]]}
     fresh = initialize_tensors(structure)
-    assert fresh["a"].shape == (2, 3) and fresh["a"].dtype == torch.float16 and fresh["b"][0].dtype == torch.long
+    assert (
+        fresh["a"].shape == (2, 3) and fresh["a"].dtype == torch.float16 and fresh["b"][0].dtype == torch.long
+    )
 
 
 def test_listify_converts_bfloat16_and_scalars() -> None:
@@ -138,7 +144,9 @@ def test_concatenate_nested_batches() -> None:
 
 
 def test_concatenate_errors_name_the_place() -> None:
-    with pytest.raises(TypeError, match=r"concatenate: can only concatenate tensors, but data\[0\]\['b'\] is a str"):
+    with pytest.raises(
+        TypeError, match=r"concatenate: can only concatenate tensors, but data\[0\]\['b'\] is a str"
+    ):
         concatenate([{"b": "x"}, {"b": "y"}])
     with pytest.raises(ValueError, match=r"data\[1\]\['a'\] does not have the 2 items of data\[0\]\['a'\]"):
         concatenate([{"a": [torch.ones(1), torch.ones(1)]}, {"a": [torch.ones(1)]}])
@@ -174,7 +182,10 @@ def test_find_batch_size_and_its_errors() -> None:
 
 
 def test_find_device() -> None:
-    assert find_device({"a": "x", "b": [1, {"c": torch.ones(1, device="meta")}], "d": torch.ones(1)}).type == "meta"
+    assert (
+        find_device({"a": "x", "b": [1, {"c": torch.ones(1, device="meta")}], "d": torch.ones(1)}).type
+        == "meta"
+    )
     assert find_device(torch.ones(1)) == torch.device("cpu")
     assert find_device({"a": [1, 2]}) is None and find_device(3) is None
     loop: list[Any] = [1]
@@ -184,5 +195,7 @@ def test_find_device() -> None:
 
 def test_concatenate_names_a_container_it_cannot_rebuild() -> None:
     batch = {"m": NeedsTwoArguments({"a": torch.ones(1)}, extra=1)}
-    with pytest.raises(TypeError, match="concatenate: a NeedsTwoArguments could not be rebuilt from a dict of its items"):
+    with pytest.raises(
+        TypeError, match="concatenate: a NeedsTwoArguments could not be rebuilt from a dict of its items"
+    ):
         concatenate([batch, batch])

@@ -1,4 +1,5 @@
-"""Quantized loading with the real bitsandbytes CPU backend: 8-bit and 4-bit, in memory and from a checkpoint."""
+"""Quantized loading with the real bitsandbytes CPU backend: 8-bit and 4-bit, in memory and from a
+checkpoint."""
 
 from __future__ import annotations
 
@@ -14,17 +15,19 @@ from torch import nn
 
 pytest.importorskip("bitsandbytes")
 
-from hasten.big_modeling import init_empty_weights  # noqa: E402
-from hasten.utils.bnb import (  # noqa: E402
+from hasten.big_modeling import init_empty_weights
+from hasten.utils.bnb import (
     get_keys_to_not_convert,
     has_4bit_bnb_layers,
     load_and_quantize_model,
     replace_with_bnb_layers,
 )
-from hasten.utils.dataclasses.configs import BnbQuantizationConfig  # noqa: E402
+from hasten.utils.dataclasses.configs import BnbQuantizationConfig
 
 EIGHT = BnbQuantizationConfig(load_in_8bit=True, torch_dtype="fp32")
-FOUR = BnbQuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="fp32", torch_dtype="fp32")
+FOUR = BnbQuantizationConfig(
+    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="fp32", torch_dtype="fp32"
+)
 
 
 class Net(nn.Module):
@@ -48,11 +51,17 @@ X = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
 
 
 def _bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values() if isinstance(t, torch.Tensor))
+    return sum(
+        t.numel() * t.element_size() for t in module.state_dict().values() if isinstance(t, torch.Tensor)
+    )
 
 
-@pytest.mark.parametrize(("config", "factor", "tolerance"), [(EIGHT, 3.5, 0.02), (FOUR, 6.0, 0.2)], ids=["8bit", "4bit"])
-def test_in_memory_model_is_quantized_and_close(config: BnbQuantizationConfig, factor: float, tolerance: float) -> None:
+@pytest.mark.parametrize(
+    ("config", "factor", "tolerance"), [(EIGHT, 3.5, 0.02), (FOUR, 6.0, 0.2)], ids=["8bit", "4bit"]
+)
+def test_in_memory_model_is_quantized_and_close(
+    config: BnbQuantizationConfig, factor: float, tolerance: float
+) -> None:
     source = _source()
     expected = source(X)
     before = _bytes(source.up)
@@ -71,8 +80,14 @@ def test_meta_model_is_quantized_while_loading(tmp_path: Path, config: BnbQuanti
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "model.safetensors")
     with init_empty_weights():
         model = Net()
-    model = load_and_quantize_model(model, config, weights_location=tmp_path, device_map="auto",
-                                    max_memory={"cpu": "1GiB"}, no_split_module_classes=["Net"])  # fmt: skip
+    model = load_and_quantize_model(
+        model,
+        config,
+        weights_location=tmp_path,
+        device_map="auto",
+        max_memory={"cpu": "1GiB"},
+        no_split_module_classes=["Net"],
+    )
     in_memory = load_and_quantize_model(copy.deepcopy(source), config)
     with torch.no_grad():
         assert torch.equal(model(X), in_memory(X))
@@ -80,8 +95,9 @@ def test_meta_model_is_quantized_while_loading(tmp_path: Path, config: BnbQuanti
 
 
 def test_skip_and_fp32_modules_are_honoured() -> None:
-    config = BnbQuantizationConfig(load_in_8bit=True, torch_dtype="fp16", skip_modules=["down"],
-                                   keep_in_fp32_modules=["norm"])  # fmt: skip
+    config = BnbQuantizationConfig(
+        load_in_8bit=True, torch_dtype="fp16", skip_modules=["down"], keep_in_fp32_modules=["norm"]
+    )
     model = load_and_quantize_model(_source(), config)
     assert type(model.down) is nn.Linear and model.down.weight.dtype == torch.float16
     assert model.norm.weight.dtype == torch.float32
@@ -105,33 +121,53 @@ def test_bad_inputs_are_explained(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"device_map='fast' must be a dict or one of"):
         load_and_quantize_model(_source(), EIGHT, device_map="fast")
     with pytest.raises(ValueError, match=r"sends \['up'\] to disk; quantized layers cannot be offloaded"):
-        load_and_quantize_model(_source(), EIGHT, device_map={"up": "disk", "down": "cpu", "norm": "cpu", "head": "cpu"})
+        load_and_quantize_model(
+            _source(), EIGHT, device_map={"up": "disk", "down": "cpu", "norm": "cpu", "head": "cpu"}
+        )
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({}, r"load_in_8bit=False and load_in_4bit=False: set exactly one"),
-     ({"load_in_8bit": True, "load_in_4bit": True}, r"set exactly one"),
-     ({"load_in_4bit": True, "bnb_4bit_quant_type": "int3"}, r"bnb_4bit_quant_type='int3' is not valid; expected one of \['fp4', 'nf4'\]"),
-     ({"load_in_8bit": True, "torch_dtype": "fp64"}, r"torch_dtype='fp64' is not valid; expected one of \['fp32', 'fp16', 'bf16'\] or a torch.dtype"),
-     ({"load_in_8bit": "yes"}, r"load_in_8bit='yes' must be True or False"),
-     ({"load_in_8bit": True, "skip_modules": "head"}, r"skip_modules='head' must be a list of module names")],
-)  # fmt: skip
+    [
+        ({}, r"load_in_8bit=False and load_in_4bit=False: set exactly one"),
+        ({"load_in_8bit": True, "load_in_4bit": True}, r"set exactly one"),
+        (
+            {"load_in_4bit": True, "bnb_4bit_quant_type": "int3"},
+            r"bnb_4bit_quant_type='int3' is not valid; expected one of \['fp4', 'nf4'\]",
+        ),
+        (
+            {"load_in_8bit": True, "torch_dtype": "fp64"},
+            r"torch_dtype='fp64' is not valid; expected one of \['fp32', 'fp16', 'bf16'\] or a torch.dtype",
+        ),
+        ({"load_in_8bit": "yes"}, r"load_in_8bit='yes' must be True or False"),
+        (
+            {"load_in_8bit": True, "skip_modules": "head"},
+            r"skip_modules='head' must be a list of module names",
+        ),
+    ],
+)
 def test_config_validation(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         BnbQuantizationConfig(**kwargs)
 
 
 def test_config_resolves_dtypes() -> None:
-    config = BnbQuantizationConfig(load_in_4bit=True, bnb_4bit_compute_dtype="bf16", torch_dtype=torch.float16)
+    config = BnbQuantizationConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype="bf16", torch_dtype=torch.float16
+    )
     assert config.bnb_4bit_compute_dtype == torch.bfloat16 and str(config.target_dtype) == "int4"
     assert BnbQuantizationConfig(load_in_8bit=True).target_dtype == torch.int8
 
 
 def test_a_missing_bitsandbytes_names_the_package_and_extra() -> None:
-    code = ("import sys; sys.modules['bitsandbytes'] = None\n"
-            "import torch\nfrom hasten.utils.bnb import has_4bit_bnb_layers\n"
-            "has_4bit_bnb_layers(torch.nn.Linear(1, 1))")  # fmt: skip
+    code = (
+        "import sys; sys.modules['bitsandbytes'] = None\n"
+        "import torch\nfrom hasten.utils.bnb import has_4bit_bnb_layers\n"
+        "has_4bit_bnb_layers(torch.nn.Linear(1, 1))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert "ImportError: quantize models to 8 or 4 bits needs the optional package 'bitsandbytes'" in result.stderr
+    assert (
+        "ImportError: quantize models to 8 or 4 bits needs the optional package 'bitsandbytes'"
+        in result.stderr
+    )
     assert "pip install 'hasten[test]'" in result.stderr

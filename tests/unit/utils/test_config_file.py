@@ -11,9 +11,23 @@ import yaml
 from hasten.utils.config_file import default_config_file, write_basic_config
 from hasten.utils.environment import patch_environment
 
-KEYS = {"compute_environment", "debug", "distributed_type", "downcast_bf16", "enable_cpu_affinity", "machine_rank",
-        "main_training_function", "mixed_precision", "num_machines", "num_processes", "rdzv_backend",
-        "same_network", "tpu_use_cluster", "tpu_use_sudo", "use_cpu"}  # fmt: skip
+KEYS = {
+    "compute_environment",
+    "debug",
+    "distributed_type",
+    "downcast_bf16",
+    "enable_cpu_affinity",
+    "machine_rank",
+    "main_training_function",
+    "mixed_precision",
+    "num_machines",
+    "num_processes",
+    "rdzv_backend",
+    "same_network",
+    "tpu_use_cluster",
+    "tpu_use_sudo",
+    "use_cpu",
+}
 
 
 def test_yaml_on_this_cpu_machine(tmp_path: Path) -> None:
@@ -54,4 +68,6 @@ def test_same_keys_and_values_as_accelerate(tmp_path: Path) -> None:
     accelerate_utils = pytest.importorskip("accelerate.utils")
     accelerate_utils.write_basic_config(save_location=str(tmp_path / "theirs.json"))
     write_basic_config(save_location=tmp_path / "ours.json")
-    assert json.loads((tmp_path / "ours.json").read_text()) == json.loads((tmp_path / "theirs.json").read_text())
+    assert json.loads((tmp_path / "ours.json").read_text()) == json.loads(
+        (tmp_path / "theirs.json").read_text()
+    )

@@ -54,18 +54,28 @@ def test_detected_budget_is_the_available_ram_here() -> None:
 
 def test_budgets_are_parsed_ordered_and_not_modified() -> None:
     given = {"disk": "1TB", "cpu": "2GiB", 1: "10GB", 0: 1000}
-    assert list(get_max_memory(given).items()) == [(0, 1000), (1, 10**10), ("cpu", 2 * 2**30), ("disk", 10**12)]
+    assert list(get_max_memory(given).items()) == [
+        (0, 1000),
+        (1, 10**10),
+        ("cpu", 2 * 2**30),
+        ("disk", 10**12),
+    ]
     assert given["cpu"] == "2GiB"
 
 
 @pytest.mark.parametrize(
     ("budget", "message"),
-    [({"cuda:0": 10}, r"max_memory has the key 'cuda:0', which is not a device .*write 0 rather than 'cuda:0'"),
-     ({-1: 10}, r"max_memory has the key -1"),
-     ({"cpu": -3}, r"max_memory\['cpu'\]: size=-3 is negative"),
-     ({"cpu": "lots"}, r"max_memory\['cpu'\]: size='lots' is not a size hasten can read"),
-     ({"cpu": [1]}, r"max_memory\['cpu'\]=\[1\]: give bytes as an int or a string")],
-)  # fmt: skip
+    [
+        (
+            {"cuda:0": 10},
+            r"max_memory has the key 'cuda:0', which is not a device .*write 0 rather than 'cuda:0'",
+        ),
+        ({-1: 10}, r"max_memory has the key -1"),
+        ({"cpu": -3}, r"max_memory\['cpu'\]: size=-3 is negative"),
+        ({"cpu": "lots"}, r"max_memory\['cpu'\]: size='lots' is not a size hasten can read"),
+        ({"cpu": [1]}, r"max_memory\['cpu'\]=\[1\]: give bytes as an int or a string"),
+    ],
+)
 def test_bad_budgets_name_the_value(budget: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         get_max_memory(budget)
@@ -77,7 +87,10 @@ def test_maps_keep_no_split_blocks_whole_and_tied_weights_together() -> None:
     device_map = infer_auto_device_map(model, {0: total // 3, 1: total // 3, "cpu": total // 4}, ["Block"])
     assert set(device_map.values()) >= {0, 1}
     for index in range(6):
-        assert len({_device_of(device_map, f"blocks.{index}.{part}") for part in ("attn.weight", "mlp.0.bias")}) == 1
+        assert (
+            len({_device_of(device_map, f"blocks.{index}.{part}") for part in ("attn.weight", "mlp.0.bias")})
+            == 1
+        )
     assert _device_of(device_map, "embed.weight") == _device_of(device_map, "head.weight")
     check_device_map(model, device_map)
 
@@ -94,7 +107,9 @@ def test_the_main_devices_keep_room_for_the_largest_layer() -> None:
 def test_split_modules_place_their_own_buffers() -> None:
     model = Net(depth=2, tie=False)
     sizes = compute_module_sizes(model)
-    device_map = infer_auto_device_map(model, {"cpu": 2 * sizes["embed"] + sizes["blocks.0"] // 2}, clean_result=False)
+    device_map = infer_auto_device_map(
+        model, {"cpu": 2 * sizes["embed"] + sizes["blocks.0"] // 2}, clean_result=False
+    )
     split = {name.rpartition(".")[0] for name in device_map if name.count(".") >= 2}
     assert any(f"{block}.position" in device_map for block in split)  # Accelerate leaves these out
     check_device_map(model, device_map)
@@ -102,20 +117,30 @@ def test_split_modules_place_their_own_buffers() -> None:
 
 def test_disk_zero_forbids_offloading_to_disk() -> None:
     model = Net()
-    with pytest.raises(ValueError, match=r"does not fit in max_memory=\{'cpu': 100, 'disk': 0\}.*would go to disk"):
+    with pytest.raises(
+        ValueError, match=r"does not fit in max_memory=\{'cpu': 100, 'disk': 0\}.*would go to disk"
+    ):
         infer_auto_device_map(model, {"cpu": 100, "disk": 0})
     assert set(infer_auto_device_map(model, {"cpu": 10**9, "disk": 0}).values()) == {"cpu"}
 
 
 def test_unknown_no_split_classes_warn() -> None:
-    with pytest.warns(UserWarning, match=r"no_split_module_classes names \['Blok'\], which match no module of this Net"):
+    with pytest.warns(
+        UserWarning, match=r"no_split_module_classes names \['Blok'\], which match no module of this Net"
+    ):
         infer_auto_device_map(Net(), {"cpu": 10**6}, ["Block", "Blok"])
 
 
 def test_a_real_transformer_on_meta_is_planned() -> None:
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256)  # fmt: skip
+    config = transformers.LlamaConfig(
+        num_hidden_layers=4,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+    )
     with init_empty_weights():
         model = transformers.LlamaForCausalLM(config)
     total = compute_module_sizes(model)[""]
@@ -129,7 +154,7 @@ def test_a_model_larger_than_this_machine_is_planned_on_meta() -> None:
     with init_empty_weights():
         model = nn.Sequential(*(nn.Linear(16384, 16384) for _ in range(40)))  # 43 GB in float32
     start = time.perf_counter()
-    device_map = infer_auto_device_map(model, {i: "5GB" for i in range(4)} | {"cpu": "8GB"})
+    device_map = infer_auto_device_map(model, dict.fromkeys(range(4), "5GB") | {"cpu": "8GB"})
     assert time.perf_counter() - start < 5
     assert set(device_map.values()) == {0, 1, 2, 3, "cpu", "disk"}
 
@@ -138,7 +163,12 @@ def test_balanced_memory_spreads_the_model() -> None:
     model = Net(depth=8)
     total = compute_module_sizes(model)[""]
     balanced = get_balanced_memory(model, {0: total, 1: total, 2: total, "cpu": total}, ["Block"])
-    assert balanced[0] < total and balanced[1] == balanced[0] and balanced[2] == total and balanced["cpu"] == total
+    assert (
+        balanced[0] < total
+        and balanced[1] == balanced[0]
+        and balanced[2] == total
+        and balanced["cpu"] == total
+    )
     low = get_balanced_memory(model, {0: total, 1: total, 2: total}, ["Block"], low_zero=True)
     assert low[0] < balanced[0]
     assert get_balanced_memory(model, {"cpu": 5, "disk": 10}) == {"cpu": 5, "disk": 10}
@@ -149,13 +179,19 @@ def test_clean_merges_uniform_subtrees_in_place_and_in_order() -> None:
     assert clean_device_map(device_map) is device_map
     assert list(device_map.items()) == [("a", 0), ("b", 1), ("c.0", "cpu"), ("c.1", "disk")]
     assert clean_device_map({"x.0": 1, "x.1": 1}) == {"": 1}
-    assert clean_device_map({"a.0": 0, "a.1": 0, "b.0": 0, "b.1": 1}, module_name="a") == {"a": 0, "b.0": 0, "b.1": 1}
+    assert clean_device_map({"a.0": 0, "a.1": 0, "b.0": 0, "b.1": 1}, module_name="a") == {
+        "a": 0,
+        "b.0": 0,
+        "b.1": 1,
+    }
     assert clean_device_map({"only.one": 0}) == {"only.one": 0}
 
 
 def test_check_device_map_lists_uncovered_weights_and_warns_on_unknown_keys() -> None:
     model = Net(depth=2)
-    with pytest.raises(ValueError, match=r"no device for 3 weight\(s\) of the model: \['blocks.1.position', "):
+    with pytest.raises(
+        ValueError, match=r"no device for 3 weight\(s\) of the model: \['blocks.1.position', "
+    ):
         check_device_map(model, {"embed": 0, "head": 0, "blocks.0": 0, "blocks.1.mlp": 0})
     with pytest.warns(UserWarning, match=r"keys \['nope'\] name no submodule of Net"):
         check_device_map(model, {"": "cpu", "nope": 0})
@@ -163,7 +199,11 @@ def test_check_device_map_lists_uncovered_weights_and_warns_on_unknown_keys() ->
 
 def test_tied_parameters_on_different_devices_are_reported(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        check_tied_parameters_on_same_device([["embed.weight", "head.weight"]], {"embed": 0, "head": "cpu", "": 1})
-    assert "Tied parameters are on different devices: {'embed.weight': 0, 'head.weight': 'cpu'}" in caplog.text
+        check_tied_parameters_on_same_device(
+            [["embed.weight", "head.weight"]], {"embed": 0, "head": "cpu", "": 1}
+        )
+    assert (
+        "Tied parameters are on different devices: {'embed.weight': 0, 'head.weight': 'cpu'}" in caplog.text
+    )
     with pytest.raises(ValueError, match=r"no device for 'x.weight'"):
         check_tied_parameters_on_same_device([["x.weight", "y.weight"]], {"y": 0})

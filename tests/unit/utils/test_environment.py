@@ -45,8 +45,9 @@ def test_parse_flag_from_env() -> None:
         assert parse_flag_from_env("HASTEN_TEST_FLAG") is True
     with patch_environment(HASTEN_TEST_FLAG=""):
         assert parse_flag_from_env("HASTEN_TEST_FLAG", default=True) is True
-    with patch_environment(HASTEN_TEST_FLAG="sometimes"), pytest.raises(
-        ValueError, match=r"Environment variable HASTEN_TEST_FLAG='sometimes': Cannot read"
+    with (
+        patch_environment(HASTEN_TEST_FLAG="sometimes"),
+        pytest.raises(ValueError, match=r"Environment variable HASTEN_TEST_FLAG='sometimes': Cannot read"),
     ):
         parse_flag_from_env("HASTEN_TEST_FLAG")
 
@@ -62,7 +63,10 @@ def test_get_int_from_env_takes_the_first_non_negative() -> None:
     with patch_environment(HASTEN_A="-1", HASTEN_B="7", HASTEN_C="9"):
         assert get_int_from_env(["HASTEN_MISSING", "HASTEN_A", "HASTEN_B", "HASTEN_C"], 3) == 7
     assert get_int_from_env(["HASTEN_MISSING"], 3) == 3
-    with patch_environment(HASTEN_A="four"), pytest.raises(ValueError, match=r"HASTEN_A='four' must be an integer"):
+    with (
+        patch_environment(HASTEN_A="four"),
+        pytest.raises(ValueError, match=r"HASTEN_A='four' must be an integer"),
+    ):
         get_int_from_env(["HASTEN_A"], 0)
 
 
@@ -128,9 +132,13 @@ def test_convert_dict_to_env_variables() -> None:
     assert convert_dict_to_env_variables({"A": "1", "B": 2}) == ["A=1\n", "B=2\n"]
 
 
-@pytest.mark.parametrize("env", [{"A=B": "1"}, {"A": "1\nB=2"}, {"": "x"}, {"A\n": "x"}, {"A": "x\rY=1"}, {"A": "\0"}])
+@pytest.mark.parametrize(
+    "env", [{"A=B": "1"}, {"A": "1\nB=2"}, {"": "x"}, {"A\n": "x"}, {"A": "x\rY=1"}, {"A": "\0"}]
+)
 def test_convert_dict_to_env_variables_refuses_injection(env: dict[str, str]) -> None:
-    with pytest.raises(ValueError, match=r"Cannot write environment variable .* neither keys nor values may contain newlines"):
+    with pytest.raises(
+        ValueError, match=r"Cannot write environment variable .* neither keys nor values may contain newlines"
+    ):
         convert_dict_to_env_variables(env)
 
 

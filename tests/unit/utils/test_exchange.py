@@ -52,7 +52,9 @@ def test_mixed_dtypes_pack_at_aligned_offsets_and_view_back() -> None:
         torch.tensor([7], dtype=torch.bfloat16),
     ]
     offsets, total = packed_offsets(leaves)
-    assert all(offset % 16 == 0 for offset in offsets) and total == align(total) and total >= 6 + 3 + 48 + 16 + 2
+    assert (
+        all(offset % 16 == 0 for offset in offsets) and total == align(total) and total >= 6 + 3 + 48 + 16 + 2
+    )
     buffer = torch.zeros(total, dtype=torch.uint8)
     pack_into(buffer, offsets, leaves)
     for offset, leaf in zip(offsets, leaves):
@@ -73,9 +75,14 @@ def test_check_calls_accepts_matching_calls() -> None:
 
 def test_check_calls_names_each_rank_on_every_kind_of_mismatch() -> None:
     one = call_of(Op.REDUCE, [torch.ones(2)], (0,))
-    with pytest.raises(DistributedOperationException, match=r"rank 0 reduce\(\), rank 1 gather\(\), rank 2 op 99\. Every rank must"):
+    with pytest.raises(
+        DistributedOperationException,
+        match=r"rank 0 reduce\(\), rank 1 gather\(\), rank 2 op 99\. Every rank must",
+    ):
         check_calls(_replies(one, call_of(Op.GATHER, [torch.ones(2)]), Call(99, (), ())), lambda: ["x"])
-    with pytest.raises(DistributedOperationException, match=r"rank 0 \(reduction=0\), rank 1 \(reduction=2\)"):
+    with pytest.raises(
+        DistributedOperationException, match=r"rank 0 \(reduction=0\), rank 1 \(reduction=2\)"
+    ):
         check_calls(_replies(one, call_of(Op.REDUCE, [torch.ones(2)], (2,))), lambda: ["x"], ("reduction",))
     many = call_of(Op.REDUCE, [torch.ones(1)] * 10, (0,))
     with pytest.raises(DistributedOperationException, match=r"rank 1: 10 tensors \[.*\] \.\.\."):
@@ -83,13 +90,24 @@ def test_check_calls_names_each_rank_on_every_kind_of_mismatch() -> None:
     wide = [torch.ones(i + 1) for i in range(10)]
     shifted = [torch.ones(i + 2) for i in range(10)]
     with pytest.raises(DistributedOperationException, match=r"and 2 more\nreduce needs the same dtype"):
-        check_calls(_replies(call_of(Op.REDUCE, wide), call_of(Op.REDUCE, shifted)), lambda: [f"t[{i}]" for i in range(10)])
+        check_calls(
+            _replies(call_of(Op.REDUCE, wide), call_of(Op.REDUCE, shifted)),
+            lambda: [f"t[{i}]" for i in range(10)],
+        )
 
 
 def test_check_calls_for_padding_compares_only_the_number_of_dimensions() -> None:
     first = call_of(Op.PAD_ACROSS_PROCESSES, [torch.ones(2, 3)], (0, 0))
-    check_calls(_replies(first, call_of(Op.PAD_ACROSS_PROCESSES, [torch.ones(5, 3)], (0, 0))), lambda: ["t"],
-                compare="ndim")
-    with pytest.raises(DistributedOperationException, match="different numbers of dimensions:\n  - t: rank 0"):
-        check_calls(_replies(first, call_of(Op.PAD_ACROSS_PROCESSES, [torch.ones(5)], (0, 0))), lambda: ["t"],
-                    compare="ndim")
+    check_calls(
+        _replies(first, call_of(Op.PAD_ACROSS_PROCESSES, [torch.ones(5, 3)], (0, 0))),
+        lambda: ["t"],
+        compare="ndim",
+    )
+    with pytest.raises(
+        DistributedOperationException, match="different numbers of dimensions:\n  - t: rank 0"
+    ):
+        check_calls(
+            _replies(first, call_of(Op.PAD_ACROSS_PROCESSES, [torch.ones(5)], (0, 0))),
+            lambda: ["t"],
+            compare="ndim",
+        )

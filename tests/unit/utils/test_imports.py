@@ -30,8 +30,10 @@ def test_probes_answer_booleans_without_importing_the_package() -> None:
         f"results = [getattr(imports, n)() for n in {PROBES!r}]; "
         "assert all(isinstance(r, bool) for r in results), results; "
         "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
-        "print(sorted(new & {'deepspeed', 'bitsandbytes', 'transformers', 'tqdm', 'rich', 'tensorboard', 'wandb', "
-        "'mlflow', 'comet_ml', 'aim', 'clearml', 'dvclive', 'torchao', 'transformer_engine', 'msamp', 'megatron', "
+        "print(sorted(new & "
+        "{'deepspeed', 'bitsandbytes', 'transformers', 'tqdm', 'rich', 'tensorboard', 'wandb', "
+        "'mlflow', 'comet_ml', 'aim', 'clearml', 'dvclive', 'torchao', 'transformer_engine', 'msamp', "
+        "'megatron', "
         "'torch_xla', 'intel_extension_for_pytorch', 'safetensors'}))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -65,10 +67,16 @@ def test_require_passes_for_installed_packages() -> None:
 
 
 def test_require_names_the_extra() -> None:
-    with pytest.raises(ImportError, match=r"Quantizing needs the optional package 'hasten_absent'.*pip install 'hasten\[bnb\]'"):
+    with pytest.raises(
+        ImportError,
+        match=r"Quantizing needs the optional package 'hasten_absent'.*pip install 'hasten\[bnb\]'",
+    ):
         require("hasten_absent", extra="bnb", purpose="Quantizing")
 
 
 def test_require_without_extra_names_the_distribution() -> None:
-    with pytest.raises(ImportError, match=r"This feature needs the optional package 'hasten_absent'.*pip install hasten_absent"):
+    with pytest.raises(
+        ImportError,
+        match=r"This feature needs the optional package 'hasten_absent'.*pip install hasten_absent",
+    ):
         require("hasten_absent")

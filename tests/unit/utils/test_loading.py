@@ -58,7 +58,9 @@ def _save_sharded(net: nn.Module, folder: Path) -> Path:
     for shard, keys in shards.items():
         save_file({k: state[k] for k in keys}, folder / shard, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(keys, shard))
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     return folder
 
 
@@ -110,16 +112,23 @@ def test_bin_files_that_need_pickle_are_refused_with_the_way_out(tmp_path: Path)
 def test_dtype_casts_floats_only_and_keeps_fp32_modules(tmp_path: Path) -> None:
     source = _source()
     model = _meta_net()
-    load_checkpoint_in_model(model, _save_single(source, tmp_path), dtype="float16", keep_in_fp32_modules=["body.2"])
+    load_checkpoint_in_model(
+        model, _save_single(source, tmp_path), dtype="float16", keep_in_fp32_modules=["body.2"]
+    )
     assert model.embed.weight.dtype == torch.float16 and model.body[0].weight.dtype == torch.float16
     assert model.body[2].weight.dtype == torch.float32  # kept
-    assert model.body[1].num_batches_tracked.dtype == torch.int64 and model.body[1].num_batches_tracked.item() == 7
+    assert (
+        model.body[1].num_batches_tracked.dtype == torch.int64
+        and model.body[1].num_batches_tracked.item() == 7
+    )
     assert isinstance(model.body[0].weight, nn.Parameter) and model.body[0].weight.requires_grad
 
 
 def test_keep_in_fp32_matches_whole_module_names_only(tmp_path: Path) -> None:
     model = _meta_net()
-    load_checkpoint_in_model(model, _save_single(_source(), tmp_path), dtype=torch.bfloat16, keep_in_fp32_modules=["ody"])
+    load_checkpoint_in_model(
+        model, _save_single(_source(), tmp_path), dtype=torch.bfloat16, keep_in_fp32_modules=["ody"]
+    )
     assert model.body[0].weight.dtype == torch.bfloat16
 
 
@@ -132,32 +141,48 @@ def test_disk_entries_stay_in_the_checkpoint_file(tmp_path: Path) -> None:
     assert model.body[0].weight.device.type == "meta" and model.body[1].weight.device.type == "cpu"
     index = json.loads((tmp_path / "off" / "index.json").read_text())
     assert sorted(index) == ["body.0.bias", "body.0.weight", "body.2.bias", "body.2.weight"]
-    assert index["body.0.weight"]["safetensors_file"] == str(checkpoint) and index["body.0.weight"]["dtype"] == "float32"
+    assert (
+        index["body.0.weight"]["safetensors_file"] == str(checkpoint)
+        and index["body.0.weight"]["dtype"] == "float32"
+    )
     assert not any(p.suffix == ".dat" for p in (tmp_path / "off").iterdir())  # nothing was copied
 
 
 def test_disk_entries_with_a_new_dtype_are_written_to_the_offload_folder(tmp_path: Path) -> None:
     model = _meta_net()
     device_map = {"": "cpu", "body.0": "disk"}
-    load_checkpoint_in_model(model, _save_single(_source(), tmp_path / "c"), device_map=device_map,
-                             offload_folder=tmp_path / "off", dtype=torch.float16)  # fmt: skip
+    load_checkpoint_in_model(
+        model,
+        _save_single(_source(), tmp_path / "c"),
+        device_map=device_map,
+        offload_folder=tmp_path / "off",
+        dtype=torch.float16,
+    )
     index = json.loads((tmp_path / "off" / "index.json").read_text())
     assert index["body.0.weight"]["dtype"] == "float16" and (tmp_path / "off" / "body.0.weight.dat").is_file()
 
 
 def test_disk_without_offload_folder(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"device_map sends \['body'\] to 'disk'; pass offload_folder="):
-        load_checkpoint_in_model(_meta_net(), _save_single(_source(), tmp_path), device_map={"": "cpu", "body": "disk"})
+        load_checkpoint_in_model(
+            _meta_net(), _save_single(_source(), tmp_path), device_map={"": "cpu", "body": "disk"}
+        )
 
 
-def test_missing_and_unexpected_keys_warn_or_raise_before_loading(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_missing_and_unexpected_keys_warn_or_raise_before_loading(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     state = _state(_source())
     state.pop("body.0.bias")
     state["extra.weight"] = torch.ones(1)
     save_file(state, tmp_path / "model.safetensors")
     model = Net()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(CheckpointError, match=r"strict=True.*nothing was loaded. Missing from the checkpoint: \['body.0.bias'\]; not in the model: \['extra.weight'\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"strict=True.*nothing was loaded. Missing from the checkpoint: \['body.0.bias'\]; "
+        r"not in the model: \['extra.weight'\]",
+    ):
         load_checkpoint_in_model(model, tmp_path, strict=True)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with caplog.at_level(logging.WARNING, logger="hasten.utils.loading"):
@@ -171,7 +196,11 @@ def test_shape_mismatch_names_the_tensor_and_file_and_changes_nothing(tmp_path: 
     save_file(state, tmp_path / "model.safetensors")
     model = Net()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(CheckpointError, match=r"nothing was loaded. Shape mismatches: body.0.weight: checkpoint \[7, 4\] in model.safetensors, model \[6, 4\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"nothing was loaded. Shape mismatches: body.0.weight: checkpoint \[7, 4\] "
+        r"in model.safetensors, model \[6, 4\]",
+    ):
         load_checkpoint_in_model(model, tmp_path)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -180,7 +209,9 @@ def test_truncated_and_corrupt_safetensors_are_named(tmp_path: Path) -> None:
     path = _save_single(_source(), tmp_path)
     data = path.read_bytes()
     path.write_bytes(data[:-10])
-    with pytest.raises(CheckpointError, match=r"model.safetensors is not a valid safetensors file: tensor .* claims bytes"):
+    with pytest.raises(
+        CheckpointError, match=r"model.safetensors is not a valid safetensors file: tensor .* claims bytes"
+    ):
         load_checkpoint_in_model(Net(), path)
     path.write_bytes(data[:5])
     with pytest.raises(CheckpointError, match=r"fewer than the 8-byte header length"):
@@ -199,18 +230,25 @@ def test_index_paths_must_stay_in_the_folder_and_exist(tmp_path: Path) -> None:
     content = json.loads(index.read_text())
     content["weight_map"]["embed.weight"] = "../../etc/passwd"
     index.write_text(json.dumps(content))
-    with pytest.raises(CheckpointError, match=r"names shard '../../etc/passwd', which resolves to .* outside the checkpoint folder"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"names shard '../../etc/passwd', which resolves to .* outside the checkpoint folder",
+    ):
         checkpoint_files(folder)
     content["weight_map"]["embed.weight"] = "model-00009-of-00009.safetensors"
     index.write_text(json.dumps(content))
-    with pytest.raises(CheckpointError, match=r"names shard 'model-00009-of-00009.safetensors', but .* does not exist"):
+    with pytest.raises(
+        CheckpointError, match=r"names shard 'model-00009-of-00009.safetensors', but .* does not exist"
+    ):
         checkpoint_files(index)
 
 
 def test_checkpoint_path_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"does not exist"):
         checkpoint_files(tmp_path / "nothing.safetensors")
-    with pytest.raises(CheckpointError, match=r"holds no model.safetensors, pytorch_model.bin or \*.index.json"):
+    with pytest.raises(
+        CheckpointError, match=r"holds no model.safetensors, pytorch_model.bin or \*.index.json"
+    ):
         checkpoint_files(tmp_path)
     (tmp_path / "a.index.json").write_text("{}")
     (tmp_path / "b.index.json").write_text("{}")
@@ -237,5 +275,7 @@ def test_bad_dtype(tmp_path: Path) -> None:
 def test_offload_8bit_bnb_is_refused_with_the_alternative(tmp_path: Path) -> None:
     source = _source()
     path = _save_single(source, tmp_path)
-    with pytest.raises(ValueError, match=r"offload_8bit_bnb=True: hasten does not write 8-bit quantized weights"):
+    with pytest.raises(
+        ValueError, match=r"offload_8bit_bnb=True: hasten does not write 8-bit quantized weights"
+    ):
         load_checkpoint_in_model(_meta_net(), path, offload_8bit_bnb=True)

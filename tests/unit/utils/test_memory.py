@@ -18,22 +18,32 @@ from hasten.utils.memory import (
 
 @pytest.mark.parametrize(
     "error",
-    [torch.OutOfMemoryError("out of memory"), MemoryError(), RuntimeError("CUDA error: out of memory"),
-     RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), RuntimeError("XPU out of memory."),
-     RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"), RuntimeError("NPU out of memory."),
-     RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a ..."),
-     RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried")],
-)  # fmt: skip
+    [
+        torch.OutOfMemoryError("out of memory"),
+        MemoryError(),
+        RuntimeError("CUDA error: out of memory"),
+        RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("XPU out of memory."),
+        RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"),
+        RuntimeError("NPU out of memory."),
+        RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a ..."),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried"
+        ),
+    ],
+)
 def test_every_out_of_memory_form_is_recognised(error: BaseException) -> None:
     assert should_reduce_batch_size(error)
 
 
-@pytest.mark.parametrize("error", [RuntimeError("shape mismatch"), ValueError("out of memory"), KeyError("x")])
+@pytest.mark.parametrize(
+    "error", [RuntimeError("shape mismatch"), ValueError("out of memory"), KeyError("x")]
+)
 def test_other_errors_are_not(error: BaseException) -> None:
     assert not should_reduce_batch_size(error)
 
 
-def _limited(limit: int, tried: list[int]):  # noqa: ANN202 - a trial step for the tests
+def _limited(limit: int, tried: list[int]):
     def step(batch_size: int, scale: int = 1) -> int:
         tried.append(batch_size)
         held = torch.empty(batch_size)  # something the failed trial holds on to
@@ -71,7 +81,9 @@ def test_decorator_forms_and_custom_schedule() -> None:
 
 
 def test_zero_is_an_error_and_other_errors_pass_through() -> None:
-    with pytest.raises(RuntimeError, match=r"ran out of memory at every batch size down to 1 \(starting from 8\)"):
+    with pytest.raises(
+        RuntimeError, match=r"ran out of memory at every batch size down to 1 \(starting from 8\)"
+    ):
         find_executable_batch_size(_limited(0, []), starting_batch_size=8)()
 
     def broken(batch_size: int) -> None:
@@ -85,7 +97,9 @@ def test_passing_the_batch_size_yourself_is_explained() -> None:
     def step(batch_size: int, scale: int) -> int:
         return batch_size
 
-    with pytest.raises(TypeError, match=r"step\(\) got the batch size as its first argument.*call step\(scale=3\)"):
+    with pytest.raises(
+        TypeError, match=r"step\(\) got the batch size as its first argument.*call step\(scale=3\)"
+    ):
         find_executable_batch_size(step)(64, 3)
 
 
@@ -112,7 +126,10 @@ def test_bisection_finds_the_largest_size_in_few_trials() -> None:
     assert find_largest_executable_batch_size(_limited(77, tried), starting_batch_size=512)() == 77
     assert len(tried) <= 12 and 77 in tried
     tried.clear()
-    assert find_largest_executable_batch_size(_limited(77, tried), starting_batch_size=8, max_batch_size=64)() == 64
+    assert (
+        find_largest_executable_batch_size(_limited(77, tried), starting_batch_size=8, max_batch_size=64)()
+        == 64
+    )
     with pytest.raises(RuntimeError, match=r"does not fit even with batch size 1"):
         find_largest_executable_batch_size(_limited(0, []), starting_batch_size=4)()
 

@@ -46,9 +46,17 @@ class Tied(nn.Module):
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [(1234, 1234), ("1KiB", 1024), ("10GiB", 10 * 2**30), ("10GB", 10 * 10**9), ("500MB", 500 * 10**6),
-     ("1.5MiB", int(1.5 * 2**20)), (" 2 kb", 2000 // 8), ("0GB", 0)],
-)  # fmt: skip
+    [
+        (1234, 1234),
+        ("1KiB", 1024),
+        ("10GiB", 10 * 2**30),
+        ("10GB", 10 * 10**9),
+        ("500MB", 500 * 10**6),
+        ("1.5MiB", int(1.5 * 2**20)),
+        (" 2 kb", 2000 // 8),
+        ("0GB", 0),
+    ],
+)
 def test_sizes_parse_like_accelerate(text: int | str, expected: int) -> None:
     assert convert_file_size_to_int(text) == expected
 
@@ -72,7 +80,9 @@ def test_dtype_sizes_cover_packed_and_float8_types() -> None:
     assert dtype_byte_size(torch.float8_e4m3fn) == 1 and dtype_byte_size(torch.complex64) == 8
     assert dtype_byte_size(CustomDtype.INT4) == 0.5 and dtype_byte_size(CustomDtype.INT2) == 0.25
     assert dtype_byte_size(CustomDtype.FP8) == 1 and dtype_byte_size("torch.float16") == 2
-    with pytest.raises(ValueError, match=r"dtype='float17' is not a torch dtype: .*\['fp8', 'int4', 'int2'\]"):
+    with pytest.raises(
+        ValueError, match=r"dtype='float17' is not a torch dtype: .*\['fp8', 'int4', 'int2'\]"
+    ):
         dtype_byte_size("float17")
 
 
@@ -99,8 +109,16 @@ def test_target_dtype_shrinks_floats_only_and_special_dtypes_win() -> None:
 def test_buffer_sizes() -> None:
     model = Tied()
     buffers = compute_module_sizes(model, buffers_only=True)
-    assert set(buffers) == {"", "blocks", "blocks.0", "blocks.1", "blocks.0.steps", "blocks.0.scratch",
-                            "blocks.1.steps", "blocks.1.scratch"}  # fmt: skip
+    assert set(buffers) == {
+        "",
+        "blocks",
+        "blocks.0",
+        "blocks.1",
+        "blocks.0.steps",
+        "blocks.0.scratch",
+        "blocks.1.steps",
+        "blocks.1.scratch",
+    }
     assert compute_module_total_buffer_size(model) == 2 * (24 + 8)
 
 
@@ -115,7 +133,11 @@ def test_walk_matches_named_modules_including_shared_modules() -> None:
 def test_named_module_tensors_can_leave_out_non_persistent_buffers() -> None:
     block = Block()
     assert [n for n, _ in named_module_tensors(block, recurse=True)] == [
-        "linear.weight", "linear.bias", "steps", "scratch"]  # fmt: skip
+        "linear.weight",
+        "linear.bias",
+        "steps",
+        "scratch",
+    ]
     assert "scratch" not in dict(named_module_tensors(block, remove_non_persistent=True))
     assert list(named_module_tensors(block, include_buffers=False)) == []
 
@@ -126,7 +148,10 @@ def test_largest_layer_respects_no_split_classes() -> None:
     assert get_max_layer_size(top_level_entries(model), sizes, []) == (160, ["embed"])
     block = sizes["blocks.0"]
     assert get_max_layer_size(top_level_entries(model), sizes, ["Block"]) == (160, ["embed"])
-    assert get_max_layer_size([("blocks", model.blocks)], sizes, ["Block"]) == (block, ["blocks.0", "blocks.1"])
+    assert get_max_layer_size([("blocks", model.blocks)], sizes, ["Block"]) == (
+        block,
+        ["blocks.0", "blocks.1"],
+    )
     model._no_split_modules = ["Block"]  # transformers models carry this
     assert calculate_maximum_sizes(model) == (sizes[""], (160, ["embed"]))
 
@@ -171,7 +196,9 @@ def test_meta_tensors_become_real_with_their_class_and_requires_grad() -> None:
 def test_set_module_tensor_errors_name_the_tensor() -> None:
     with init_empty_weights():
         model = Tied()
-    with pytest.raises(ValueError, match=r"tensor_name='blocks.0.nope': Block has no parameter or buffer 'nope'"):
+    with pytest.raises(
+        ValueError, match=r"tensor_name='blocks.0.nope': Block has no parameter or buffer 'nope'"
+    ):
         set_module_tensor_to_device(model, "blocks.0.nope", "cpu", value=torch.ones(1))
     with pytest.raises(ValueError, match=r"tensor_name='blockz.0.w': Tied has no submodule 'blockz'"):
         set_module_tensor_to_device(model, "blockz.0.w", "cpu")

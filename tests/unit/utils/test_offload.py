@@ -45,7 +45,9 @@ def test_every_dtype_round_trips_exactly(tmp_path: Path) -> None:
     for name, tensor in TENSORS.items():
         loaded = loader[name]
         assert loaded.dtype == tensor.dtype and loaded.shape == tensor.shape
-        assert torch.equal(loaded.reshape(-1).view(torch.uint8), tensor.contiguous().reshape(-1).view(torch.uint8))
+        assert torch.equal(
+            loaded.reshape(-1).view(torch.uint8), tensor.contiguous().reshape(-1).view(torch.uint8)
+        )
 
 
 def test_reads_are_lazy_copy_on_write_maps(tmp_path: Path) -> None:
@@ -69,7 +71,10 @@ def test_folders_are_exchanged_with_accelerate(tmp_path: Path) -> None:
 def test_a_truncated_file_is_named(tmp_path: Path) -> None:
     index = offload_weight(torch.ones(8), "w", tmp_path)
     (tmp_path / "w.dat").write_bytes(b"\0" * 5)
-    with pytest.raises(CheckpointError, match=r"w.dat' holds 5 bytes but its index entry \(torch.float32, shape \[8\]\) needs 32"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"w.dat' holds 5 bytes but its index entry \(torch.float32, shape \[8\]\) needs 32",
+    ):
         load_offloaded_weight(tmp_path / "w.dat", index["w"])
     with pytest.raises(CheckpointError, match=r"cannot be read"):
         load_offloaded_weight(tmp_path / "missing.dat", index["w"])
@@ -93,9 +98,17 @@ def test_index_merges_and_must_be_an_object(tmp_path: Path) -> None:
 
 def test_loader_mixes_memory_disk_and_safetensors(tmp_path: Path) -> None:
     save_file({"x.weight": torch.full((2,), 3.0)}, tmp_path / "model.safetensors")
-    index = {"y": {"safetensors_file": str(tmp_path / "model.safetensors"), "weight_name": "x.weight", "dtype": "float16"}}
+    index = {
+        "y": {
+            "safetensors_file": str(tmp_path / "model.safetensors"),
+            "weight_name": "x.weight",
+            "dtype": "float16",
+        }
+    }
     loader = OffloadedWeightsLoader(state_dict={"z": torch.zeros(1)}, index=index)
-    assert loader["y"].dtype == torch.float16 and torch.equal(loader["y"], torch.full((2,), 3.0, dtype=torch.float16))
+    assert loader["y"].dtype == torch.float16 and torch.equal(
+        loader["y"], torch.full((2,), 3.0, dtype=torch.float16)
+    )
     assert list(loader) == ["z", "y"]
     with pytest.raises(ValueError, match=r"needs a state_dict, a save_folder or an index"):
         OffloadedWeightsLoader()

@@ -50,14 +50,18 @@ def test_reduce_on_one_process_copies_and_scales() -> None:
 def test_reduce_rejects_an_unknown_reduction() -> None:
     with pytest.raises(ConfigurationError) as caught:
         reduce(torch.ones(1), reduction="avg")  # type: ignore[arg-type]
-    assert "reduction='avg' is not a reduction; use one of ['mean', 'sum', 'max', 'none']" in str(caught.value)
+    assert "reduction='avg' is not a reduction; use one of ['mean', 'sum', 'max', 'none']" in str(
+        caught.value
+    )
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
 def test_pad_across_processes_checks_its_input_even_alone() -> None:
     with pytest.raises(TypeError, match=r"pad_across_processes: tensor\['x'\] is a str"):
         pad_across_processes({"x": "text"})
-    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], )
+    nested = torch.nested.nested_tensor(
+        [torch.ones(2), torch.ones(3)],
+    )
     with pytest.warns(CannotPadNestedTensorWarning, match="cannot pad a nested tensor"):
         out = pad_across_processes([nested])
     assert out[0] is nested
@@ -66,7 +70,11 @@ def test_pad_across_processes_checks_its_input_even_alone() -> None:
 def test_pad_input_tensors_pads_to_a_multiple_of_the_processes() -> None:
     data = {"x": torch.arange(6).view(3, 2) + 1, "y": [torch.ones(3)]}
     out = pad_input_tensors(data, batch_size=3, num_processes=4)
-    assert out["x"].shape == (4, 2) and out["x"][3].tolist() == [0, 0] and out["x"][:3].tolist() == data["x"].tolist()
+    assert (
+        out["x"].shape == (4, 2)
+        and out["x"][3].tolist() == [0, 0]
+        and out["x"][:3].tolist() == data["x"].tolist()
+    )
     assert out["y"][0].shape == (4,)
     assert pad_input_tensors(torch.ones(6), 6, 4).shape == (8,)
     same = torch.ones(8)
@@ -103,5 +111,7 @@ def test_copy_tensor_to_devices_alone() -> None:
     assert copy_tensor_to_devices(tensor) is tensor
     with pytest.raises(ValueError, match="tensor is None on the only process; pass the tensor to share"):
         copy_tensor_to_devices(None)
-    with pytest.raises(TypeError, match="must be a torch.Tensor on one process and None on the others, got list"):
+    with pytest.raises(
+        TypeError, match=r"must be a torch.Tensor on one process and None on the others, got list"
+    ):
         copy_tensor_to_devices([1, 2])  # type: ignore[arg-type]

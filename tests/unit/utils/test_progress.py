@@ -44,7 +44,10 @@ def test_short_work_stays_silent(monkeypatch: pytest.MonkeyPatch) -> None:
     assert terminal.getvalue() == "" and bar.done == 3
 
 
-@pytest.mark.parametrize("variables", [{"HASTEN_DISABLE_PROGRESS_BAR": "1"}, {"TQDM_DISABLE": "yes"}, {"RANK": "1", "WORLD_SIZE": "2"}])
+@pytest.mark.parametrize(
+    "variables",
+    [{"HASTEN_DISABLE_PROGRESS_BAR": "1"}, {"TQDM_DISABLE": "yes"}, {"RANK": "1", "WORLD_SIZE": "2"}],
+)
 def test_disabled_by_environment_or_rank(monkeypatch: pytest.MonkeyPatch, variables: dict[str, str]) -> None:
     _terminal(monkeypatch)
     assert progress_wanted()

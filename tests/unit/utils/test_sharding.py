@@ -36,7 +36,7 @@ def test_one_shard_has_no_index_and_big_tensors_get_their_own() -> None:
 def test_shared_storage_is_counted_once_and_kept_together() -> None:
     weight = torch.ones(25)
     state = {"a": weight, "b": torch.ones(25), "c": weight, "d": torch.ones(25)}
-    shards, index = shard_checkpoint(state, max_shard_size=200)
+    _shards, index = shard_checkpoint(state, max_shard_size=200)
     assert index is not None and index["metadata"]["total_size"] == 300
     assert index["weight_map"]["a"] == index["weight_map"]["c"]
 

@@ -13,7 +13,12 @@ from hasten.utils.torch_xla import install_xla, xla_install_command
 
 def test_the_command_matches_torch_major_minor() -> None:
     assert xla_install_command(torch_version="2.13.0+cpu") == [
-        sys.executable, "-m", "pip", "install", "torch_xla[tpu]~=2.13.0"]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "torch_xla[tpu]~=2.13.0",
+    ]
     assert xla_install_command()[-1].startswith("torch_xla[tpu]~=2.")
     assert xla_install_command(upgrade=True)[3:] == ["install", "--upgrade", "torch", "torch_xla[tpu]"]
 
@@ -27,6 +32,8 @@ def test_pre_releases_and_other_platforms_are_refused(monkeypatch: pytest.Monkey
 
 
 def test_pip_failures_are_reported_with_pips_output() -> None:
-    with patch_environment(PIP_NO_INDEX="1", PIP_FIND_LINKS="", PIP_DISABLE_PIP_VERSION_CHECK="1"):
-        with pytest.raises(RuntimeError, match=r"(?s)failed with exit code 1\. pip said:.*torch.xla"):
-            install_xla()
+    with (
+        patch_environment(PIP_NO_INDEX="1", PIP_FIND_LINKS="", PIP_DISABLE_PIP_VERSION_CHECK="1"),
+        pytest.raises(RuntimeError, match=r"(?s)failed with exit code 1\. pip said:.*torch.xla"),
+    ):
+        install_xla()

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from hasten.utils.errors import TreeNestingError
 from hasten.utils.batches import TensorInformation, is_tensor_information, send_to_device
+from hasten.utils.errors import TreeNestingError
 from hasten.utils.tree import (
     honor_type,
     is_namedtuple,
@@ -147,8 +147,13 @@ def test_batch_encoding_keeps_its_type_and_encodings() -> None:
 
 def test_test_type_and_extra_arguments_reach_the_function() -> None:
     data = {"a": 1, "b": [2, "x"], "c": torch.ones(1)}
-    out = recursively_apply(lambda value, add, times=1: (value + add) * times, data, 10, times=2,
-                            test_type=lambda value: isinstance(value, int))
+    out = recursively_apply(
+        lambda value, add, times=1: (value + add) * times,
+        data,
+        10,
+        times=2,
+        test_type=lambda value: isinstance(value, int),
+    )
     assert out == {"a": 22, "b": [24, "x"], "c": data["c"]}
 
 
@@ -189,7 +194,9 @@ def test_a_too_deep_structure_is_a_clear_error() -> None:
     deep: Any = torch.ones(1)
     for _ in range(sys.getrecursionlimit() + 10):
         deep = [deep]
-    with pytest.raises(TreeNestingError, match=r"send_to_device: tensor is nested \d+ levels deep .*sys.setrecursionlimit"):
+    with pytest.raises(
+        TreeNestingError, match=r"send_to_device: tensor is nested \d+ levels deep .*sys.setrecursionlimit"
+    ):
         send_to_device(deep, "cpu")
 
 
@@ -204,10 +211,18 @@ def test_a_recursion_error_from_the_function_itself_is_not_blamed_on_the_structu
 def test_flatten_and_unflatten_round_trip() -> None:
     data = {"a": [torch.ones(1), "keep", (torch.zeros(2),)], "b": Point(torch.ones(3), None)}
     leaves, spec = tree_flatten(data)
-    assert [leaf.numel() for leaf in leaves] == [1, 2, 3] and spec.num_leaves == 3 and "3 leaves" in repr(spec)
+    assert (
+        [leaf.numel() for leaf in leaves] == [1, 2, 3] and spec.num_leaves == 3 and "3 leaves" in repr(spec)
+    )
     rebuilt = spec.unflatten(["A", "B", "C"])
     assert rebuilt == {"a": ["A", "keep", ("B",)], "b": Point("C", None)}
-    assert leaf_paths(data) == ["data['a'][0]", "data['a'][1]", "data['a'][2][0]", "data['b'].x", "data['b'].y"]
+    assert leaf_paths(data) == [
+        "data['a'][0]",
+        "data['a'][1]",
+        "data['a'][2][0]",
+        "data['b'].x",
+        "data['b'].y",
+    ]
     with pytest.raises(ValueError, match="unflatten needs 3 leaves for this structure, got 2"):
         spec.unflatten([1, 2])
 

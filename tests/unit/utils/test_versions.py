@@ -23,12 +23,18 @@ def test_compare_versions_with_a_package_or_a_version() -> None:
     assert compare_versions(Version("2.0"), "!=", "2.1")
 
 
-@pytest.mark.parametrize("call", [lambda: is_torch_version("=>", "2.0"), lambda: compare_versions("1.0", "~=", "1.0")])
+@pytest.mark.parametrize(
+    "call", [lambda: is_torch_version("=>", "2.0"), lambda: compare_versions("1.0", "~=", "1.0")]
+)
 def test_a_bad_operator_lists_the_valid_ones(call) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ValueError, match=r"is not a comparison operator; use one of '>', '>=', '==', '!=', '<=', '<'"):
+    with pytest.raises(
+        ValueError, match=r"is not a comparison operator; use one of '>', '>=', '==', '!=', '<=', '<'"
+    ):
         call()
 
 
 def test_an_unknown_library_is_named() -> None:
-    with pytest.raises(ValueError, match=r"'hasten_absent' is neither an installed package nor a version string"):
+    with pytest.raises(
+        ValueError, match=r"'hasten_absent' is neither an installed package nor a version string"
+    ):
         compare_versions("hasten_absent", ">=", "1.0")

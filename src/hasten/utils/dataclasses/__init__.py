@@ -1,5 +1,10 @@
 """Enums, kwargs handlers, plugins and configurations (re-exported; see the submodules)."""
 
+from hasten.utils.dataclasses.configs import (
+    BnbQuantizationConfig,
+    DataLoaderConfiguration,
+    ProjectConfiguration,
+)
 from hasten.utils.dataclasses.enums import (
     BaseEnum,
     ComputeEnvironment,
@@ -21,11 +26,6 @@ from hasten.utils.dataclasses.kwargs import (
     InitProcessGroupKwargs,
     KwargsHandler,
     ProfileKwargs,
-)
-from hasten.utils.dataclasses.configs import (
-    BnbQuantizationConfig,
-    DataLoaderConfiguration,
-    ProjectConfiguration,
 )
 from hasten.utils.dataclasses.plugins.deepspeed import (
     DeepSpeedPlugin,

@@ -58,7 +58,8 @@ _ENV_FIELDS: dict[type, tuple[_EnvField, ...]] = {}
 
 
 def _env_fields(cls: type) -> tuple[_EnvField, ...]:
-    """(name, default, variable, fallback, parser) of each :func:`env_field` of ``cls``, read once per class."""
+    """(name, default, variable, fallback, parser) of each :func:`env_field` of ``cls``, read once per
+    class."""
     if cls not in _ENV_FIELDS:
         _ENV_FIELDS[cls] = tuple(
             (f.name, f.default, f.metadata[_ENV], f.metadata[_FALLBACK], f.metadata[_PARSE])

@@ -18,11 +18,15 @@ _QUANT_TYPES = ("fp4", "nf4")
 def _dtype(value: Any, name: str) -> torch.dtype:
     if isinstance(value, torch.dtype):
         if value not in _DTYPES.values():
-            raise ConfigurationError(f"{name}={value!r} is not supported; expected one of {list(_DTYPES.values())}.")
+            raise ConfigurationError(
+                f"{name}={value!r} is not supported; expected one of {list(_DTYPES.values())}."
+            )
         return value
     if isinstance(value, str) and value in _DTYPES:
         return _DTYPES[value]
-    raise ConfigurationError(f"{name}={value!r} is not valid; expected one of {list(_DTYPES)} or a torch.dtype.")
+    raise ConfigurationError(
+        f"{name}={value!r} is not valid; expected one of {list(_DTYPES)} or a torch.dtype."
+    )
 
 
 def _names(value: Any, name: str) -> list[str] | None:
@@ -43,7 +47,8 @@ class BnbQuantizationConfig:
         load_in_4bit: quantize linear layers to 4 bits.
         bnb_4bit_quant_type: ``"fp4"`` or ``"nf4"``.
         bnb_4bit_use_double_quant: quantize the quantization constants too.
-        bnb_4bit_compute_dtype: the dtype 4-bit layers compute in (``"fp32"``, ``"fp16"``, ``"bf16"`` or a dtype).
+        bnb_4bit_compute_dtype: the dtype 4-bit layers compute in (``"fp32"``, ``"fp16"``, ``"bf16"`` or a
+            dtype).
         torch_dtype: the dtype of the layers left unquantized (default: fp16 for 8-bit, the compute
             dtype for 4-bit).
         skip_modules: names of modules not to quantize (kept in ``torch_dtype``).
@@ -69,7 +74,8 @@ class BnbQuantizationConfig:
                 raise ConfigurationError(f"{name}={getattr(self, name)!r} must be True or False.")
         if self.load_in_8bit == self.load_in_4bit:
             raise ConfigurationError(
-                f"load_in_8bit={self.load_in_8bit} and load_in_4bit={self.load_in_4bit}: set exactly one of them to True."
+                f"load_in_8bit={self.load_in_8bit} and load_in_4bit={self.load_in_4bit}: set exactly one of "
+                "them to True."
             )
         if isinstance(self.llm_int8_threshold, bool) or not isinstance(self.llm_int8_threshold, (int, float)):
             raise ConfigurationError(f"llm_int8_threshold={self.llm_int8_threshold!r} must be a number.")
@@ -80,7 +86,8 @@ class BnbQuantizationConfig:
             )
         if self.bnb_4bit_quant_type not in _QUANT_TYPES:
             raise ConfigurationError(
-                f"bnb_4bit_quant_type={self.bnb_4bit_quant_type!r} is not valid; expected one of {list(_QUANT_TYPES)}."
+                f"bnb_4bit_quant_type={self.bnb_4bit_quant_type!r} is not valid; expected one of "
+                f"{list(_QUANT_TYPES)}."
             )
         self.bnb_4bit_compute_dtype = _dtype(self.bnb_4bit_compute_dtype, "bnb_4bit_compute_dtype")
         self.skip_modules = _names(self.skip_modules, "skip_modules")
@@ -116,7 +123,13 @@ class DataLoaderConfiguration:
     use_stateful_dataloader: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("split_batches", "even_batches", "use_seedable_sampler", "non_blocking", "use_stateful_dataloader"):
+        for name in (
+            "split_batches",
+            "even_batches",
+            "use_seedable_sampler",
+            "non_blocking",
+            "use_stateful_dataloader",
+        ):
             setattr(self, name, to_bool(getattr(self, name), name))
         if self.dispatch_batches is not None:
             self.dispatch_batches = to_bool(self.dispatch_batches, "dispatch_batches")
@@ -151,7 +164,9 @@ class ProjectConfiguration:
             self.logging_dir = self.project_dir
 
     def __post_init__(self) -> None:
-        self.automatic_checkpoint_naming = to_bool(self.automatic_checkpoint_naming, "automatic_checkpoint_naming")
+        self.automatic_checkpoint_naming = to_bool(
+            self.automatic_checkpoint_naming, "automatic_checkpoint_naming"
+        )
         self.save_on_each_node = to_bool(self.save_on_each_node, "save_on_each_node")
         self.iteration = non_negative_int(self.iteration, "iteration")
         if self.total_limit is not None:
@@ -159,4 +174,3 @@ class ProjectConfiguration:
         if self.logging_dir is not None:
             self.logging_dir = str(self.logging_dir)
         self.set_directories(self.project_dir)
-

@@ -40,7 +40,8 @@ class BaseEnum(str, enum.Enum, metaclass=_ValueMembership):
         """Convert ``value`` (a member or its value; case-insensitive) to a member.
 
         Raises:
-            ConfigurationError: (a ``ValueError``) ``value`` is not one of the values; the message names ``name``
+            ConfigurationError: (a ``ValueError``) ``value`` is not one of the values; the message names
+                ``name``
                 (the argument or variable being read) and lists the accepted values.
         """
         if isinstance(value, cls):

@@ -11,8 +11,9 @@ import copy
 import datetime
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from hasten.utils.atomic import atomic_path
 from hasten.utils.constants import PROFILE_PATTERN_NAME
@@ -129,16 +130,23 @@ class DistributedDataParallelKwargs(KwargsHandler):
                 "Drop comm_state_option or choose a PowerSGD hook."
             )
         _require_bool(
-            self, "broadcast_buffers", "find_unused_parameters", "check_reduction", "gradient_as_bucket_view",
+            self,
+            "broadcast_buffers",
+            "find_unused_parameters",
+            "check_reduction",
+            "gradient_as_bucket_view",
             "static_graph",
-        )  # fmt: skip
+        )
 
-    def to_dict(self, ignore_keys: tuple[str, ...] = ("comm_hook", "comm_wrapper", "comm_state_option")) -> dict[str, Any]:
+    def to_dict(
+        self, ignore_keys: tuple[str, ...] = ("comm_hook", "comm_wrapper", "comm_state_option")
+    ) -> dict[str, Any]:
         """The DDP constructor fields (the hook settings are not constructor arguments)."""
         return {key: value for key, value in super().to_dict().items() if key not in ignore_keys}
 
     def register_comm_hook(self, model: torch.nn.parallel.DistributedDataParallel) -> None:
-        """Install the configured hook on a ``DistributedDataParallel`` model (nothing when ``comm_hook="no"``)."""
+        """Install the configured hook on a ``DistributedDataParallel`` model (nothing when
+        ``comm_hook="no"``)."""
         if self.comm_hook == DDPCommunicationHookType.NO:
             return
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
@@ -158,7 +166,8 @@ class DistributedDataParallelKwargs(KwargsHandler):
         if uses_bf16 and backend not in ("nccl", "xccl"):
             raise ConfigurationError(
                 f"bf16 gradient compression (comm_hook={self.comm_hook.value!r}, comm_wrapper="
-                f"{self.comm_wrapper.value!r}) needs NCCL on CUDA or XCCL on XPU, but the model's process group "
+                f"{self.comm_wrapper.value!r}) needs NCCL on CUDA or XCCL on XPU, but the model's process "
+                "group "
                 f"uses {backend!r}. Use 'fp16' compression instead."
             )
         hook = hooks[self.comm_hook]
@@ -166,11 +175,14 @@ class DistributedDataParallelKwargs(KwargsHandler):
             hook = wrappers[self.comm_wrapper](hook)
         state = None
         if self.comm_hook in _POWER_SGD:
-            accepted = [p for p in inspect.signature(powerSGD_hook.PowerSGDState).parameters if p != "process_group"]
+            accepted = [
+                p for p in inspect.signature(powerSGD_hook.PowerSGDState).parameters if p != "process_group"
+            ]
             unknown = sorted(set(self.comm_state_option) - set(accepted))
             if unknown:
                 raise ConfigurationError(
-                    f"comm_state_option has keys {unknown} that PowerSGDState does not take; accepted: {accepted}."
+                    f"comm_state_option has keys {unknown} that PowerSGDState does not take; accepted: "
+                    f"{accepted}."
                 )
             state = powerSGD_hook.PowerSGDState(None, **self.comm_state_option)
         model.register_comm_hook(state=state, hook=hook)
@@ -225,7 +237,9 @@ class InitProcessGroupKwargs(KwargsHandler):
             import torch.distributed as dist
 
             known = list(dist.Backend.backend_list)
-            if not isinstance(self.backend, str) or (":" not in self.backend and self.backend.lower() not in known):
+            if not isinstance(self.backend, str) or (
+                ":" not in self.backend and self.backend.lower() not in known
+            ):
                 raise ConfigurationError(
                     f"backend={self.backend!r} is not a torch.distributed backend; expected one of {known} "
                     "(or a device:backend list such as 'cpu:gloo,cuda:nccl')."
@@ -233,11 +247,14 @@ class InitProcessGroupKwargs(KwargsHandler):
             self.backend = self.backend.lower()
         if self.timeout is None:
             self.timeout = datetime.timedelta(seconds=600 if self.backend == "nccl" else 1800)
-        elif isinstance(self.timeout, (int, float)) and not isinstance(self.timeout, bool) and self.timeout > 0:
+        elif (
+            isinstance(self.timeout, (int, float)) and not isinstance(self.timeout, bool) and self.timeout > 0
+        ):
             self.timeout = datetime.timedelta(seconds=self.timeout)
         elif not isinstance(self.timeout, datetime.timedelta) or self.timeout.total_seconds() <= 0:
             raise ConfigurationError(
-                f"timeout={self.timeout!r} must be a positive datetime.timedelta or a positive number of seconds."
+                f"timeout={self.timeout!r} must be a positive datetime.timedelta or a positive number of "
+                "seconds."
             )
 
 
@@ -279,7 +296,9 @@ class FP8RecipeKwargs(KwargsHandler):
     amax_compute_algo: str | None = env_field(
         _ENV_FP8 + "AMAX_COMPUTE_ALGO", "most_recent", one_of(["max", "most_recent"])
     )
-    override_linear_precision: tuple[bool, bool, bool] | None = env_field(None, (False, False, False), _linear_precision)
+    override_linear_precision: tuple[bool, bool, bool] | None = env_field(
+        None, (False, False, False), _linear_precision
+    )
     use_mxfp8_block_scaling: bool | None = env_field(_ENV_FP8 + "USE_MXFP8_BLOCK_SCALING", False, to_bool)
     backend: str | None = env_field(_ENV_FP8 + "BACKEND", "TE", _fp8_backend)
 
@@ -288,7 +307,10 @@ class FP8RecipeKwargs(KwargsHandler):
             self.backend = "MSAMP"
         if self.override_linear_precision is None:  # three variables for one field
             fprop, dgrad, wgrad = (
-                to_bool(read_env(f"{_ENV_FP8}OVERRIDE_{gemm}") or "false", f"environment variable {_ENV_FP8}OVERRIDE_{gemm}")
+                to_bool(
+                    read_env(f"{_ENV_FP8}OVERRIDE_{gemm}") or "false",
+                    f"environment variable {_ENV_FP8}OVERRIDE_{gemm}",
+                )
                 for gemm in ("FPROP", "DGRAD", "WGRAD")
             )
             self.override_linear_precision = (fprop, dgrad, wgrad)
@@ -323,12 +345,15 @@ class ProfileKwargs(KwargsHandler):
 
     def __post_init__(self) -> None:
         if self.activities is not None:
-            bad = [a for a in self.activities if a not in _PROFILER_ACTIVITIES] if isinstance(
-                self.activities, (list, tuple)
-            ) else [self.activities]
+            bad = (
+                [a for a in self.activities if a not in _PROFILER_ACTIVITIES]
+                if isinstance(self.activities, (list, tuple))
+                else [self.activities]
+            )
             if bad:
                 raise ConfigurationError(
-                    f"activities={self.activities!r} has {bad}; each must be one of {list(_PROFILER_ACTIVITIES)}."
+                    f"activities={self.activities!r} has {bad}; each must be one of "
+                    f"{list(_PROFILER_ACTIVITIES)}."
                 )
         if self.schedule_option is not None:
             import torch.profiler
@@ -352,7 +377,9 @@ class ProfileKwargs(KwargsHandler):
         member = getattr(torch.profiler.ProfilerActivity, name.upper(), None)
         if member is None or not available.get(name):
             present = [key for key, ok in available.items() if ok]
-            raise ConfigurationError(f"activities has {name!r}, which this machine cannot profile; use {present}.")
+            raise ConfigurationError(
+                f"activities has {name!r}, which this machine cannot profile; use {present}."
+            )
         return member
 
     def build(self) -> torch.profiler.profile:

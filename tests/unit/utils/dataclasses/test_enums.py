@@ -17,8 +17,18 @@ from hasten.utils.dataclasses.enums import (
     SageMakerDistributedType,
 )
 
-ALL = [ComputeEnvironment, CustomDtype, DDPCommunicationHookType, DistributedType, DynamoBackend, FP8BackendType,
-       LoggerType, PrecisionType, RNGType, SageMakerDistributedType]  # fmt: skip
+ALL = [
+    ComputeEnvironment,
+    CustomDtype,
+    DDPCommunicationHookType,
+    DistributedType,
+    DynamoBackend,
+    FP8BackendType,
+    LoggerType,
+    PrecisionType,
+    RNGType,
+    SageMakerDistributedType,
+]
 
 
 def test_membership_by_value() -> None:
@@ -42,7 +52,10 @@ def test_parse_is_case_insensitive_and_lists_choices_on_error() -> None:
     assert PrecisionType.parse("BF16", "mixed_precision") is PrecisionType.BF16
     assert DynamoBackend.parse("inductor", "dynamo_backend") is DynamoBackend.INDUCTOR
     assert PrecisionType.parse(PrecisionType.NO, "x") is PrecisionType.NO
-    with pytest.raises(ValueError, match=r"mixed_precision='fp64' is not valid; expected one of \['no', 'fp8', 'fp16', 'bf16'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"mixed_precision='fp64' is not valid; expected one of \['no', 'fp8', 'fp16', 'bf16'\]",
+    ):
         PrecisionType.parse("fp64", "mixed_precision")
     with pytest.raises(ValueError, match=r"mixed_precision=16 is not valid"):
         PrecisionType.parse(16, "mixed_precision")

@@ -1,4 +1,5 @@
-"""Environment fallbacks for config fields: argument, else variable, else fallback, parsed once; the parsers' errors."""
+"""Environment fallbacks for config fields: argument, else variable, else fallback, parsed once; the parsers'
+errors."""
 
 from __future__ import annotations
 
@@ -65,7 +66,9 @@ def test_bad_environment_value_names_the_variable() -> None:
 
 
 def test_bad_argument_names_the_argument_and_the_choices() -> None:
-    with pytest.raises(ConfigurationError, match=r"mode='medium' is not valid; expected one of \['fast', 'slow'\]"):
+    with pytest.raises(
+        ConfigurationError, match=r"mode='medium' is not valid; expected one of \['fast', 'slow'\]"
+    ):
         Example(mode="medium")
 
 

@@ -1,4 +1,5 @@
-"""Kwargs handlers: defaults, to_kwargs, validation, and the real torch objects they configure on one process."""
+"""Kwargs handlers: defaults, to_kwargs, validation, and the real torch objects they configure on one
+process."""
 
 from __future__ import annotations
 
@@ -120,15 +121,20 @@ def test_init_process_group_defaults_and_timeout() -> None:
 
 
 def test_init_process_group_validation() -> None:
-    with pytest.raises(ConfigurationError, match=r"backend='glooo' is not a torch.distributed backend; expected one of \["):
+    with pytest.raises(
+        ConfigurationError, match=r"backend='glooo' is not a torch.distributed backend; expected one of \["
+    ):
         InitProcessGroupKwargs(backend="glooo")
-    with pytest.raises(ConfigurationError, match="timeout=-5 must be a positive datetime.timedelta"):
+    with pytest.raises(ConfigurationError, match=r"timeout=-5 must be a positive datetime.timedelta"):
         InitProcessGroupKwargs(timeout=-5)  # type: ignore[arg-type]
 
 
 def test_ddp_kwargs_to_kwargs_leaves_out_the_hook() -> None:
     kwargs = DistributedDataParallelKwargs(
-        bucket_cap_mb=5, comm_hook="power_sgd", comm_wrapper="fp16", comm_state_option={"matrix_approximation_rank": 2}
+        bucket_cap_mb=5,
+        comm_hook="power_sgd",
+        comm_wrapper="fp16",
+        comm_state_option={"matrix_approximation_rank": 2},
     )
     assert kwargs.to_kwargs() == {"bucket_cap_mb": 5}
     assert kwargs.comm_hook is DDPCommunicationHookType.POWER_SGD
@@ -138,9 +144,18 @@ def test_ddp_kwargs_to_kwargs_leaves_out_the_hook() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"comm_hook": "int8"}, r"comm_hook='int8' is not valid; expected one of \['no', 'fp16', 'bf16', 'power_sgd'"),
-        ({"comm_wrapper": "power_sgd"}, r"comm_wrapper='power_sgd' is not a wrapper; expected one of \['no', 'fp16', 'bf16'\]"),
-        ({"comm_hook": "fp16", "comm_state_option": {"x": 1}}, "comm_state_option=.* is only used by the hooks"),
+        (
+            {"comm_hook": "int8"},
+            r"comm_hook='int8' is not valid; expected one of \['no', 'fp16', 'bf16', 'power_sgd'",
+        ),
+        (
+            {"comm_wrapper": "power_sgd"},
+            r"comm_wrapper='power_sgd' is not a wrapper; expected one of \['no', 'fp16', 'bf16'\]",
+        ),
+        (
+            {"comm_hook": "fp16", "comm_state_option": {"x": 1}},
+            "comm_state_option=.* is only used by the hooks",
+        ),
         ({"static_graph": "yes"}, "static_graph='yes' must be True or False"),
     ],
 )
@@ -151,35 +166,54 @@ def test_ddp_kwargs_validation(kwargs: dict[str, object], message: str) -> None:
 
 def test_power_sgd_state_options_are_checked_before_registering() -> None:
     handler = DistributedDataParallelKwargs(comm_hook="power_sgd", comm_state_option={"rank": 1})
-    with pytest.raises(ConfigurationError, match=r"comm_state_option has keys \['rank'\] that PowerSGDState does not take"):
+    with pytest.raises(
+        ConfigurationError, match=r"comm_state_option has keys \['rank'\] that PowerSGDState does not take"
+    ):
         handler.register_comm_hook(torch.nn.Linear(1, 1))  # type: ignore[arg-type]
     DistributedDataParallelKwargs().register_comm_hook(torch.nn.Linear(1, 1))  # type: ignore[arg-type]  # "no": nothing
 
 
 def test_fp8_recipe_defaults_environment_and_validation() -> None:
     recipe = FP8RecipeKwargs()
-    assert (recipe.backend, recipe.fp8_format, recipe.amax_history_len, recipe.opt_level) == ("TE", "HYBRID", 1024, "O2")
+    assert (recipe.backend, recipe.fp8_format, recipe.amax_history_len, recipe.opt_level) == (
+        "TE",
+        "HYBRID",
+        1024,
+        "O2",
+    )
     assert recipe.override_linear_precision == (False, False, False)
     with patch_environment(
         ACCELERATE_FP8_BACKEND="msamp", ACCELERATE_FP8_FORMAT="e4m3", ACCELERATE_FP8_OVERRIDE_DGRAD="true"
     ):
         recipe = FP8RecipeKwargs()
-    assert (recipe.backend, recipe.fp8_format, recipe.override_linear_precision) == ("MSAMP", "E4M3", (False, True, False))
-    with pytest.raises(ConfigurationError, match=r"backend='AO' has no recipe here; expected one of \['TE', 'MSAMP'\]"):
+    assert (recipe.backend, recipe.fp8_format, recipe.override_linear_precision) == (
+        "MSAMP",
+        "E4M3",
+        (False, True, False),
+    )
+    with pytest.raises(
+        ConfigurationError, match=r"backend='AO' has no recipe here; expected one of \['TE', 'MSAMP'\]"
+    ):
         FP8RecipeKwargs(backend="AO")
-    with pytest.raises(ConfigurationError, match=r"backend='cuda' is not valid; expected one of \['NO', 'TE'"):
+    with pytest.raises(
+        ConfigurationError, match=r"backend='cuda' is not valid; expected one of \['NO', 'TE'"
+    ):
         FP8RecipeKwargs(backend="cuda")
     with pytest.raises(ConfigurationError, match="amax_compute_algo='mean' is not valid"):
         FP8RecipeKwargs(amax_compute_algo="mean")
-    with pytest.raises(ConfigurationError, match=r"override_linear_precision=\(True,\) must be three booleans"):
+    with pytest.raises(
+        ConfigurationError, match=r"override_linear_precision=\(True,\) must be three booleans"
+    ):
         FP8RecipeKwargs(override_linear_precision=(True,))  # type: ignore[arg-type]
 
 
 def test_profile_kwargs_write_a_real_trace(tmp_path: Path) -> None:
     handler = ProfileKwargs(
-        activities=["cpu"], record_shapes=True, schedule_option={"wait": 0, "warmup": 1, "active": 2, "repeat": 1},
+        activities=["cpu"],
+        record_shapes=True,
+        schedule_option={"wait": 0, "warmup": 1, "active": 2, "repeat": 1},
         output_trace_dir=str(tmp_path / "traces"),
-    )  # fmt: skip
+    )
     assert handler.to_kwargs()["activities"] == ["cpu"]
     with handler.build() as profiler:
         for _ in range(3):
@@ -194,7 +228,9 @@ def test_profile_kwargs_write_a_real_trace(tmp_path: Path) -> None:
 
 def test_profile_kwargs_on_trace_ready_is_called() -> None:
     seen = []
-    handler = ProfileKwargs(schedule_option={"wait": 0, "warmup": 1, "active": 1, "repeat": 1}, on_trace_ready=seen.append)
+    handler = ProfileKwargs(
+        schedule_option={"wait": 0, "warmup": 1, "active": 1, "repeat": 1}, on_trace_ready=seen.append
+    )
     with handler.build() as profiler:
         for _ in range(2):
             torch.ones(2).sum()
@@ -205,7 +241,9 @@ def test_profile_kwargs_on_trace_ready_is_called() -> None:
 def test_profile_kwargs_validation() -> None:
     with pytest.raises(ConfigurationError, match=r"activities=\['gpu'\] has \['gpu'\]; each must be one of"):
         ProfileKwargs(activities=["gpu"])
-    with pytest.raises(ConfigurationError, match=r"schedule_option has keys \['pause'\] that torch.profiler.schedule"):
+    with pytest.raises(
+        ConfigurationError, match=r"schedule_option has keys \['pause'\] that torch.profiler.schedule"
+    ):
         ProfileKwargs(schedule_option={"pause": 1})
     with pytest.raises(ConfigurationError, match="with_flops=1 must be True or False"):
         ProfileKwargs(with_flops=1)  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""Gradient accumulation, torch.compile and Megatron-LM plugins: defaults, environment, precedence, validation,
+"""Gradient accumulation, torch.compile and Megatron-LM plugins: defaults, environment, precedence,
+validation,
 and a real inductor compile on CPU."""
 
 from __future__ import annotations
@@ -18,9 +19,17 @@ from hasten.utils.errors import ConfigurationError
 
 def test_gradient_accumulation_defaults_environment_and_precedence() -> None:
     plugin = GradientAccumulationPlugin()
-    assert (plugin.num_steps, plugin.adjust_scheduler, plugin.sync_with_dataloader, plugin.sync_each_batch) == (
-        None, True, True, False,
-    )  # fmt: skip
+    assert (
+        plugin.num_steps,
+        plugin.adjust_scheduler,
+        plugin.sync_with_dataloader,
+        plugin.sync_each_batch,
+    ) == (
+        None,
+        True,
+        True,
+        False,
+    )
     assert plugin.to_kwargs() == {}
     with patch_environment(ACCELERATE_GRADIENT_ACCUMULATION_STEPS="4"):
         assert GradientAccumulationPlugin().num_steps == 4
@@ -34,8 +43,12 @@ def test_gradient_accumulation_defaults_environment_and_precedence() -> None:
 def test_gradient_accumulation_validation() -> None:
     with pytest.raises(ConfigurationError, match="num_steps=0 must be at least 1"):
         GradientAccumulationPlugin(num_steps=0)
-    with patch_environment(ACCELERATE_GRADIENT_ACCUMULATION_STEPS="two"), pytest.raises(
-        ConfigurationError, match="environment variable ACCELERATE_GRADIENT_ACCUMULATION_STEPS='two' is not an integer"
+    with (
+        patch_environment(ACCELERATE_GRADIENT_ACCUMULATION_STEPS="two"),
+        pytest.raises(
+            ConfigurationError,
+            match="environment variable ACCELERATE_GRADIENT_ACCUMULATION_STEPS='two' is not an integer",
+        ),
     ):
         GradientAccumulationPlugin()
     with pytest.raises(ConfigurationError, match="sync_each_batch='sometimes' is not a boolean"):
@@ -44,32 +57,54 @@ def test_gradient_accumulation_validation() -> None:
 
 def test_dynamo_defaults_and_to_kwargs() -> None:
     plugin = TorchDynamoPlugin()
-    assert (plugin.backend, plugin.mode, plugin.fullgraph, plugin.dynamic) == (DynamoBackend.NO, "default", False, None)
+    assert (plugin.backend, plugin.mode, plugin.fullgraph, plugin.dynamic) == (
+        DynamoBackend.NO,
+        "default",
+        False,
+        None,
+    )
     assert plugin.to_kwargs() == {}
-    plugin = TorchDynamoPlugin(backend="inductor", mode="max-autotune", dynamic=False, use_regional_compilation=True)
+    plugin = TorchDynamoPlugin(
+        backend="inductor", mode="max-autotune", dynamic=False, use_regional_compilation=True
+    )
     assert plugin.to_kwargs() == {"backend": "inductor", "mode": "max-autotune", "dynamic": False}
 
 
 def test_dynamo_reads_the_launcher_environment() -> None:
     with patch_environment(
-        ACCELERATE_DYNAMO_BACKEND="INDUCTOR", ACCELERATE_DYNAMO_MODE="reduce-overhead",
-        ACCELERATE_DYNAMO_USE_FULLGRAPH="true", ACCELERATE_DYNAMO_USE_DYNAMIC="false",
-    ):  # fmt: skip
+        ACCELERATE_DYNAMO_BACKEND="INDUCTOR",
+        ACCELERATE_DYNAMO_MODE="reduce-overhead",
+        ACCELERATE_DYNAMO_USE_FULLGRAPH="true",
+        ACCELERATE_DYNAMO_USE_DYNAMIC="false",
+    ):
         plugin = TorchDynamoPlugin()
         explicit = TorchDynamoPlugin(backend="eager", fullgraph=False)
     assert (plugin.backend, plugin.mode, plugin.fullgraph, plugin.dynamic) == (
-        DynamoBackend.INDUCTOR, "reduce-overhead", True, False,
-    )  # fmt: skip
-    assert (explicit.backend, explicit.fullgraph, explicit.mode) == (DynamoBackend.EAGER, False, "reduce-overhead")
+        DynamoBackend.INDUCTOR,
+        "reduce-overhead",
+        True,
+        False,
+    )
+    assert (explicit.backend, explicit.fullgraph, explicit.mode) == (
+        DynamoBackend.EAGER,
+        False,
+        "reduce-overhead",
+    )
 
 
 def test_dynamo_validation() -> None:
-    with pytest.raises(ConfigurationError, match=r"backend='turbo' is not valid; expected one of \['NO', 'EAGER'"):
+    with pytest.raises(
+        ConfigurationError, match=r"backend='turbo' is not valid; expected one of \['NO', 'EAGER'"
+    ):
         TorchDynamoPlugin(backend="turbo")  # type: ignore[arg-type]
-    with pytest.raises(ConfigurationError, match=r"environment variable ACCELERATE_DYNAMO_MODE='fastest' is not valid"):
-        with patch_environment(ACCELERATE_DYNAMO_MODE="fastest"):
-            TorchDynamoPlugin()
-    with pytest.raises(ConfigurationError, match="options=.* must be a dict of backend options"):
+    with (
+        pytest.raises(
+            ConfigurationError, match=r"environment variable ACCELERATE_DYNAMO_MODE='fastest' is not valid"
+        ),
+        patch_environment(ACCELERATE_DYNAMO_MODE="fastest"),
+    ):
+        TorchDynamoPlugin()
+    with pytest.raises(ConfigurationError, match=r"options=.* must be a dict of backend options"):
         TorchDynamoPlugin(options=["triton.cudagraphs"])
 
 
@@ -116,17 +151,32 @@ def test_dynamo_regional_compilation_compiles_the_repeated_blocks() -> None:
 
 def test_megatron_defaults_environment_and_arguments() -> None:
     plugin = MegatronLMPlugin()
-    assert (plugin.tp_degree, plugin.pp_degree, plugin.num_micro_batches, plugin.gradient_clipping) == (1, 1, 1, 1.0)
+    assert (plugin.tp_degree, plugin.pp_degree, plugin.num_micro_batches, plugin.gradient_clipping) == (
+        1,
+        1,
+        1,
+        1.0,
+    )
     assert plugin.megatron_lm_default_args["DDP_impl"] == "torch"
-    with patch_environment(MEGATRON_LM_TP_DEGREE="2", MEGATRON_LM_PP_DEGREE="4", MEGATRON_LM_SEQUENCE_PARALLELISM="1"):
+    with patch_environment(
+        MEGATRON_LM_TP_DEGREE="2", MEGATRON_LM_PP_DEGREE="4", MEGATRON_LM_SEQUENCE_PARALLELISM="1"
+    ):
         plugin = MegatronLMPlugin(pp_degree=2, other_megatron_args={"seed": 7}, consumed_samples=[5])
     args = plugin.megatron_lm_default_args
-    assert (args["tensor_model_parallel_size"], args["pipeline_model_parallel_size"], args["sequence_parallel"]) == (
-        2, 2, True,
-    )  # fmt: skip
+    assert (
+        args["tensor_model_parallel_size"],
+        args["pipeline_model_parallel_size"],
+        args["sequence_parallel"],
+    ) == (
+        2,
+        2,
+        True,
+    )
     assert (args["DDP_impl"], args["seed"], args["consumed_samples"]) == ("local", 7, [5, 0, 0])
     plugin.set_training_args(micro_batch_size=2, dp_degree=3)
-    plugin.set_optimizer_type(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=0.01, weight_decay=0.1))
+    plugin.set_optimizer_type(
+        torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=0.01, weight_decay=0.1)
+    )
     plugin.set_mixed_precision("bf16")
     assert (args["global_batch_size"], args["optimizer"], args["lr"], args["bf16"]) == (6, "adam", 0.01, True)
 
@@ -135,8 +185,14 @@ def test_megatron_defaults_environment_and_arguments() -> None:
     ("kwargs", "message"),
     [
         ({"tp_degree": 0}, "tp_degree=0 must be at least 1"),
-        ({"recompute_granularity": "some"}, r"recompute_granularity='some' is not valid; expected one of \['full', 'selective'\]"),
-        ({"lr_decay_style": "step"}, r"lr_decay_style='step' is not valid; expected one of \['constant', 'linear', 'cosine'\]"),
+        (
+            {"recompute_granularity": "some"},
+            r"recompute_granularity='some' is not valid; expected one of \['full', 'selective'\]",
+        ),
+        (
+            {"lr_decay_style": "step"},
+            r"lr_decay_style='step' is not valid; expected one of \['constant', 'linear', 'cosine'\]",
+        ),
         ({"attention_dropout": 1.5}, "attention_dropout=1.5 is a probability"),
         ({"consumed_samples": [1, 2, 3, 4]}, "consumed_samples=.* must be a list of 1 to 3 counts"),
         ({"train_iters": 10, "train_samples": 100}, "pass only one of them"),

@@ -1,4 +1,5 @@
-"""DeepSpeed settings: the plugin's fields, the environment, and an optional config, merged into one config dict.
+"""DeepSpeed settings: the plugin's fields, the environment, and an optional config, merged into one config
+dict.
 
 Fields left unset are read from the ``ACCELERATE_DEEPSPEED_*`` variables ``accelerate
 launch`` sets. With ``hf_ds_config`` (a dict, a JSON path, JSON text; also
@@ -47,17 +48,25 @@ _CONFIG_KEYS = {
 }
 # Launcher settings that a DeepSpeed config file replaces (ACCELERATE_CONFIG_DS_FIELDS names them).
 _REPLACED_BY_CONFIG_FILE = [
-    "gradient_accumulation_steps", "gradient_clipping", "zero_stage", "offload_optimizer_device",
-    "offload_param_device", "offload_param_nvme_path", "offload_optimizer_nvme_path", "zero3_save_16bit_model",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "zero_stage",
+    "offload_optimizer_device",
+    "offload_param_device",
+    "offload_param_nvme_path",
+    "offload_optimizer_nvme_path",
+    "zero3_save_16bit_model",
     "mixed_precision",
-]  # fmt: skip
+]
 
 
 def _zero_stage(value: Any, name: str) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if isinstance(value, bool) or value not in _ZERO_STAGES:
-        raise ConfigurationError(f"{name}={value!r} is not a ZeRO stage; expected one of {list(_ZERO_STAGES)}.")
+        raise ConfigurationError(
+            f"{name}={value!r} is not a ZeRO stage; expected one of {list(_ZERO_STAGES)}."
+        )
     return int(value)
 
 
@@ -93,11 +102,17 @@ class DeepSpeedPlugin:
     gradient_accumulation_steps: int | str | None = env_field(
         "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto", or_auto(positive_int)
     )
-    gradient_clipping: float | str | None = env_field("ACCELERATE_GRADIENT_CLIPPING", "auto", or_auto(to_float))
+    gradient_clipping: float | str | None = env_field(
+        "ACCELERATE_GRADIENT_CLIPPING", "auto", or_auto(to_float)
+    )
     zero_stage: int | None = env_field(_ENV + "ZERO_STAGE", 2, _zero_stage)
     is_train_batch_min: bool = True
-    offload_optimizer_device: str | None = env_field(_ENV + "OFFLOAD_OPTIMIZER_DEVICE", "none", one_of(_OFFLOAD_DEVICES))
-    offload_param_device: str | None = env_field(_ENV + "OFFLOAD_PARAM_DEVICE", "none", one_of(_OFFLOAD_DEVICES))
+    offload_optimizer_device: str | None = env_field(
+        _ENV + "OFFLOAD_OPTIMIZER_DEVICE", "none", one_of(_OFFLOAD_DEVICES)
+    )
+    offload_param_device: str | None = env_field(
+        _ENV + "OFFLOAD_PARAM_DEVICE", "none", one_of(_OFFLOAD_DEVICES)
+    )
     offload_optimizer_nvme_path: str | None = env_field(_ENV + "OFFLOAD_OPTIMIZER_NVME_PATH", "none", _path)
     offload_param_nvme_path: str | None = env_field(_ENV + "OFFLOAD_PARAM_NVME_PATH", "none", _path)
     zero3_init_flag: bool | None = None
@@ -181,7 +196,9 @@ class DeepSpeedPlugin:
                 mismatches.append(f"{name}={value!r} but the config has {key}={in_config!r}")
         if mismatches:
             raise ConfigurationError(
-                "DeepSpeedPlugin arguments contradict the DeepSpeed config:\n- " + "\n- ".join(mismatches) + "\n"
+                "DeepSpeedPlugin arguments contradict the DeepSpeed config:\n- "
+                + "\n- ".join(mismatches)
+                + "\n"
                 "Remove the arguments, change the config, or set those config values to 'auto'."
             )
         config.set_stage_and_offload()
@@ -194,7 +211,9 @@ class DeepSpeedPlugin:
         is_zero3 = self.hf_ds_config.is_zero3()
         if self.zero3_init_flag is None:
             raw = read_env(_ENV + "ZERO3_INIT")
-            self.zero3_init_flag = is_zero3 if raw is None else to_bool(raw, f"environment variable {_ENV}ZERO3_INIT")
+            self.zero3_init_flag = (
+                is_zero3 if raw is None else to_bool(raw, f"environment variable {_ENV}ZERO3_INIT")
+            )
         else:
             self.zero3_init_flag = to_bool(self.zero3_init_flag, "zero3_init_flag")
         if self.zero3_init_flag and not is_zero3:
@@ -203,7 +222,10 @@ class DeepSpeedPlugin:
                     f"zero3_init_flag=True needs ZeRO stage 3, but the stage is {self.zero_stage!r}; "
                     "pass zero_stage=3 or drop zero3_init_flag."
                 )
-            warnings.warn(f"{_ENV}ZERO3_INIT is set but the ZeRO stage is not 3; zero3_init_flag is False.", stacklevel=3)
+            warnings.warn(
+                f"{_ENV}ZERO3_INIT is set but the ZeRO stage is not 3; zero3_init_flag is False.",
+                stacklevel=3,
+            )
             self.zero3_init_flag = False
 
     # --- filling the config from the training set-up ------------------------------------------
@@ -223,13 +245,21 @@ class DeepSpeedPlugin:
         if node.get(key) == "auto":
             if ds_key_long not in kwargs:
                 raise ConfigurationError(
-                    f"The DeepSpeed config sets {ds_key_long!r} to 'auto' but the training set-up gives no value "
+                    f"The DeepSpeed config sets {ds_key_long!r} to 'auto' but the training set-up gives no "
+                    "value "
                     "for it; set it in the config."
                 )
             node[key] = kwargs[ds_key_long]
             return
-        if must_match and ds_key_long in kwargs and node.get(key) is not None and node[key] != kwargs[ds_key_long]:
-            mismatches.append(f"- ds {ds_key_long}={node[key]!r} vs arg {ds_key_long}={kwargs[ds_key_long]!r}")
+        if (
+            must_match
+            and ds_key_long in kwargs
+            and node.get(key) is not None
+            and node[key] != kwargs[ds_key_long]
+        ):
+            mismatches.append(
+                f"- ds {ds_key_long}={node[key]!r} vs arg {ds_key_long}={kwargs[ds_key_long]!r}"
+            )
 
     def is_auto(self, ds_key_long: str) -> bool:
         """Whether the config sets the dotted key to ``"auto"``."""
@@ -261,7 +291,9 @@ class DeepSpeedPlugin:
                 self.fill_match(prefix + key, mismatches, must_match=must_match, **kwargs)
         if mismatches and not prefix:
             raise ConfigurationError(
-                "These DeepSpeed config values differ from the training set-up:\n" + "\n".join(mismatches) + "\n"
+                "These DeepSpeed config values differ from the training set-up:\n"
+                + "\n".join(mismatches)
+                + "\n"
                 "Set them to 'auto' in the config (or to the values shown after 'arg')."
             )
 
@@ -283,7 +315,10 @@ class DeepSpeedPlugin:
                 )
         for dtype in ("fp16", "bf16"):
             config.setdefault(dtype, {"enabled": False})
-        flags = {"fp16.enabled": mixed_precision == "fp16", "bf16.enabled": mixed_precision in ("bf16", "fp8")}
+        flags = {
+            "fp16.enabled": mixed_precision == "fp16",
+            "bf16.enabled": mixed_precision in ("bf16", "fp8"),
+        }
         for key in flags:
             self.fill_match(key, None, False, **flags)
 
@@ -295,7 +330,8 @@ class DeepSpeedPlugin:
         """Mark this plugin as the active one (called by ``AcceleratorState.enable_deepspeed_plugin``)."""
         if not _from_accelerator_state:
             raise ConfigurationError(
-                "Activate a DeepSpeedPlugin with AcceleratorState().enable_deepspeed_plugin(key), not select()."
+                "Activate a DeepSpeedPlugin with AcceleratorState().enable_deepspeed_plugin(key), not "
+                "select()."
             )
         self._selected = True
 

@@ -1,4 +1,5 @@
-"""A DeepSpeed configuration dictionary, read from a dict, a JSON file, JSON text or base64 JSON, and queried by dotted key."""
+"""A DeepSpeed configuration dictionary, read from a dict, a JSON file, JSON text or base64 JSON, and queried
+by dotted key."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def _load(config_file_or_dict: Any) -> dict[str, Any]:
         return copy.deepcopy(config_file_or_dict)  # the caller's dict keeps its "auto" values
     if not isinstance(config_file_or_dict, (str, os.PathLike)):
         raise ConfigurationError(
-            f"hf_ds_config={config_file_or_dict!r} is not a DeepSpeed config; pass a dict, the path of a JSON "
+            f"hf_ds_config={config_file_or_dict!r} is not a DeepSpeed config; pass a dict, the path of a "
+            "JSON "
             "file, JSON text, or base64-encoded JSON."
         )
     text = os.fspath(config_file_or_dict)
@@ -26,7 +28,9 @@ def _load(config_file_or_dict: Any) -> dict[str, Any]:
             try:
                 loaded = json.load(file)
             except json.JSONDecodeError as error:
-                raise ConfigurationError(f"hf_ds_config={text!r}: the file is not valid JSON ({error}).") from None
+                raise ConfigurationError(
+                    f"hf_ds_config={text!r}: the file is not valid JSON ({error})."
+                ) from None
     elif text.endswith(".json") or os.sep in text:
         raise ConfigurationError(
             f"hf_ds_config={text!r}: no such file (relative paths are read from {os.getcwd()!r}). "
@@ -47,7 +51,9 @@ def _load(config_file_or_dict: Any) -> dict[str, Any]:
                 f"{os.getcwd()!r}), or pass the configuration as a dict."
             ) from None
     if not isinstance(loaded, dict):
-        raise ConfigurationError(f"hf_ds_config={text[:80]!r} holds a {type(loaded).__name__}, not a JSON object.")
+        raise ConfigurationError(
+            f"hf_ds_config={text[:80]!r} holds a {type(loaded).__name__}, not a JSON object."
+        )
     return loaded
 
 
@@ -72,7 +78,8 @@ class HfDeepSpeedConfig:
         self._offload = (self.is_zero2() or self.is_zero3()) and bool(devices & {"cpu", "nvme"})
 
     def find_config_node(self, ds_key_long: str) -> tuple[dict[str, Any] | None, str]:
-        """The dict holding the dotted key ``ds_key_long`` (``None`` when a parent is missing), and its last part."""
+        """The dict holding the dotted key ``ds_key_long`` (``None`` when a parent is missing), and its last
+        part."""
         *parents, key = ds_key_long.split(".")
         node: Any = self.config
         for part in parents:

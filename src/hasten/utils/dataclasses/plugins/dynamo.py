@@ -72,7 +72,7 @@ class TorchDynamoPlugin(KwargsHandler):
         kwargs = self.to_kwargs()
         kwargs["backend"] = str(self.backend.value).lower()  # type: ignore[union-attr]
         if self.use_regional_compilation:
-            blocks = [block for block in _repeated_blocks(model)]
+            blocks = list(_repeated_blocks(model))
             if blocks:
                 for block in blocks:
                     block.compile(**kwargs)
@@ -87,6 +87,10 @@ def _repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
     blocks: list[torch.nn.Module] = []
     for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+        if (
+            isinstance(module, torch.nn.ModuleList)
+            and len(module) > 1
+            and len({type(m) for m in module}) == 1
+        ):
             blocks.extend(module)
     return blocks

@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,7 +37,12 @@ if TYPE_CHECKING:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-_MIXED_PRECISION = {"fp8": torch.bfloat16, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_MIXED_PRECISION = {
+    "fp8": torch.bfloat16,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "fp32": torch.float32,
+}
 
 
 def _torch_enum(kind: type[enum.Enum], value: Any, name: str) -> Any:
@@ -72,7 +77,9 @@ def _regex(value: Any, name: str) -> Any:
         try:
             re.compile(value)
         except re.error as error:
-            raise ConfigurationError(f"{name}={value!r} is not a valid regular expression ({error}).") from None
+            raise ConfigurationError(
+                f"{name}={value!r} is not a valid regular expression ({error})."
+            ) from None
     return value
 
 
@@ -121,7 +128,9 @@ class FullyShardedDataParallelPlugin:
     sync_module_states: bool | None = None
     forward_prefetch: bool | None = None
     activation_checkpointing: bool | None = env_field("FSDP_ACTIVATION_CHECKPOINTING", False, to_bool)
-    activation_checkpointing_offload: bool | None = env_field("FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD", False, to_bool)
+    activation_checkpointing_offload: bool | None = env_field(
+        "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD", False, to_bool
+    )
     cpu_ram_efficient_loading: bool | None = env_field("FSDP_CPU_RAM_EFFICIENT_LOADING", False, to_bool)
     transformer_cls_names_to_wrap: list[str] | None = None
     min_num_params: int | None = None
@@ -139,7 +148,8 @@ class FullyShardedDataParallelPlugin:
         self._resolve_auto_wrap_policy()
         if self.activation_checkpointing_offload and not self.activation_checkpointing:
             raise ConfigurationError(
-                "activation_checkpointing_offload=True needs activation_checkpointing=True; set both or neither."
+                "activation_checkpointing_offload=True needs activation_checkpointing=True; set both or "
+                "neither."
             )
         if self.activation_checkpointing_offload and self.fsdp_version != 2:
             raise ConfigurationError("activation_checkpointing_offload=True needs fsdp_version=2.")
@@ -161,7 +171,9 @@ class FullyShardedDataParallelPlugin:
         from torch.distributed.fsdp import BackwardPrefetch, ShardingStrategy
 
         if self.sharding_strategy is None and self.reshard_after_forward is not None:
-            self.sharding_strategy = _torch_enum(ShardingStrategy, self.reshard_after_forward, "reshard_after_forward")
+            self.sharding_strategy = _torch_enum(
+                ShardingStrategy, self.reshard_after_forward, "reshard_after_forward"
+            )
         if self.sharding_strategy is None:
             self.sharding_strategy = read_env("FSDP_SHARDING_STRATEGY") or "FULL_SHARD"
             where = "environment variable FSDP_SHARDING_STRATEGY"
@@ -176,10 +188,18 @@ class FullyShardedDataParallelPlugin:
                     f"sharding_strategy={self.sharding_strategy.name!r}; with FSDP1 pass only one of them."
                 )
             self.reshard_after_forward = strategy
-        prefetch = self.backward_prefetch if self.backward_prefetch is not None else read_env("FSDP_BACKWARD_PREFETCH")
+        prefetch = (
+            self.backward_prefetch
+            if self.backward_prefetch is not None
+            else read_env("FSDP_BACKWARD_PREFETCH")
+        )
         if isinstance(prefetch, str) and prefetch.strip().upper() == "NO_PREFETCH":
             prefetch = None
-        where = "backward_prefetch" if "backward_prefetch" in passed else "environment variable FSDP_BACKWARD_PREFETCH"
+        where = (
+            "backward_prefetch"
+            if "backward_prefetch" in passed
+            else "environment variable FSDP_BACKWARD_PREFETCH"
+        )
         self.backward_prefetch = None if prefetch is None else _torch_enum(BackwardPrefetch, prefetch, where)
         self.use_orig_params = self._flag("use_orig_params", "FSDP_USE_ORIG_PARAMS")
         self.sync_module_states = self._flag("sync_module_states", "FSDP_SYNC_MODULE_STATES")
@@ -208,20 +228,33 @@ class FullyShardedDataParallelPlugin:
             self.reshard_after_forward = equivalents[strategy]
         if self.reshard_after_forward is None:
             raw = read_env("FSDP_RESHARD_AFTER_FORWARD")
-            self.reshard_after_forward = True if raw is None else to_bool(raw, "environment variable FSDP_RESHARD_AFTER_FORWARD")
+            self.reshard_after_forward = (
+                True if raw is None else to_bool(raw, "environment variable FSDP_RESHARD_AFTER_FORWARD")
+            )
         elif not isinstance(self.reshard_after_forward, bool):
             self.reshard_after_forward = to_bool(self.reshard_after_forward, "reshard_after_forward")
-        prefetch = self.backward_prefetch if self.backward_prefetch is not None else read_env("FSDP_BACKWARD_PREFETCH")
-        if prefetch is not None and not (isinstance(prefetch, str) and prefetch.strip().upper() == "NO_PREFETCH"):
+        prefetch = (
+            self.backward_prefetch
+            if self.backward_prefetch is not None
+            else read_env("FSDP_BACKWARD_PREFETCH")
+        )
+        if prefetch is not None and not (
+            isinstance(prefetch, str) and prefetch.strip().upper() == "NO_PREFETCH"
+        ):
             raise ConfigurationError(
-                f"backward_prefetch={prefetch!r} is an FSDP1 option; FSDP2 prefetches by itself. Drop it or use fsdp_version=1."
+                f"backward_prefetch={prefetch!r} is an FSDP1 option; FSDP2 prefetches by itself. Drop it or "
+                "use fsdp_version=1."
             )
         self.backward_prefetch = None
         for name in ("forward_prefetch", "sync_module_states"):
             if name in passed:
-                raise ConfigurationError(f"{name}={getattr(self, name)!r} is an FSDP1 option; drop it with fsdp_version=2.")
+                raise ConfigurationError(
+                    f"{name}={getattr(self, name)!r} is an FSDP1 option; drop it with fsdp_version=2."
+                )
         if self.use_orig_params is False:
-            raise ConfigurationError("use_orig_params=False is impossible with FSDP2, which always uses the original parameters.")
+            raise ConfigurationError(
+                "use_orig_params=False is impossible with FSDP2, which always uses the original parameters."
+            )
         self.use_orig_params = None
 
     def _resolve_auto_wrap_policy(self) -> None:
@@ -229,19 +262,30 @@ class FullyShardedDataParallelPlugin:
 
         if not isinstance(self.auto_wrap_policy, str):
             return
-        where = "environment variable FSDP_AUTO_WRAP_POLICY" if is_set_in_env(self, "auto_wrap_policy") else "auto_wrap_policy"
+        where = (
+            "environment variable FSDP_AUTO_WRAP_POLICY"
+            if is_set_in_env(self, "auto_wrap_policy")
+            else "auto_wrap_policy"
+        )
         choice = one_of(FSDP_AUTO_WRAP_POLICY)(self.auto_wrap_policy, where)
         if choice == "TRANSFORMER_BASED_WRAP":
             self.auto_wrap_policy = transformer_auto_wrap_policy
             names = self.transformer_cls_names_to_wrap
             if names is None and read_env("FSDP_TRANSFORMER_CLS_TO_WRAP") is not None:
-                names = comma_list(read_env("FSDP_TRANSFORMER_CLS_TO_WRAP"), "environment variable FSDP_TRANSFORMER_CLS_TO_WRAP")
-            self.transformer_cls_names_to_wrap = None if names is None else comma_list(names, "transformer_cls_names_to_wrap")
+                names = comma_list(
+                    read_env("FSDP_TRANSFORMER_CLS_TO_WRAP"),
+                    "environment variable FSDP_TRANSFORMER_CLS_TO_WRAP",
+                )
+            self.transformer_cls_names_to_wrap = (
+                None if names is None else comma_list(names, "transformer_cls_names_to_wrap")
+            )
         elif choice == "SIZE_BASED_WRAP":
             self.auto_wrap_policy = size_based_auto_wrap_policy
             if self.min_num_params is None:
                 raw = read_env("FSDP_MIN_NUM_PARAMS")
-                self.min_num_params = 0 if raw is None else non_negative_int(raw, "environment variable FSDP_MIN_NUM_PARAMS")
+                self.min_num_params = (
+                    0 if raw is None else non_negative_int(raw, "environment variable FSDP_MIN_NUM_PARAMS")
+                )
             else:
                 self.min_num_params = non_negative_int(self.min_num_params, "min_num_params")
         else:
@@ -267,7 +311,8 @@ class FullyShardedDataParallelPlugin:
         self.state_dict_type = _torch_enum(StateDictType, self.state_dict_type, where)
         if self.fsdp_version == 2 and self.state_dict_type == StateDictType.LOCAL_STATE_DICT:
             raise ConfigurationError(
-                "state_dict_type=LOCAL_STATE_DICT does not exist in FSDP2; use SHARDED_STATE_DICT or FULL_STATE_DICT."
+                "state_dict_type=LOCAL_STATE_DICT does not exist in FSDP2; use SHARDED_STATE_DICT or "
+                "FULL_STATE_DICT."
             )
         if self.state_dict_type == StateDictType.FULL_STATE_DICT:
             if self.state_dict_config is None:
@@ -280,7 +325,9 @@ class FullyShardedDataParallelPlugin:
             if self.optim_state_dict_config is None:
                 self.optim_state_dict_config = ShardedOptimStateDictConfig(offload_to_cpu=True)
 
-    def set_mixed_precision(self, mixed_precision: Any, buffer_autocast: bool = False, override: bool = False) -> None:
+    def set_mixed_precision(
+        self, mixed_precision: Any, buffer_autocast: bool = False, override: bool = False
+    ) -> None:
         """Build the version's mixed-precision policy from a precision name, a dtype, or a dict of dtypes."""
         from torch.distributed.fsdp import MixedPrecision, MixedPrecisionPolicy
 
@@ -290,13 +337,15 @@ class FullyShardedDataParallelPlugin:
             dtype = _MIXED_PRECISION.get(mixed_precision)
             if dtype is None:
                 raise ConfigurationError(
-                    f"mixed_precision_policy={mixed_precision!r} is not valid; expected one of {list(_MIXED_PRECISION)}."
+                    f"mixed_precision_policy={mixed_precision!r} is not valid; expected one of "
+                    f"{list(_MIXED_PRECISION)}."
                 )
         elif isinstance(mixed_precision, torch.dtype) and mixed_precision in _MIXED_PRECISION.values():
             dtype = mixed_precision
         else:
             raise ConfigurationError(
-                f"mixed_precision={mixed_precision!r} is not valid; expected one of {list(_MIXED_PRECISION)}, "
+                f"mixed_precision={mixed_precision!r} is not valid; expected one of "
+                f"{list(_MIXED_PRECISION)}, "
                 "a torch dtype among them, or a dict of dtypes."
             )
         keys = ["param_dtype", "reduce_dtype", "buffer_dtype" if self.fsdp_version == 1 else "output_dtype"]
@@ -307,7 +356,8 @@ class FullyShardedDataParallelPlugin:
             bad = [key for key, value in policy.items() if value not in _MIXED_PRECISION.values()]
             if missing or extra or bad:
                 raise ConfigurationError(
-                    f"mixed_precision_policy={policy!r} is not valid for FSDP{self.fsdp_version}: it needs exactly the "
+                    f"mixed_precision_policy={policy!r} is not valid for FSDP{self.fsdp_version}: it needs "
+                    "exactly the "
                     f"keys {keys} with values among {sorted(set(_MIXED_PRECISION.values()), key=str)}."
                 )
             built = dict(policy)
@@ -316,7 +366,9 @@ class FullyShardedDataParallelPlugin:
             built[keys[2]] = torch.float32 if buffer_autocast and self.fsdp_version == 1 else dtype
         else:
             return
-        self.mixed_precision_policy = MixedPrecision(**built) if self.fsdp_version == 1 else MixedPrecisionPolicy(**built)
+        self.mixed_precision_policy = (
+            MixedPrecision(**built) if self.fsdp_version == 1 else MixedPrecisionPolicy(**built)
+        )
 
     def validate_mixed_precision_policy(self) -> None:
         """Check that the policy is the torch type the chosen FSDP version takes."""
@@ -334,7 +386,11 @@ class FullyShardedDataParallelPlugin:
         from torch.distributed.fsdp import CPUOffload, CPUOffloadPolicy, OffloadPolicy
 
         if isinstance(self.cpu_offload, str):
-            where = "environment variable FSDP_OFFLOAD_PARAMS" if is_set_in_env(self, "cpu_offload") else "cpu_offload"
+            where = (
+                "environment variable FSDP_OFFLOAD_PARAMS"
+                if is_set_in_env(self, "cpu_offload")
+                else "cpu_offload"
+            )
             self.cpu_offload = to_bool(self.cpu_offload, where)
         if isinstance(self.cpu_offload, bool):
             if self.fsdp_version == 1:
@@ -349,12 +405,14 @@ class FullyShardedDataParallelPlugin:
         required = CPUOffload if self.fsdp_version == 1 else OffloadPolicy
         if not isinstance(self.cpu_offload, required):
             raise ConfigurationError(
-                f"cpu_offload={self.cpu_offload!r} must be a bool or a torch.distributed.fsdp.{required.__name__} "
+                f"cpu_offload={self.cpu_offload!r} must be a bool or a "
+                f"torch.distributed.fsdp.{required.__name__} "
                 f"with fsdp_version={self.fsdp_version}."
             )
 
     def state_dict_options(self) -> StateDictOptions:
-        """``torch.distributed.checkpoint`` options for ``state_dict_type``: full (gathered, on CPU) or sharded."""
+        """``torch.distributed.checkpoint`` options for ``state_dict_type``: full (gathered, on CPU) or
+        sharded."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions
         from torch.distributed.fsdp import StateDictType
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,7 +31,9 @@ def get_module_class_from_name(module: torch.nn.Module, name: str) -> type[torch
     return None
 
 
-def _transformer_classes(plugin: FullyShardedDataParallelPlugin, model: torch.nn.Module) -> set[type[torch.nn.Module]]:
+def _transformer_classes(
+    plugin: FullyShardedDataParallelPlugin, model: torch.nn.Module
+) -> set[type[torch.nn.Module]]:
     names = plugin.transformer_cls_names_to_wrap
     if names is None:
         names = list(getattr(model, "_no_split_modules", None) or [])
@@ -42,13 +45,16 @@ def _transformer_classes(plugin: FullyShardedDataParallelPlugin, model: torch.nn
             present = sorted({type(m).__name__ for m in model.modules()})
             raise ConfigurationError(
                 f"transformer_cls_names_to_wrap has {name!r}, but the model has no module of that class; "
-                f"its classes are {present}. Fix the name (it is case-sensitive) or FSDP_TRANSFORMER_CLS_TO_WRAP."
+                f"its classes are {present}. Fix the name (it is case-sensitive) or "
+                "FSDP_TRANSFORMER_CLS_TO_WRAP."
             )
         classes.add(found)
     return classes
 
 
-def bind_auto_wrap_policy(plugin: FullyShardedDataParallelPlugin, model: torch.nn.Module) -> Callable[..., bool] | None:
+def bind_auto_wrap_policy(
+    plugin: FullyShardedDataParallelPlugin, model: torch.nn.Module
+) -> Callable[..., bool] | None:
     """The plugin's wrap policy with its arguments bound for ``model`` (``None``: wrap the root only)."""
     from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
 
@@ -63,7 +69,8 @@ def bind_auto_wrap_policy(plugin: FullyShardedDataParallelPlugin, model: torch.n
 
 
 def modules_selected(model: torch.nn.Module, policy: Callable[..., bool] | None) -> list[torch.nn.Module]:
-    """The submodules (not the root) ``policy`` wraps, innermost first, as FSDP1's auto-wrap would choose them.
+    """The submodules (not the root) ``policy`` wraps, innermost first, as FSDP1's auto-wrap would choose
+    them.
 
     A module's count of unwrapped parameters excludes those of its wrapped descendants.
     """
@@ -83,7 +90,9 @@ def modules_selected(model: torch.nn.Module, policy: Callable[..., bool] | None)
     return chosen
 
 
-def _ignored_modules(plugin: FullyShardedDataParallelPlugin, model: torch.nn.Module) -> list[torch.nn.Module] | None:
+def _ignored_modules(
+    plugin: FullyShardedDataParallelPlugin, model: torch.nn.Module
+) -> list[torch.nn.Module] | None:
     ignored = plugin.ignored_modules
     if ignored is None:
         return None
@@ -103,7 +112,9 @@ def _checkpoint_activations(model: torch.nn.Module, blocks: list[torch.nn.Module
     targets = {id(block) for block in blocks}
     apply_activation_checkpointing(
         model,
-        checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+        checkpoint_wrapper_fn=functools.partial(
+            checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT
+        ),
         check_fn=lambda module: id(module) in targets,
     )
 
@@ -129,7 +140,8 @@ def wrap_model(plugin: FullyShardedDataParallelPlugin, model: torch.nn.Module) -
 
         if accelerator_type() == "cpu":
             raise ConfigurationError(
-                f"fsdp_version=1 (FullyShardedDataParallel) needs an accelerator in torch {torch.__version__}, and "
+                "fsdp_version=1 (FullyShardedDataParallel) needs an accelerator in torch "
+                f"{torch.__version__}, and "
                 "this machine has none; use fsdp_version=2 (fully_shard), which runs on CPU with gloo."
             )
 
@@ -148,7 +160,14 @@ def wrap_model(plugin: FullyShardedDataParallelPlugin, model: torch.nn.Module) -
             use_orig_params=bool(plugin.use_orig_params),
         )
         if plugin.activation_checkpointing:
-            _checkpoint_activations(wrapped, [m for m in wrapped.modules() if isinstance(m, FullyShardedDataParallel) and m is not wrapped])
+            _checkpoint_activations(
+                wrapped,
+                [
+                    m
+                    for m in wrapped.modules()
+                    if isinstance(m, FullyShardedDataParallel) and m is not wrapped
+                ],
+            )
         return wrapped
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

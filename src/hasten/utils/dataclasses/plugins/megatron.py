@@ -9,8 +9,9 @@ never runs Megatron in its tests.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -63,8 +64,12 @@ class MegatronLMPlugin:
     no_save_optim: bool | None = _flag("NO_SAVE_OPTIM", False)
     optimizer_cpu_offload: bool | None = _flag("OPTIMIZER_CPU_OFFLOAD", False)
     use_precision_aware_optimizer: bool | None = _flag("USE_PRECISION_AWARE_OPTIMIZER", False)
-    decoder_last_pipeline_num_layers: int | None = _int("DECODER_LAST_PIPELINE_NUM_LAYERS", None, non_negative_int)
-    recompute_granularity: str | None = env_field(_P + "RECOMPUTE_GRANULARITY", "full", one_of(["full", "selective"]))
+    decoder_last_pipeline_num_layers: int | None = _int(
+        "DECODER_LAST_PIPELINE_NUM_LAYERS", None, non_negative_int
+    )
+    recompute_granularity: str | None = env_field(
+        _P + "RECOMPUTE_GRANULARITY", "full", one_of(["full", "selective"])
+    )
     recompute_method: str | None = env_field(_P + "RECOMPUTE_METHOD", "uniform", one_of(["uniform", "block"]))
     recompute_num_layers: int | None = _int("RECOMPUTE_NUM_LAYERS", 1)
     attention_backend: bool | None = _flag("ATTENTION_BACKEND", True)
@@ -125,19 +130,44 @@ class MegatronLMPlugin:
         if self.consumed_samples is not None:
             self.consumed_samples = list(self.consumed_samples) + [0] * (3 - len(self.consumed_samples))
         names = {
-            "tensor_model_parallel_size": "tp_degree", "pipeline_model_parallel_size": "pp_degree",
-            "sequence_parallel": "sequence_parallelism", "clip_grad": "gradient_clipping",
-        }  # fmt: skip
+            "tensor_model_parallel_size": "tp_degree",
+            "pipeline_model_parallel_size": "pp_degree",
+            "sequence_parallel": "sequence_parallelism",
+            "clip_grad": "gradient_clipping",
+        }
         passthrough = [
-            "pipeline_model_parallel_split_rank", "num_layers_per_virtual_pipeline_stage", "use_distributed_optimizer",
-            "num_micro_batches", "consumed_samples", "no_wd_decay_cond", "scale_lr_cond", "lr_mult",
-            "megatron_dataset_flag", "eval_iters", "eval_interval", "use_custom_fsdp", "no_load_optim",
-            "eod_mask_loss", "no_save_optim", "optimizer_cpu_offload", "overlap_cpu_optimizer_d2h_h2d",
-            "use_precision_aware_optimizer", "decoder_last_pipeline_num_layers", "recompute_granularity",
-            "recompute_method", "recompute_num_layers", "attention_backend", "expert_model_parallel_size",
-            "context_parallel_size", "attention_dropout", "hidden_dropout", "attention_softmax_in_fp32",
-            "expert_tensor_parallel_size", "calculate_per_token_loss", "use_rotary_position_embeddings",
-        ]  # fmt: skip
+            "pipeline_model_parallel_split_rank",
+            "num_layers_per_virtual_pipeline_stage",
+            "use_distributed_optimizer",
+            "num_micro_batches",
+            "consumed_samples",
+            "no_wd_decay_cond",
+            "scale_lr_cond",
+            "lr_mult",
+            "megatron_dataset_flag",
+            "eval_iters",
+            "eval_interval",
+            "use_custom_fsdp",
+            "no_load_optim",
+            "eod_mask_loss",
+            "no_save_optim",
+            "optimizer_cpu_offload",
+            "overlap_cpu_optimizer_d2h_h2d",
+            "use_precision_aware_optimizer",
+            "decoder_last_pipeline_num_layers",
+            "recompute_granularity",
+            "recompute_method",
+            "recompute_num_layers",
+            "attention_backend",
+            "expert_model_parallel_size",
+            "context_parallel_size",
+            "attention_dropout",
+            "hidden_dropout",
+            "attention_softmax_in_fp32",
+            "expert_tensor_parallel_size",
+            "calculate_per_token_loss",
+            "use_rotary_position_embeddings",
+        ]
         args = {key: getattr(self, field) for key, field in names.items()}
         args.update({name: getattr(self, name) for name in passthrough})
         args["DDP_impl"] = self.DDP_impl
@@ -148,18 +178,22 @@ class MegatronLMPlugin:
             args.update(self.other_megatron_args)
 
     def _validate(self) -> None:
-        self.weight_decay_incr_style = one_of(_SCHEDULES)(self.weight_decay_incr_style, "weight_decay_incr_style")
+        self.weight_decay_incr_style = one_of(_SCHEDULES)(
+            self.weight_decay_incr_style, "weight_decay_incr_style"
+        )
         self.lr_decay_style = one_of(_SCHEDULES)(self.lr_decay_style, "lr_decay_style")
         if self.consumed_samples is not None and (
             not isinstance(self.consumed_samples, list) or not 1 <= len(self.consumed_samples) <= 3
         ):
             raise ConfigurationError(
-                f"consumed_samples={self.consumed_samples!r} must be a list of 1 to 3 counts, one per data loader "
+                f"consumed_samples={self.consumed_samples!r} must be a list of 1 to 3 counts, one per data "
+                "loader "
                 "(train, eval, test) in the order they are prepared."
             )
         if self.train_iters is not None and self.train_samples is not None:
             raise ConfigurationError(
-                f"train_iters={self.train_iters!r} and train_samples={self.train_samples!r}: pass only one of them."
+                f"train_iters={self.train_iters!r} and train_samples={self.train_samples!r}: pass only one "
+                "of them."
             )
         for name in ("other_megatron_args", "custom_train_step_kwargs"):
             value = getattr(self, name)
@@ -184,7 +218,9 @@ class MegatronLMPlugin:
         """Record the batch layout: micro batch per rank, data-parallel degree and the global batch."""
         self.data_parallel_size = positive_int(dp_degree, "dp_degree")
         self.micro_batch_size = positive_int(micro_batch_size, "micro_batch_size")
-        self.global_batch_size = self.data_parallel_size * self.micro_batch_size * int(self.num_micro_batches or 1)
+        self.global_batch_size = (
+            self.data_parallel_size * self.micro_batch_size * int(self.num_micro_batches or 1)
+        )
         self.megatron_lm_default_args.update(
             data_parallel_size=self.data_parallel_size,
             micro_batch_size=self.micro_batch_size,
@@ -203,6 +239,7 @@ class MegatronLMPlugin:
             args.update(optimizer="sgd", sgd_momentum=defaults["momentum"])
         else:
             raise ConfigurationError(
-                f"optimizer {type(optimizer).__name__} has no Megatron-LM equivalent; use an Adam-family optimizer or SGD."
+                f"optimizer {type(optimizer).__name__} has no Megatron-LM equivalent; use an Adam-family "
+                "optimizer or SGD."
             )
         args.update(lr=defaults["lr"], weight_decay=defaults["weight_decay"])
