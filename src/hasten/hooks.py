@@ -424,8 +424,8 @@ def attach_align_device_hook_on_blocks(
     devices = (
         dict(execution_device)
         if isinstance(execution_device, Mapping)
-        else dict.fromkeys(offload, execution_device)
-    )  # type: ignore[arg-type]
+        else dict.fromkeys(offload, execution_device)  # type: ignore[arg-type]
+    )
     offloads = dict(offload) if isinstance(offload, Mapping) else dict.fromkeys(devices, offload)
     _hook_block(
         module,
