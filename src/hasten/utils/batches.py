@@ -332,3 +332,52 @@ def find_device(data: Any) -> torch.device | None:
         else:
             stack.pop()
     return None
+
+
+def _split_bounds(length: int, process_index: int, num_processes: int) -> tuple[int, int, int]:
+    per_process, extras = divmod(length, num_processes)
+    start = process_index * per_process + min(process_index, extras)
+    end = start + per_process + (1 if process_index < extras else 0)
+    return start, end, per_process + (1 if extras else 0)
+
+
+def split_for_process(
+    inputs: Any, process_index: int, num_processes: int, apply_padding: bool = False
+) -> Any:
+    """The share of ``inputs`` (a list, tuple, tensor, or dict of those) that process ``process_index`` of
+    ``num_processes`` gets: contiguous, in rank order, sizes differing by at most one; with
+    ``apply_padding``, shorter shares are padded with their last item (what
+    ``PartialState.split_between_processes`` yields).
+
+    Raises:
+        ValueError: the values of a dict have different lengths.
+        TypeError: ``inputs`` is of another type.
+
+    >>> split_for_process([1, 2, 3, 4, 5], 1, 2), split_for_process([1, 2, 3], 1, 2, apply_padding=True)
+    ([4, 5], [3, 3])
+    """
+    if isinstance(inputs, dict):
+        lengths = {key: len(value) for key, value in inputs.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(
+                "split_between_processes needs every value of the dict to have the same length; got "
+                f"{lengths}."
+            )
+        return {
+            key: split_for_process(value, process_index, num_processes, apply_padding)
+            for key, value in inputs.items()
+        }
+    if not isinstance(inputs, (list, tuple, torch.Tensor)):
+        raise TypeError(
+            "split_between_processes takes a list, tuple, tensor or dict of those; got "
+            f"{type(inputs).__name__}."
+        )
+    start, end, padded_length = _split_bounds(len(inputs), process_index, num_processes)
+    missing = padded_length - (end - start)
+    if not apply_padding or missing <= 0 or len(inputs) == 0:
+        return inputs[start:end]
+    last = end - 1 if end > start else len(inputs) - 1  # pad with this share's last item (or the very last)
+    if isinstance(inputs, torch.Tensor):
+        return torch.cat([inputs[start:end], inputs[last : last + 1].expand(missing, *inputs.shape[1:])])
+    padded = list(inputs[start:end]) + [inputs[last]] * missing
+    return padded if isinstance(inputs, list) else tuple(padded)
