@@ -26,6 +26,7 @@ from hasten.utils.dataclasses._env import (
     read_env,
     resolve_fields,
     to_bool,
+    to_float,
 )
 from hasten.utils.dataclasses.enums import DDPCommunicationHookType, FP8BackendType
 from hasten.utils.errors import ConfigurationError
@@ -207,6 +208,10 @@ class GradScalerKwargs(KwargsHandler):
     enabled: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("init_scale", "growth_factor", "backoff_factor"):
+            setattr(self, name, to_float(getattr(self, name), name))
+        if not self.init_scale > 0.0:
+            raise ConfigurationError(f"init_scale={self.init_scale!r} must be greater than 0.")
         if not self.growth_factor > 1.0:
             raise ConfigurationError(f"growth_factor={self.growth_factor!r} must be greater than 1.0.")
         if not 0.0 < self.backoff_factor < 1.0:

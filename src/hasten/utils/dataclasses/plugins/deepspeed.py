@@ -22,6 +22,7 @@ from hasten.utils.dataclasses._env import (
     env_field,
     one_of,
     or_auto,
+    parse_field,
     positive_int,
     read_env,
     resolve_fields,
@@ -186,14 +187,19 @@ class DeepSpeedPlugin:
                 "Set these values in the DeepSpeed config file and remove them from the launch config."
             )
         mismatches = []
+        from_config = {}
         for name, key in _CONFIG_KEYS.items():
             value, in_config = getattr(self, name), config.get_value(key)
+            node, last = config.find_config_node(key)
             if in_config == "auto" and value != "auto":
-                node, last = config.find_config_node(key)
                 assert node is not None
                 node[last] = value
-            elif name in passed and in_config is not None and in_config != "auto" and in_config != value:
-                mismatches.append(f"{name}={value!r} but the config has {key}={in_config!r}")
+            elif in_config is not None and in_config != "auto":
+                # The config's values get the checks an argument gets (a stage of 7 is an error).
+                assert node is not None
+                node[last] = from_config[name] = parse_field(self, name, in_config, f"DeepSpeed config {key}")
+                if name in passed and node[last] != value:
+                    mismatches.append(f"{name}={value!r} but the config has {key}={in_config!r}")
         if mismatches:
             raise ConfigurationError(
                 "DeepSpeedPlugin arguments contradict the DeepSpeed config:\n- "
@@ -202,10 +208,8 @@ class DeepSpeedPlugin:
                 "Remove the arguments, change the config, or set those config values to 'auto'."
             )
         config.set_stage_and_offload()
-        for name, key in _CONFIG_KEYS.items():
-            in_config = config.get_value(key)
-            if in_config is not None and in_config != "auto":
-                setattr(self, name, in_config)
+        for name, value in from_config.items():
+            setattr(self, name, value)
 
     def _resolve_zero3_init(self, passed: bool) -> None:
         is_zero3 = self.hf_ds_config.is_zero3()
