@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hasten.utils.constants import launch_variables
 from hasten.utils.dataclasses.enums import DistributedType
 from hasten.utils.device import device_for_local_process
 from hasten.utils.environment import parse_flag_from_env
@@ -26,6 +27,7 @@ from hasten.utils.process_env import LaunchEnvironment
 
 logger = logging.getLogger(__name__)
 
+_LAUNCH = launch_variables("PartialState")  # field -> the variable `hasten launch` writes
 _BACKEND_FOR_DEVICE = {"cuda": "nccl", "xpu": "xccl", "npu": "hccl", "cpu": "gloo", "mps": "gloo"}
 _DISTRIBUTED_TYPE_FOR_DEVICE = {
     "cuda": DistributedType.MULTI_GPU,
@@ -186,13 +188,24 @@ def conflicting_arguments(state: ProcessState, cpu: bool, kwargs: Mapping[str, A
     return problems
 
 
+def refuse_changes(cls_name: str, problems: list[str]) -> None:
+    """Raise, listing ``problems``, when a later state constructor asks what the live state cannot change."""
+    if problems:
+        raise ConfigurationError(
+            f"{cls_name}(...) asks for settings this process's live state cannot change:\n- "
+            + "\n- ".join(problems)
+            + "\nPass them the first time the state is created (the first `PartialState` or `Accelerator`), "
+            "or reset the state (and destroy the process group) first."
+        )
+
+
 def create_process_state(cpu: bool, kwargs: dict[str, Any]) -> ProcessState:
     """Read the launch environment and join (or adopt) the process group it describes.
 
     Raises:
         ConfigurationError: an argument is invalid, or contradicts the process group that already exists.
     """
-    cpu = cpu or parse_flag_from_env("ACCELERATE_USE_CPU")
+    cpu = cpu or parse_flag_from_env(_LAUNCH["cpu"])
     launch = LaunchEnvironment.from_environ()
     requested = _normalised(kwargs)
     already = dist.is_available() and dist.is_initialized()
@@ -235,7 +248,7 @@ def create_process_state(cpu: bool, kwargs: dict[str, Any]) -> ProcessState:
         process_index=rank,
         local_process_index=local_rank,
         cpu=cpu,
-        debug=parse_flag_from_env("ACCELERATE_DEBUG_MODE"),
+        debug=parse_flag_from_env(_LAUNCH["debug"]),
         fork_launched=parse_flag_from_env("FORK_LAUNCHED"),
         timeout=timeout or dist.default_pg_timeout,
         arguments=arguments,

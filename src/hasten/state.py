@@ -23,28 +23,24 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import torch
 import torch.distributed as dist
 
-from hasten.process_group import ProcessState, conflicting_arguments, create_process_state, same_value
+from hasten.process_group import (
+    ProcessState,
+    conflicting_arguments,
+    create_process_state,
+    refuse_changes,
+    same_value,
+)
 from hasten.utils.batches import split_for_process
+from hasten.utils.constants import launch_variables
 from hasten.utils.dataclasses.enums import DistributedType, PrecisionType
 from hasten.utils.environment import parse_choice_from_env, parse_flag_from_env
-from hasten.utils.errors import ConfigurationError, RendezvousTimeoutError
+from hasten.utils.errors import RendezvousTimeoutError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _do_nothing(*args: Any, **kwargs: Any) -> None:
     return None
-
-
-def _refuse_changes(cls_name: str, problems: list[str]) -> None:
-    """Raise when a later state constructor asks for settings the live state cannot take."""
-    if problems:
-        raise ConfigurationError(
-            f"{cls_name}(...) asks for settings this process's live state cannot change:\n- "
-            + "\n- ".join(problems)
-            + "\nPass them the first time the state is created (the first `PartialState` or `Accelerator`), "
-            "or reset the state (and destroy the process group) first."
-        )
 
 
 class PartialState:
@@ -71,7 +67,7 @@ class PartialState:
         if PartialState._shared is None:
             PartialState._shared = create_process_state(cpu, dict(kwargs))
             return
-        _refuse_changes(type(self).__name__, conflicting_arguments(PartialState._shared, cpu, kwargs))
+        refuse_changes(type(self).__name__, conflicting_arguments(PartialState._shared, cpu, kwargs))
 
     @classmethod
     def _reset_state(cls) -> None:
@@ -315,10 +311,12 @@ class _AcceleratorStateData:
     def conflicts(self, mixed_precision: str | None, plugins: dict[str, Any]) -> list[str]:
         """What a later ``AcceleratorState(...)`` asks that differs from this record, one line each."""
         problems = []
-        if mixed_precision is not None:
-            if PrecisionType.parse(mixed_precision, "mixed_precision") != self.mixed_precision:
-                held = self.mixed_precision.value
-                problems.append(f"mixed_precision={mixed_precision!r}, but the state holds {held!r}")
+        precision = (
+            None if mixed_precision is None else PrecisionType.parse(mixed_precision, "mixed_precision")
+        )
+        if precision is not None and precision != self.mixed_precision:
+            held = self.mixed_precision.value
+            problems.append(f"mixed_precision={mixed_precision!r}, but the state holds {held!r}")
         for name, value in plugins.items():
             held = getattr(self, name)
             if value is not None and not same_value(value, held):
@@ -328,21 +326,23 @@ class _AcceleratorStateData:
         return problems
 
 
+_LAUNCH = launch_variables("AcceleratorState")  # field -> the variable `hasten launch` writes
+
+
 def _resolve_mixed_precision(mixed_precision: str | None) -> PrecisionType:
     if mixed_precision is not None:
         return PrecisionType.parse(mixed_precision, "mixed_precision")
-    return PrecisionType.parse(
-        parse_choice_from_env("ACCELERATE_MIXED_PRECISION", "no"), "ACCELERATE_MIXED_PRECISION"
-    )
+    variable = _LAUNCH["mixed_precision"]
+    return PrecisionType.parse(parse_choice_from_env(variable, "no"), f"environment variable {variable}")
 
 
 def _engine_distributed_type(
     base: DistributedType, deepspeed: Any, fsdp: Any, megatron: Any
 ) -> DistributedType:
     """The engine's type when a plugin or ``ACCELERATE_USE_*`` asks for one (also on a single process)."""
-    if deepspeed is not None or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+    if deepspeed is not None or parse_flag_from_env(_LAUNCH["deepspeed_plugin"]):
         return DistributedType.DEEPSPEED
-    if fsdp is not None or parse_flag_from_env("ACCELERATE_USE_FSDP"):
+    if fsdp is not None or parse_flag_from_env(_LAUNCH["fsdp_plugin"]):
         return DistributedType.FSDP
     if megatron is not None or parse_flag_from_env("ACCELERATE_USE_MEGATRON_LM"):
         return DistributedType.MEGATRON_LM
@@ -352,12 +352,10 @@ def _engine_distributed_type(
 class AcceleratorState(PartialState):
     """:class:`PartialState` plus the training set-up: mixed precision and engine plugins.
 
-    Everything :class:`PartialState` offers is available here too. ``distributed_type``
-    becomes ``DEEPSPEED``, ``FSDP`` or ``MEGATRON_LM`` when the matching plugin is given
-    or ``ACCELERATE_USE_*`` asks for it.
-
-    A later ``AcceleratorState(...)`` shares the live state; an argument that differs from what
-    it holds (``mixed_precision``, a plugin, ``cpu`` or a process-group argument) raises.
+    Everything :class:`PartialState` offers is available here too. ``distributed_type`` becomes
+    ``DEEPSPEED``, ``FSDP`` or ``MEGATRON_LM`` when the matching plugin is given or ``ACCELERATE_USE_*``
+    asks for it. A later ``AcceleratorState(...)`` shares the live state; an argument that differs from
+    what it holds (``mixed_precision``, a plugin, ``cpu`` or a process-group argument) raises.
 
     Raises:
         ConfigurationError: ``mixed_precision`` is not one of ``no``, ``fp16``, ``bf16``, ``fp8``, or
@@ -395,7 +393,7 @@ class AcceleratorState(PartialState):
         live = AcceleratorState._accelerator
         if live is not None and PartialState._shared is not None:
             problems = conflicting_arguments(PartialState._shared, cpu, kwargs)
-            _refuse_changes(type(self).__name__, problems + live.conflicts(mixed_precision, plugins))
+            refuse_changes(type(self).__name__, problems + live.conflicts(mixed_precision, plugins))
             return
         super().__init__(cpu, **kwargs)
         AcceleratorState._accelerator = _AcceleratorStateData(

@@ -166,7 +166,8 @@ def test_bad_configs(config: object, message: str) -> None:
         ),
         (
             {"stage": 2, "offload_optimizer": {"device": "gpu"}},
-            r"zero_optimization.offload_optimizer.device='gpu' is not valid; expected one of \['none', 'cpu', 'nvme'\]",
+            r"zero_optimization.offload_optimizer.device='gpu' is not valid; "
+            r"expected one of \['none', 'cpu', 'nvme'\]",
         ),
         (
             {"stage": 3, "stage3_gather_16bit_weights_on_model_save": "maybe"},
