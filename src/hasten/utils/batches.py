@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from hasten.utils.device import accelerator_count, accelerator_type, is_device_available
 from hasten.utils.errors import TreeNestingError
 from hasten.utils.tree import (
     MAX_NESTING,
@@ -46,11 +47,14 @@ def is_tensor_information(tensor_info: Any) -> bool:
     return isinstance(tensor_info, TensorInformation)
 
 
-_DEVICES: dict[Any, torch.device] = {}  # parsed device strings and indices
+_DEVICES: dict[Any, torch.device] = {}  # parsed device strings and indices, each checked to exist here
+_USABLE: set[torch.device] = {torch.device("cpu"), torch.device("meta")}  # devices checked to exist here
 
 
 def _as_device(device: Any) -> torch.device:
     if isinstance(device, torch.device):
+        if device not in _USABLE:
+            _check_usable(device, device)
         return device
     known = _DEVICES.get(device) if isinstance(device, str) else None
     if known is not None:
@@ -65,6 +69,8 @@ def _as_device(device: Any) -> torch.device:
                 f"send_to_device: device={device!r} cannot be used: {error} Pass a device this machine has, "
                 "such as 'cpu'."
             ) from None
+        if parsed not in _USABLE:
+            _check_usable(parsed, device)
         if isinstance(device, str) and len(_DEVICES) < 64:
             _DEVICES[device] = parsed
         return parsed
@@ -73,6 +79,20 @@ def _as_device(device: Any) -> torch.device:
         "'cuda:0', "
         "or an accelerator index."
     )
+
+
+def _check_usable(device: torch.device, given: Any) -> None:
+    """Refuse a device this machine lacks (torch would fail later with an assertion or a driver error)."""
+    if not is_device_available(device):
+        present = accelerator_type()
+        count = accelerator_count(present)
+        has = "only the CPU" if present == "cpu" else f"the CPU and {count} {present} device(s)"
+        raise ValueError(
+            f"send_to_device: device={given!r} is not available on this machine, which has {has}. "
+            "Pass a device it has, such as 'cpu' (or `PartialState().device`)."
+        )
+    if len(_USABLE) < 64:
+        _USABLE.add(device)
 
 
 def _has_to(node: Any) -> bool:
