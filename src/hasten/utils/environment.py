@@ -62,23 +62,31 @@ def parse_choice_from_env(key: str, default: str = "no") -> str:
     return os.environ.get(key, str(default))
 
 
+def int_variables(env_keys: Iterable[str], env: Mapping[str, str] | None = None) -> Iterator[tuple[str, int]]:
+    """Each variable among ``env_keys`` that is set (and not empty) in ``env`` (``os.environ`` by
+    default), in order, with its integer value.
+
+    Raises:
+        ValueError: a variable is set to something that is not an integer, naming it.
+    """
+    env = os.environ if env is None else env
+    for key in env_keys:
+        raw = env.get(key)
+        if raw is None or not raw.strip():
+            continue
+        try:
+            yield key, int(raw)
+        except ValueError:
+            raise ValueError(f"Environment variable {key}={raw!r} must be an integer.") from None
+
+
 def get_int_from_env(env_keys: Iterable[str], default: int) -> int:
     """The first non-negative integer found among the variables ``env_keys``, else ``default``.
 
     Raises:
         ValueError: a variable is set to something that is not an integer.
     """
-    for key in env_keys:
-        raw = os.environ.get(key)
-        if raw is None or not raw.strip():
-            continue
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"Environment variable {key}={raw!r} must be an integer.") from None
-        if value >= 0:
-            return value
-    return default
+    return next((value for _, value in int_variables(env_keys) if value >= 0), default)
 
 
 def are_libraries_initialized(*library_names: str) -> list[str]:

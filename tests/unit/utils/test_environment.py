@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+import torch
 
+from hasten.utils import environment, numa
 from hasten.utils.environment import (
     are_libraries_initialized,
     clear_environment,
@@ -19,6 +22,7 @@ from hasten.utils.environment import (
     set_numa_affinity,
     str_to_bool,
 )
+from tests.accelerators import simulate_gpus
 
 
 @pytest.mark.parametrize("text", ["y", "YES", "t", "True", "on", "1", " true "])
@@ -146,10 +150,45 @@ def test_are_libraries_initialized() -> None:
     assert are_libraries_initialized("torch", "hasten_no_such_library") == ["torch"]
 
 
-def test_numa_affinity_is_a_quiet_no_op_without_accelerators(caplog: pytest.LogCaptureFixture) -> None:
+def test_numa_affinity_is_a_quiet_no_op_without_accelerators(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(environment, "_numa_done", set())
     before = os.sched_getaffinity(0)
     with caplog.at_level("DEBUG", logger="hasten.utils.environment"):
         override_numa_affinity(0)
         set_numa_affinity(0, verbose=True)
     assert os.sched_getaffinity(0) == before
     assert "No NUMA information for local process 0" in caplog.text
+
+
+def _node_cpus(sysfs: Path, cpus: set[int]) -> None:
+    device = sysfs / "bus/pci/devices/0000:3b:00.0"
+    device.mkdir(parents=True, exist_ok=True)
+    (device / "numa_node").write_text("0\n")
+    (sysfs / "devices/system/node/node0").mkdir(parents=True, exist_ok=True)
+    (sysfs / "devices/system/node/node0/cpulist").write_text(",".join(map(str, sorted(cpus))))
+
+
+def test_numa_affinity_pins_to_the_node_of_the_accelerator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    simulate_gpus(monkeypatch, 1)  # one GPU on NUMA node 0, simulated
+    monkeypatch.setattr(numa, "SYSFS", tmp_path)
+    monkeypatch.setattr(environment, "_numa_done", set())
+    before = os.sched_getaffinity(0)
+    first, last = {min(before)}, {max(before)}
+    try:
+        _node_cpus(tmp_path, first)
+        with caplog.at_level("INFO", logger="hasten.utils.environment"):
+            set_numa_affinity(0, verbose=True)
+        assert os.sched_getaffinity(0) == first
+        assert f"Process 0 pinned to CPUs {sorted(first)}" in caplog.text
+        _node_cpus(tmp_path, last)
+        set_numa_affinity(0)  # only the first time for each local process
+        assert os.sched_getaffinity(0) == first
+        override_numa_affinity(0)  # every time
+        assert os.sched_getaffinity(0) == last
+    finally:
+        os.sched_setaffinity(0, before)
