@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from hasten.utils.config_file import load_config_file
 from hasten.utils.dataclasses.enums import DistributedType
@@ -73,7 +74,7 @@ def convert(action: argparse.Action, value: Any, where: str) -> Any:
     """
     key = action.dest
     switch = isinstance(action, argparse._StoreConstAction)  # a flag given or not, such as --cpu
-    converter = boolean if switch else (action.type or str)
+    converter = boolean if switch else cast(Callable[[str], Any], action.type or str)
     text = value
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
         text = ",".join(value)  # a list of class names, as the comma-separated flag takes them
