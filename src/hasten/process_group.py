@@ -56,8 +56,9 @@ class ProcessState:
     timeout: datetime.timedelta
     """How long collectives wait for every rank (the process group's timeout)."""
     arguments: Mapping[str, Any] = field(default_factory=dict)
-    """What the state holds for each argument a later ``PartialState(...)`` may pass (normalised):
-    ``cpu``, the group's ``backend`` and ``timeout``, and every argument the group was formed with."""
+    """What the state holds for each process-group argument a later ``PartialState(...)`` may pass
+    (normalised): the group's ``backend``, ``timeout`` and ``init_method``, and every other argument
+    the group was formed with (for a single process: the arguments the first state was given)."""
 
 
 def _timeout(value: Any) -> datetime.timedelta | None:
