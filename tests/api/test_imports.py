@@ -63,6 +63,11 @@ LAYERS: dict[str, int] = {
     "hasten.tracking": 7,
     "hasten.launchers": 7,
     "hasten.utils.deepspeed": 7,
+    "hasten.engines": 7,
+    "hasten.parallelism_config": 7,
+    "hasten.utils.other": 7,
+    "hasten.utils.fsdp_utils": 7,
+    "hasten.utils.launch": 7,
     "hasten.commands": 8,
     "hasten.__main__": 8,
 }
