@@ -61,6 +61,7 @@ LAYERS: dict[str, int] = {
     "hasten.scheduler": 7,
     "hasten.checkpointing": 7,
     "hasten.tracking": 7,
+    "hasten._tracking": 7,
     "hasten.launchers": 7,
     "hasten.utils.deepspeed": 7,
     "hasten.engines": 7,
@@ -86,6 +87,13 @@ OPTIONAL = [
     "wandb",
     "mlflow",
     "optree",
+    "tensorboardX",
+    "comet_ml",
+    "aim",
+    "clearml",
+    "dvclive",
+    "swanlab",
+    "trackio",
 ]
 
 

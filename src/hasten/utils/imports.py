@@ -26,6 +26,11 @@ _DISTRIBUTIONS = {
     "comet_ml": "comet-ml",
 }
 
+# Import name -> other distributions that provide it (a light build, say), tried after the main one.
+_ALTERNATIVES = {
+    "mlflow": ("mlflow-skinny",),
+}
+
 # Import name -> the hasten extra that installs it.
 _EXTRAS = {
     "deepspeed": "deepspeed",
@@ -49,7 +54,7 @@ def package_version(name: str) -> str | None:
             return None
     except (ImportError, ValueError):  # a parent package of a dotted name is missing
         return None
-    for dist in (_DISTRIBUTIONS.get(name, name), name, name.replace("_", "-")):
+    for dist in (_DISTRIBUTIONS.get(name, name), name, name.replace("_", "-"), *_ALTERNATIVES.get(name, ())):
         try:
             return importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -130,7 +135,7 @@ def is_wandb_available() -> bool:
 
 
 def is_mlflow_available() -> bool:
-    """Whether MLflow is installed."""
+    """Whether MLflow is installed (``mlflow`` or the lighter ``mlflow-skinny``)."""
     return _is_package_available("mlflow")
 
 
@@ -152,6 +157,16 @@ def is_clearml_available() -> bool:
 def is_dvclive_available() -> bool:
     """Whether DVCLive is installed."""
     return _is_package_available("dvclive")
+
+
+def is_swanlab_available() -> bool:
+    """Whether SwanLab is installed."""
+    return _is_package_available("swanlab")
+
+
+def is_trackio_available() -> bool:
+    """Whether Trackio is installed."""
+    return _is_package_available("trackio")
 
 
 def is_torchao_available() -> bool:
