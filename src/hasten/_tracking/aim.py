@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from hasten._tracking.base import GeneralTracker, check_values, logger, on_main_process
+from hasten._tracking.base import GeneralTracker, check_values, logger, on_main_process, plain_values
 from hasten.utils.imports import require
 
 
@@ -54,7 +54,7 @@ class AimTracker(GeneralTracker):
     @on_main_process
     def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
         """Track each value under its name at ``step``; ``kwargs`` go to ``Run.track``."""
-        for key, value in check_values(values, "AimTracker").items():
+        for key, value in plain_values(values, "AimTracker").items():
             self.writer.track(value, name=key, step=step, **kwargs)
 
     @on_main_process

@@ -9,18 +9,20 @@ tracker never creates the state (and never joins a process group).
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from hasten.logging import get_logger
 from hasten.state import PartialState
 from hasten.utils.tree import is_torch_tensor
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-logger = get_logger(__name__)
+# A plain logger: trackers that run on every process must log without the process state existing.
+logger = logging.getLogger("hasten.tracking")
+_warned: set[tuple[str, str]] = set()
 
 NUMBERS = "numbers (int, float, bool, one-element tensors or arrays)"
 
@@ -136,6 +138,21 @@ def check_values(values: Any, tracker: str, what: str = "values") -> Mapping[str
     return values
 
 
+def plain_values(values: Any, tracker: str) -> dict[str, Any]:
+    """``values`` with one-element tensors and arrays turned into Python numbers, the rest as it is.
+
+    For backends that take many value types of their own (W&B media, Aim objects) but not every
+    backend reads a tensor as a number (Trackio drops it).
+    """
+    plain = {}
+    for key, value in check_values(values, tracker).items():
+        if not isinstance(value, (int, float, str)):
+            number = as_number(value)
+            value = value if number is None else number
+        plain[key] = value
+    return plain
+
+
 def unsupported_value(tracker: str, where: str, value: Any, accepted: str, hint: str = "") -> TypeError:
     """The error for a value a backend cannot log, naming where it is (``values['loss']``), its type and
     what is accepted."""
@@ -157,10 +174,11 @@ def numbers_only(values: Any, tracker: str, hint: str = "") -> dict[str, int | f
         if number is not None:
             numbers[key] = number
         elif isinstance(value, str):
-            logger.warning_once(
-                f"{tracker} logs numbers only: the string values[{key!r}] is not logged to it.",
-                main_process_only=False,
-            )
+            if (tracker, key) not in _warned:  # once per tracker and key, not at every step
+                _warned.add((tracker, key))
+                logger.warning(
+                    f"{tracker} logs numbers only: the string values[{key!r}] is not logged there."
+                )
         else:
             raise unsupported_value(tracker, f"values[{key!r}]", value, NUMBERS, hint)
     return numbers

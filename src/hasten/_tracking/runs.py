@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, ClassVar
 
-from hasten._tracking.base import GeneralTracker, check_values, logger, on_main_process
+from hasten._tracking.base import GeneralTracker, check_values, logger, on_main_process, plain_values
 from hasten.utils.imports import require
 
 
@@ -52,8 +52,11 @@ class _RunTracker(GeneralTracker):
 
     @on_main_process
     def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
-        """Log ``values`` to the run at ``step``; ``kwargs`` go to ``run.log``."""
-        self.run.log(dict(check_values(values, type(self).__name__)), step=step, **kwargs)
+        """Log ``values`` to the run at ``step``; ``kwargs`` go to ``run.log``.
+
+        One-element tensors and arrays are logged as numbers; other values go to the backend as they are.
+        """
+        self.run.log(plain_values(values, type(self).__name__), step=step, **kwargs)
 
     @on_main_process
     def finish(self) -> None:

@@ -33,7 +33,7 @@ def test_probes_answer_booleans_without_importing_the_package() -> None:
         "print(sorted(new & "
         "{'deepspeed', 'bitsandbytes', 'transformers', 'tqdm', 'rich', 'tensorboard', 'wandb', "
         "'mlflow', 'comet_ml', 'aim', 'clearml', 'dvclive', 'torchao', 'transformer_engine', 'msamp', "
-        "'megatron', "
+        "'megatron', 'swanlab', 'trackio', 'tensorboardX', "
         "'torch_xla', 'intel_extension_for_pytorch', 'safetensors'}))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
