@@ -17,7 +17,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import Timing, measure, table
+from timing import best_interleaved, table
 
 import hasten.tracking as hasten
 from hasten.state import PartialState
@@ -56,17 +56,9 @@ def main() -> None:
             values = make_values()
             ours, our_tracker = logger(hasten, f"{folder}/hasten{index}", values)
             theirs, their_tracker = logger(accelerate_tracking, f"{folder}/accelerate{index}", values)
-            timings: list[Timing] = []
-            for _ in range(3):  # interleave the contenders; keep each one's best median
-                timings_round = [measure("hasten", ours, repeat=5), measure("accelerate", theirs, repeat=5)]
-                timings = (
-                    timings_round
-                    if not timings
-                    else [min(a, b, key=lambda t: t.median) for a, b in zip(timings, timings_round)]
-                )
+            rows.append((name, best_interleaved([("hasten", ours), ("accelerate", theirs)])))
             our_tracker.finish()
             their_tracker.finish()
-            rows.append((name, timings))
     print(table("TensorBoardTracker.log per step (flush included, one process)", rows))
 
 

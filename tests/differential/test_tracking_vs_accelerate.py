@@ -49,14 +49,25 @@ def test_constructors_and_class_attributes_match(name: str) -> None:
 
 def test_module_level_names_match() -> None:
     for name in ("on_main_process", "filter_trackers", "register_tracker_class", "get_available_trackers"):
-        assert [p[0] for p in _parameters(getattr(ours, name))] == [p[0] for p in _parameters(getattr(theirs, name))]
+        assert [p[0] for p in _parameters(getattr(ours, name))] == [
+            p[0] for p in _parameters(getattr(theirs, name))
+        ]
     assert set(ours.LOGGER_TYPE_TO_CLASS) == set(theirs.LOGGER_TYPE_TO_CLASS)
-    assert [str(t) for t in ours.get_available_trackers()] == [str(t) for t in theirs.get_available_trackers()]
+    assert [str(t) for t in ours.get_available_trackers()] == [
+        str(t) for t in theirs.get_available_trackers()
+    ]
 
 
 @pytest.mark.parametrize(
     "log_with",
-    ["tensorboard", ["wandb", "tensorboard", "wandb"], "all", ["all", "mlflow"], None, ["comet_ml", "trackio"]],
+    [
+        "tensorboard",
+        ["wandb", "tensorboard", "wandb"],
+        "all",
+        ["all", "mlflow"],
+        None,
+        ["comet_ml", "trackio"],
+    ],
     ids=str,
 )
 def test_filter_trackers_agrees(log_with: Any, tmp_path: Path) -> None:
@@ -100,4 +111,8 @@ def test_tensorboard_files_read_the_same(tmp_path: Path) -> None:
             tmp_path / "accelerate" / "run" / group
         )
     hparams = sorted(p.name for p in (tmp_path / "hasten" / "run").rglob("hparams.yml"))
-    assert hparams == sorted(p.name for p in (tmp_path / "accelerate" / "run").rglob("hparams.yml")) == ["hparams.yml"]
+    assert (
+        hparams
+        == sorted(p.name for p in (tmp_path / "accelerate" / "run").rglob("hparams.yml"))
+        == ["hparams.yml"]
+    )

@@ -384,9 +384,11 @@ def test_dvclive(sessions: Any) -> None:
 
 
 def swanlab_session(root: str) -> Any:
-    _, finish = _run("swanlab", root, {"mode": "offline", "logdir": os.path.join(root, "swanlog")})
+    trackers, finish = _run("swanlab", root, {"mode": "offline", "logdir": os.path.join(root, "swanlog")})
+    trackers[0].log_images({"pictures": [np.zeros((4, 4, 3), dtype=np.uint8)]}, step=3)
     finish()
     import yaml
+    from google.protobuf.json_format import MessageToDict
     from swanlab.proto.swanlab.record.v1 import record_pb2
     from swanlab.sdk.internal.core_python.store import DataStoreReader
 
@@ -394,18 +396,23 @@ def swanlab_session(root: str) -> Any:
     reader = DataStoreReader()
     reader.open(glob.glob(os.path.join(run_folder, "run-*.swanlab"))[0])
     points: dict[str, list[tuple[int, float]]] = {}
+    columns = []
     for raw in reader:
         record = record_pb2.Record()
         record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "column":
+            column = MessageToDict(record.column)
+            columns.append((column["columnKey"], column["columnType"]))
         if record.WhichOneof("record_type") == "scalar":
             points.setdefault(record.scalar.key, []).append((record.scalar.step, record.scalar.value.number))
     reader.close()
     config = yaml.safe_load(Path(run_folder, "files", "config.yaml").read_text())
-    return points, {key: entry["value"] for key, entry in config.items()}
+    return points, {key: entry["value"] for key, entry in config.items()}, columns
 
 
 def test_swanlab_offline(sessions: Any) -> None:
-    points, config = result(sessions, "swanlab")
+    points, config, columns = result(sessions, "swanlab")
+    assert ("pictures", "COLUMN_TYPE_IMAGE") in columns
     assert points["loss"] == EXPECTED_LOSS and points["acc"] == EXPECTED_ACC
     assert config == {"lr": 0.1, "layers": 2, "optimizer": "adamw"}  # and no stray `allow_val_change`
 

@@ -63,6 +63,13 @@ class _RunTracker(GeneralTracker):
         """Finish the run."""
         self.run.finish()
 
+    def _log_image_lists(self, image: Any, values: dict[str, Any], step: int | None, **kwargs: Any) -> None:
+        """Log each list of images as a list of the backend's ``image`` objects."""
+        lists = check_values(values, type(self).__name__)
+        self.run.log(
+            {key: [image(item) for item in items] for key, items in lists.items()}, step=step, **kwargs
+        )
+
 
 class WandBTracker(_RunTracker):
     """Logs to a Weights & Biases run (``wandb.init(project=run_name, **kwargs)``).
@@ -84,11 +91,7 @@ class WandBTracker(_RunTracker):
         """Log lists of images (arrays, tensors or PIL images) as ``wandb.Image`` lists."""
         import wandb
 
-        images = {
-            key: [wandb.Image(image) for image in items]
-            for key, items in check_values(values, "WandBTracker").items()
-        }
-        self.run.log(images, step=step, **kwargs)
+        self._log_image_lists(wandb.Image, values, step, **kwargs)
 
     @on_main_process
     def log_table(
@@ -130,8 +133,4 @@ class SwanLabTracker(_RunTracker):
         """Log lists of images (arrays or PIL images) as ``swanlab.Image`` lists."""
         import swanlab
 
-        images = {
-            key: [swanlab.Image(image) for image in items]
-            for key, items in check_values(values, "SwanLabTracker").items()
-        }
-        self.run.log(images, step=step, **kwargs)
+        self._log_image_lists(swanlab.Image, values, step, **kwargs)
