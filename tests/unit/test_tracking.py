@@ -432,6 +432,11 @@ def test_mlflow_arguments_and_their_environment_overrides(monkeypatch: pytest.Mo
         MLflowTracker("exp")
 
 
+def test_comet_refuses_what_it_cannot_log_before_touching_the_experiment() -> None:
+    with pytest.raises(TypeError, match=r"CometMLTracker cannot log values\['hist'\] = \[1\] of type list"):
+        CometMLTracker("run").log({"loss": 1.0, "hist": [1]}, step=1)  # never started: nothing to write to
+
+
 def test_clearml_title_series_and_table_without_data() -> None:
     assert ClearMLTracker._get_title_series("eval_loss") == ("loss", "eval")
     assert ClearMLTracker._get_title_series("test_acc") == ("acc", "test")

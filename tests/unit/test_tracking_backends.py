@@ -250,6 +250,9 @@ def mlflow_session(root: str) -> Any:
     tracker.log({"phase": "train", "loss": 0.125}, step=3)  # the string is skipped with a warning
     Path(root, "report.txt").write_text("done")
     tracker.log_artifact(os.path.join(root, "report.txt"))
+    Path(root, "plots").mkdir()
+    Path(root, "plots", "a.csv").write_text("1,2")
+    tracker.log_artifacts(os.path.join(root, "plots"), artifact_path="plots")
     run_id = tracker.active_run.info.run_id
     finish()
     import mlflow
@@ -274,7 +277,7 @@ def test_mlflow_file_store(sessions: Any) -> None:
         "optimizer": "adamw",
     }  # the 7000-character value was refused
     assert tags["team"] == "nlp" and tags["mlflow.runName"] == "first"
-    assert (experiment, status, artifacts) == ("proj", "FINISHED", ["report.txt"])
+    assert (experiment, status, sorted(artifacts)) == ("proj", "FINISHED", ["plots", "report.txt"])
 
 
 # --- Comet: the offline archive's messages -------------------------------------------------------------
@@ -333,6 +336,7 @@ def clearml_session(root: str) -> Any:
     tracker.log({"eval_loss": 0.75}, step=1)
     tracker.log({"final_acc": 0.875})
     tracker.log_table("scores", columns=["a", "b"], data=[[1, 2]], step=1)
+    tracker.log_images({"eval_pictures": np.zeros((4, 4, 3), dtype=np.uint8)}, step=2)
     finish()
     offline = os.path.join(os.environ["CLEARML_CACHE_DIR"], "offline", "*")
     (folder,) = [path for path in glob.glob(offline) if os.path.isdir(path)]
@@ -356,24 +360,31 @@ def test_clearml_offline(sessions: Any) -> None:
         value for (metric, variant), points in series.items() for _, value in points if variant == "final_acc"
     ] == [0.875]
     assert any(e["type"] == "plot" and "scores" in json.dumps(e) for e in events)
+    images = [e for e in events if e["type"] == "training_debug_image"]
+    assert [(e["metric"], e["variant"], e["iter"]) for e in images] == [("pictures", "eval", 2)]
 
 
 # --- DVCLive: its folder, through dvclive's own parsers ------------------------------------------------
 
 
 def dvclive_session(root: str) -> Any:
-    _, finish = _run("dvclive", root, {"dir": os.path.join(root, "dvclive"), "save_dvc_exp": False})
+    trackers, finish = _run("dvclive", root, {"dir": os.path.join(root, "dvclive"), "save_dvc_exp": False})
+    try:
+        trackers[0].log({"loss": 9.0, "histogram": [1, 2]}, step=7)
+    except TypeError as error:
+        refused = str(error)
     finish()
     from dvclive.serialize import load_yaml
     from dvclive.utils import parse_json, parse_tsv
 
     folder = Path(root, "dvclive")
     plots = {name: parse_tsv(folder / "plots" / "metrics" / f"{name}.tsv") for name in ("loss", "acc")}
-    return plots, parse_json(folder / "metrics.json"), load_yaml(folder / "params.yaml")
+    return plots, parse_json(folder / "metrics.json"), load_yaml(folder / "params.yaml"), refused
 
 
 def test_dvclive(sessions: Any) -> None:
-    plots, latest, params = result(sessions, "dvclive")
+    plots, latest, params, refused = result(sessions, "dvclive")
+    assert "DVCLiveTracker cannot log values['histogram'] = [1, 2] of type list" in refused
     assert [(int(row["step"]), float(row["loss"])) for row in plots["loss"]] == EXPECTED_LOSS
     assert [(int(row["step"]), float(row["acc"])) for row in plots["acc"]] == EXPECTED_ACC
     assert latest == {"loss": pytest.approx(1 / 3), "acc": 0.5, "step": 2}
