@@ -56,3 +56,15 @@ def device_for_local_process(local_process_index: int, cpu: bool = False) -> tor
         return torch.device(kind)
     count = accelerator_count(kind)
     return torch.device(kind, local_process_index % count if count else 0)
+
+
+def check_device_same(first_device: torch.device, second_device: torch.device) -> bool:
+    """Whether two devices are the same one, counting an accelerator without index as index 0
+    (``cuda`` and ``cuda:0`` are the same; torch's ``==`` says they differ)."""
+    if first_device.type != second_device.type:
+        return False
+
+    def indexed(device: torch.device) -> torch.device:
+        return torch.device(device.type, 0) if device.type != "cpu" and device.index is None else device
+
+    return indexed(first_device) == indexed(second_device)

@@ -8,10 +8,15 @@ same thing everywhere in hasten (and the same thing they mean in Accelerate).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
 import os
+import platform
+import re
+import shutil
+import subprocess
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal, TypeVar, overload
 
@@ -222,3 +227,132 @@ def set_numa_affinity(local_process_index: int, verbose: bool | None = None) -> 
         return
     override_numa_affinity(local_process_index, verbose=verbose)
     _numa_done.add(local_process_index)
+
+
+@dataclasses.dataclass
+class CPUInformation:
+    """Where this process sits in a CPU job: its rank and world size, globally and on its machine."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+
+def get_cpu_distributed_information() -> CPUInformation:
+    """This process's :class:`CPUInformation`, read from the variables torchrun or an MPI launcher set."""
+    from hasten.utils.process_env import LaunchEnvironment
+
+    launch = LaunchEnvironment.from_environ()
+    return CPUInformation(launch.rank, launch.world_size, launch.local_rank, launch.local_world_size)
+
+
+def get_current_device_type() -> tuple[str, str]:
+    """The accelerator type and the matching multi-process ``DistributedType`` value, without
+    initialising any device (safe before forking).
+
+    Returns ``("cpu", "MULTI_CPU")`` on a host without accelerators; Accelerate answers
+    ``("cuda", "MULTI_GPU")`` there.
+    """
+    from hasten.utils.device import accelerator_type
+    from hasten.utils.imports import (
+        is_hpu_available,
+        is_mlu_available,
+        is_musa_available,
+        is_neuron_available,
+        is_sdaa_available,
+    )
+
+    for present, device in (
+        (is_mlu_available, "mlu"),
+        (is_sdaa_available, "sdaa"),
+        (is_musa_available, "musa"),
+        (is_hpu_available, "hpu"),
+        (is_neuron_available, "neuron"),
+    ):
+        if present():
+            return device, f"MULTI_{device.upper()}"
+    device = accelerator_type()
+    kinds = {"cuda": "MULTI_GPU", "xpu": "MULTI_XPU", "npu": "MULTI_NPU", "mps": "NO", "cpu": "MULTI_CPU"}
+    return device, kinds[device]
+
+
+def _nvidia_smi(*query: str) -> list[str]:
+    """One line per GPU of ``nvidia-smi --query-gpu=...`` (which, unlike torch, does not initialise CUDA).
+
+    Raises:
+        FileNotFoundError: ``nvidia-smi`` is not on ``PATH`` (no NVIDIA driver here).
+    """
+    executable = shutil.which("nvidia-smi")
+    if executable is None:
+        raise FileNotFoundError(
+            "nvidia-smi was not found on PATH: this machine has no NVIDIA driver, so there is no GPU to query."
+        )
+    output = subprocess.run(
+        [executable, f"--query-gpu={','.join(query)}", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return [line.strip() for line in output.strip().splitlines() if line.strip()]
+
+
+def get_gpu_info() -> tuple[list[str], int]:
+    """The names and the number of the NVIDIA GPUs, asked of ``nvidia-smi``."""
+    names = [line.split(",")[-1].strip() for line in _nvidia_smi("count", "name")]
+    return names, len(names)
+
+
+def get_driver_version() -> str:
+    """The NVIDIA driver version (of the first GPU), asked of ``nvidia-smi``."""
+    return _nvidia_smi("driver_version")[0]
+
+
+def check_cuda_p2p_ib_support() -> bool:
+    """Whether peer-to-peer and InfiniBand transfers can be used between the GPUs.
+
+    Several consumer RTX 40 cards need driver 550.40.07 or newer for it. Without ``nvidia-smi`` there
+    is no such card, and the answer is ``True``.
+    """
+    from packaging.version import Version
+
+    try:
+        names, count = get_gpu_info()
+        if count > 1 and any("RTX 40" in name for name in names):
+            return Version(get_driver_version()) >= Version("550.40.07")
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    return True
+
+
+@functools.cache
+def check_cuda_fp8_capability() -> bool:
+    """Whether the first NVIDIA GPU can compute in FP8 (compute capability 8.9 or newer)."""
+    try:
+        capability = tuple(int(part) for part in _nvidia_smi("compute_capability")[0].split("."))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+        capability = tuple(torch.cuda.get_device_capability())
+    return capability >= (8, 9)
+
+
+def check_os_kernel() -> None:
+    """Warn when this Linux kernel is older than 5.5.0, where distributed jobs can hang."""
+    info = platform.uname()
+    if info.system != "Linux":
+        return
+    found = re.search(r"\d+\.\d+\.\d+", info.release)
+    if found is None:
+        return
+    from packaging.version import Version
+
+    if Version(found.group()) < Version("5.5.0"):
+        logger.warning(
+            "Detected kernel version %s, which is below the recommended minimum of 5.5.0; this can cause "
+            "the process to hang. It is recommended to upgrade the kernel to the minimum version or higher.",
+            found.group(),
+        )

@@ -470,9 +470,9 @@ def set_module_tensor_to_device(
     if value is not None:
         if old.shape != value.shape and param_cls.__name__ != "Params4bit":
             raise ValueError(
-                f"tensor_name={tensor_name!r}: the value has shape {tuple(value.shape)} but the model "
-                "expects "
-                f"{tuple(old.shape)}; the checkpoint does not match this model"
+                f'Trying to set a tensor of shape {value.shape} in "{tensor_name}" (which has shape '
+                f"{old.shape}), this looks incorrect. The value does not fit the model's tensor: the "
+                "checkpoint (or value) does not match this model."
             )
         if dtype is None:
             value = value.to(old.dtype, non_blocking=non_blocking)

@@ -82,15 +82,7 @@ class TorchDynamoPlugin(KwargsHandler):
 
 
 def _repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The items of every ``ModuleList`` in ``model`` that holds two or more modules of one class."""
-    import torch
+    """The items of every repeated block (``ModuleList`` of one class) in ``model``."""
+    from hasten.utils.compilation import is_repeated_blocks
 
-    blocks: list[torch.nn.Module] = []
-    for module in model.modules():
-        if (
-            isinstance(module, torch.nn.ModuleList)
-            and len(module) > 1
-            and len({type(m) for m in module}) == 1
-        ):
-            blocks.extend(module)
-    return blocks
+    return [block for module in model.modules() if is_repeated_blocks(module) for block in module]
