@@ -286,7 +286,8 @@ def _nvidia_smi(*query: str) -> list[str]:
     executable = shutil.which("nvidia-smi")
     if executable is None:
         raise FileNotFoundError(
-            "nvidia-smi was not found on PATH: this machine has no NVIDIA driver, so there is no GPU to query."
+            "nvidia-smi was not found on PATH: this machine has no NVIDIA driver, so there is no GPU to "
+            "query."
         )
     output = subprocess.run(
         [executable, f"--query-gpu={','.join(query)}", "--format=csv,noheader"],

@@ -441,7 +441,8 @@ def is_neuron_available(check_device: bool = False) -> bool:
 
 @cache
 def is_hpu_available(init_hccl: bool = False) -> bool:
-    """Whether an Intel Gaudi HPU is usable (needs ``habana_frameworks``); ``init_hccl`` loads its collectives."""
+    """Whether an Intel Gaudi HPU is usable (needs ``habana_frameworks``); ``init_hccl`` also loads its
+    collectives."""
     if package_version("habana_frameworks.torch") is None:
         return False
     importlib.import_module("habana_frameworks.torch")
@@ -468,7 +469,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def torchao_required(func: F) -> F:
-    """Decorator: calling ``func`` without torchao installed raises an ``ImportError`` saying how to get it."""
+    """Decorator: calling ``func`` without torchao raises an ``ImportError`` saying how to install it."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -495,8 +496,8 @@ def deepspeed_required(func: F) -> F:
             if str(kind) != "DEEPSPEED":
                 raise ValueError(
                     f"{func.__qualname__}() needs DeepSpeed, but the AcceleratorState of this process runs "
-                    f"distributed_type={str(kind)!r}. Configure the Accelerator for DeepSpeed (a DeepSpeedPlugin "
-                    "or `hasten launch --use_deepspeed`) before calling it."
+                    f"distributed_type={str(kind)!r}. Configure the Accelerator for DeepSpeed (a "
+                    "DeepSpeedPlugin or `hasten launch --use_deepspeed`) before calling it."
                 )
         return func(*args, **kwargs)
 

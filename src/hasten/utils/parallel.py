@@ -184,7 +184,8 @@ def extract_model_from_parallel(
     wrappers = _wrapper_types()
     compiled = model if is_compiled_module(model) or "_orig_mod" in model.__dict__ else None
     if compiled is not None:  # torch.compile's wrapper, or the copy compile_regions made
-        model = compiled.__dict__["_orig_mod"] if "_orig_mod" in compiled.__dict__ else compiled._orig_mod
+        original = compiled.__dict__.get("_orig_mod")
+        model = original if original is not None else compiled._orig_mod
     while isinstance(model, wrappers):
         model = model.module  # type: ignore[assignment]
     if recursive:
@@ -227,3 +228,26 @@ def get_model_tp_size(model: nn.Module) -> int | None:
     else:
         found = getattr(distributed_config, "tp_size", None)
     return None if found is None else int(found)
+
+
+def id_tensor_storage(tensor: torch.Tensor) -> tuple[torch.device, int, int]:
+    """(device, storage address, storage bytes): equal for tensors that share one storage.
+
+    All ``meta`` tensors report address 0. Storages whose lifetimes do not overlap may reuse an id.
+    """
+    try:
+        storage = tensor.untyped_storage()
+        return tensor.device, storage.data_ptr(), storage.nbytes()
+    except (NotImplementedError, RuntimeError):  # tensors without a storage (some wrapper subclasses)
+        return tensor.device, 0, tensor.nelement() * tensor.element_size()
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model``, once unwrapped from DDP / FSDP / DeepSpeed / compile, is a PEFT ``PeftModel``."""
+    from hasten.utils.imports import is_peft_available
+
+    if not is_peft_available():
+        return False
+    from peft import PeftModel
+
+    return isinstance(extract_model_from_parallel(model), PeftModel)

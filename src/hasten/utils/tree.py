@@ -53,8 +53,9 @@ def honor_type(obj: Any, generator: Any) -> Any:
         return type(obj)(generator)
     except TypeError as error:
         raise TypeError(
-            f"Unsupported types ({type(obj)}) passed to `honor_type`. Only nested list/tuple/dicts of objects "
-            f"can be rebuilt: {type(obj).__qualname__} cannot be built from an iterable of its items ({error})."
+            f"Unsupported types ({type(obj)}) passed to `honor_type`. Only nested list/tuple/dicts of "
+            f"objects can be rebuilt: {type(obj).__qualname__} cannot be built from an iterable of its items "
+            f"({error})."
         ) from error
 
 
@@ -479,3 +480,8 @@ def merge_dicts(source: dict[Any, Any], destination: dict[Any, Any]) -> dict[Any
         else:
             destination[key] = value
     return destination
+
+
+def is_torch_xpu_tensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a tensor on an Intel XPU."""
+    return isinstance(tensor, torch.Tensor) and tensor.device.type == "xpu"
