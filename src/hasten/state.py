@@ -15,6 +15,7 @@ with ``PartialState._reset_state()`` (and ``AcceleratorState._reset_state``,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,12 +35,14 @@ from hasten.utils.batches import split_for_process
 from hasten.utils.constants import launch_variables
 from hasten.utils.dataclasses.enums import DistributedType, PrecisionType
 from hasten.utils.environment import parse_choice_from_env, parse_flag_from_env
-from hasten.utils.errors import RendezvousTimeoutError
+from hasten.utils.errors import RendezvousTimeoutError, StateResetError
+from hasten.utils.shared_dict import ThreadLocalSharedDict  # noqa: F401  (Accelerate's path)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _do_nothing(*args: Any, **kwargs: Any) -> None:
+def do_nothing(*args: Any, **kwargs: Any) -> None:
+    """Take any arguments and do nothing (what ``on_main_process`` gives the other processes)."""
     return None
 
 
@@ -78,7 +81,9 @@ class PartialState:
     @property
     def _state(self) -> ProcessState:
         if PartialState._shared is None:
-            raise RuntimeError("The process state was reset; create `PartialState()` again before using it.")
+            raise StateResetError(
+                "The process state was reset; create `PartialState()` again before using it."
+            )
         return PartialState._shared
 
     def __repr__(self) -> str:
@@ -134,8 +139,13 @@ class PartialState:
 
     @property
     def debug(self) -> bool:
-        """Whether ``ACCELERATE_DEBUG_MODE`` asked collectives to check their inputs first."""
+        """Whether collectives check their inputs across ranks first (``ACCELERATE_DEBUG_MODE``); settable,
+        for every ``PartialState`` of the process."""
         return self._state.debug
+
+    @debug.setter
+    def debug(self, value: bool) -> None:
+        PartialState._shared = dataclasses.replace(self._state, debug=bool(value))
 
     @property
     def timeout(self) -> datetime.timedelta:
@@ -215,7 +225,7 @@ class PartialState:
     def _only_if(self, runs_here: bool, function: F | None) -> F:
         if function is None:
             raise TypeError("Pass the function to decorate (use these as `@state.on_main_process`).")
-        return function if runs_here else _do_nothing  # type: ignore[return-value]
+        return function if runs_here else do_nothing  # type: ignore[return-value]
 
     def on_main_process(self, function: F | None = None) -> F:
         """Decorator: the function runs on the main process and does nothing elsewhere."""
@@ -414,7 +424,7 @@ class AcceleratorState(PartialState):
     @property
     def _data(self) -> _AcceleratorStateData:
         if AcceleratorState._accelerator is None:
-            raise RuntimeError(
+            raise StateResetError(
                 "The accelerator state was reset; create `AcceleratorState()` again before using it."
             )
         return AcceleratorState._accelerator
@@ -504,7 +514,7 @@ class GradientState:
     @property
     def _data(self) -> _GradientStateData:
         if GradientState._shared is None:
-            raise RuntimeError(
+            raise StateResetError(
                 "The gradient state was reset; create `GradientState()` again before using it."
             )
         return GradientState._shared
@@ -595,3 +605,8 @@ class GradientState:
             f"Sync Gradients: {self.sync_gradients}\nAt end of current dataloader: {self.end_of_dataloader}\n"
             f"Extra samples added: {self.remainder}\nGradient accumulation plugin: {self.plugin_kwargs}\n"
         )
+
+
+def is_initialized() -> bool:
+    """Whether this process's ``AcceleratorState`` exists (an ``Accelerator`` was created)."""
+    return AcceleratorState._accelerator is not None

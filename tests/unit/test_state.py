@@ -5,13 +5,21 @@ from __future__ import annotations
 import contextlib
 import datetime
 import io
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from hasten.state import AcceleratorState, GradientState, PartialState
+from hasten.state import (
+    AcceleratorState,
+    GradientState,
+    PartialState,
+    ThreadLocalSharedDict,
+    do_nothing,
+    is_initialized,
+)
 from hasten.utils import device as device_module
 from hasten.utils.dataclasses.enums import DistributedType
 from hasten.utils.dataclasses.plugins.dynamo import TorchDynamoPlugin
@@ -305,3 +313,57 @@ def test_gradient_state() -> None:
     GradientState._reset_state()
     with pytest.raises(RuntimeError, match=r"The gradient state was reset"):
         state.num_steps
+
+
+def test_after_a_reset_attributes_raise_attribute_error_so_getattr_defaults_work() -> None:
+    partial, accelerator, gradient = PartialState(), AcceleratorState(), GradientState()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    for state, name in [(partial, "device"), (accelerator, "mixed_precision"), (gradient, "num_steps")]:
+        with pytest.raises(AttributeError, match="was reset; create"):
+            getattr(state, name)
+        assert getattr(state, name, "default") == "default"
+        assert not hasattr(state, name)
+
+
+def test_debug_is_settable_for_every_instance() -> None:
+    state = PartialState()
+    assert not state.debug
+    state.debug = True
+    assert PartialState().debug and state.num_processes == 1
+    PartialState().debug = False
+    assert not state.debug
+
+
+def test_module_helpers_is_initialized_and_do_nothing() -> None:
+    assert not is_initialized()
+    AcceleratorState()
+    assert is_initialized()
+    AcceleratorState._reset_state()
+    assert not is_initialized()
+    assert do_nothing(1, key=2) is None
+
+
+def test_thread_local_shared_dict_gives_each_thread_its_own_dict() -> None:
+    class Holder:
+        shared = ThreadLocalSharedDict()
+
+    Holder.shared["main"] = 1
+    holder = Holder()
+    assert holder.shared is Holder.shared
+    seen: dict[str, object] = {}
+
+    def other_thread() -> None:
+        seen["before"] = dict(Holder().shared)
+        Holder().shared["other"] = 2
+        seen["after"] = dict(Holder.shared)
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    worker.join()
+    assert seen == {"before": {}, "after": {"other": 2}}
+    assert Holder.shared == {"main": 1}
+    holder.shared = {"replaced": True}
+    assert Holder.shared == {"replaced": True}
+    with pytest.raises(TypeError, match="ThreadLocalSharedDict holds a dict, not list"):
+        holder.shared = []  # type: ignore[assignment]

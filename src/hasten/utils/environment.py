@@ -17,6 +17,7 @@ import platform
 import re
 import shutil
 import subprocess
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal, TypeVar, overload
 
@@ -152,6 +153,9 @@ def _restore_accelerate_variables(before: Mapping[str, str]) -> None:
 
 
 def _purged(function: Callable[..., T]) -> Callable[..., T]:
+    if getattr(function, "_purges_accelerate_environment", False):
+        return function
+
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         before = {key: value for key, value in os.environ.items() if key.startswith("ACCELERATE_")}
@@ -160,41 +164,74 @@ def _purged(function: Callable[..., T]) -> Callable[..., T]:
         finally:
             _restore_accelerate_variables(before)
 
+    wrapper._purges_accelerate_environment = True  # type: ignore[attr-defined]
     return wrapper
+
+
+def _purge_test_methods(cls: type) -> None:
+    """Wrap every ``test*`` method ``cls`` has (its own and inherited ones), once."""
+    for name in dir(cls):
+        member = inspect.getattr_static(cls, name, None)
+        if name.startswith("test") and inspect.isfunction(member):
+            setattr(cls, name, _purged(member))
 
 
 def purge_accelerate_environment(func_or_cls: T) -> T:
     """Decorator: undo every ``ACCELERATE_*`` variable a function (or each ``test*`` method) sets.
 
-    Some calls (building a plugin from a config, for instance) export
-    ``ACCELERATE_*`` variables; decorating a test or helper with this keeps
-    them from leaking into whatever runs next.
+    Some calls (building a plugin from a config, for instance) export ``ACCELERATE_*`` variables;
+    decorating a test or helper with this keeps them from leaking into whatever runs next. On a
+    class (``unittest.TestCase`` or a plain pytest class) it wraps the ``test*`` methods, inherited
+    ones included, and those of every subclass defined later.
     """
     if inspect.isclass(func_or_cls):
-        for name, member in list(vars(func_or_cls).items()):
-            if name.startswith("test") and callable(member):
-                setattr(func_or_cls, name, _purged(member))
+        cls = func_or_cls
+        _purge_test_methods(cls)
+        previous = cls.__dict__.get("__init_subclass__")
+
+        def __init_subclass__(subclass: type, **kwargs: Any) -> None:
+            if previous is not None:
+                previous.__get__(None, subclass)(**kwargs)
+            else:
+                super(cls, subclass).__init_subclass__(**kwargs)  # type: ignore[misc]
+            _purge_test_methods(subclass)
+
+        cls.__init_subclass__ = classmethod(__init_subclass__)  # type: ignore[assignment]
         return func_or_cls
     if callable(func_or_cls):
         return _purged(func_or_cls)  # type: ignore[return-value]
     raise TypeError(f"purge_accelerate_environment decorates a function or a class, not {func_or_cls!r}.")
 
 
-def convert_dict_to_env_variables(current_env: Mapping[str, Any]) -> list[str]:
-    """Render a mapping as ``KEY=value`` lines for an environment file, refusing unsafe entries.
+_FORBIDDEN_IN_ENV_FILES = (";", "\n", "\r", "\0", "<", ">", " ")
 
-    Raises:
-        ValueError: a key is empty or contains ``=``, or a key or value contains a newline,
-            carriage return or NUL (which would inject extra variables into the file).
+
+def convert_dict_to_env_variables(current_env: Mapping[str, Any]) -> list[str]:
+    """``KEY=value`` lines for an environment file, one per entry that can safely be written.
+
+    An entry with an empty key or value, ``=`` in its key, or a character that would end the line
+    or be read by a shell (``;``, ``<``, ``>``, space, newline, carriage return, NUL) is skipped
+    with a warning naming it, as Accelerate does.
     """
     lines = []
     for key, value in current_env.items():
         text = str(value)
-        if not key or "=" in key or any(bad in key or bad in text for bad in ("\n", "\r", "\0")):
-            raise ValueError(
-                f"Cannot write environment variable {key!r}={text!r}: keys must be non-empty without '=', "
-                "and neither keys nor values may contain newlines or NUL characters."
+        bad = [char for char in _FORBIDDEN_IN_ENV_FILES if char in key or char in text]
+        if not key or not text or "=" in key or bad:
+            problem = (
+                "an empty key or value"
+                if not key or not text
+                else "'=' in the key"
+                if "=" in key
+                else f"the forbidden character(s) {bad}"
             )
+            warnings.warn(
+                f"WARNING: Skipping {key!r}={text!r} as it contains forbidden characters or missing values "
+                f"({problem}).",
+                UserWarning,
+                stacklevel=2,
+            )
+            continue
         lines.append(f"{key}={text}\n")
     return lines
 

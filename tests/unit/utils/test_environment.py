@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import unittest
 from pathlib import Path
 
 import pytest
@@ -137,13 +139,97 @@ def test_convert_dict_to_env_variables() -> None:
 
 
 @pytest.mark.parametrize(
-    "env", [{"A=B": "1"}, {"A": "1\nB=2"}, {"": "x"}, {"A\n": "x"}, {"A": "x\rY=1"}, {"A": "\0"}]
+    ("env", "problem"),
+    [
+        ({"A=B": "1"}, "'=' in the key"),
+        ({"A": "1\nB=2"}, r"\['\\n'\]"),
+        ({"": "x"}, "an empty key or value"),
+        ({"A": ""}, "an empty key or value"),
+        ({"A\n": "x"}, r"\['\\n'\]"),
+        ({"A": "x\rY=1"}, r"\['\\r'\]"),
+        ({"A": "\0"}, r"\['\\x00'\]"),
+        ({"A": "<mything"}, r"\['<'\]"),
+        ({"A": "two words"}, r"\[' '\]"),
+        ({"A": "x;rm"}, r"\[';'\]"),
+    ],
 )
-def test_convert_dict_to_env_variables_refuses_injection(env: dict[str, str]) -> None:
-    with pytest.raises(
-        ValueError, match=r"Cannot write environment variable .* neither keys nor values may contain newlines"
+def test_convert_dict_to_env_variables_warns_about_and_skips_bad_entries(
+    env: dict[str, str], problem: str
+) -> None:
+    with pytest.warns(
+        UserWarning,
+        match=r"^WARNING: Skipping .* as it contains forbidden characters or missing "
+        rf"values \(.*{problem}",
     ):
-        convert_dict_to_env_variables(env)
+        lines = convert_dict_to_env_variables({"GOOD": "1", **env, "ALSO_GOOD": "2"})
+    assert lines == ["GOOD=1\n", "ALSO_GOOD=2\n"]
+
+
+def test_purge_accelerate_environment_on_unittest_classes_and_their_subclasses() -> None:
+    @purge_accelerate_environment
+    class Base(unittest.TestCase):
+        def test_base(self) -> None:
+            os.environ["ACCELERATE_HASTEN_BASE"] = "1"
+
+    class Child(Base):
+        def test_child(self) -> None:
+            os.environ["ACCELERATE_HASTEN_CHILD"] = "1"
+
+    class GrandChild(Child):
+        def test_grandchild(self) -> None:
+            os.environ["ACCELERATE_HASTEN_GRANDCHILD"] = "1"
+
+    for case, name in [
+        (Base, "test_base"),
+        (Child, "test_child"),
+        (GrandChild, "test_grandchild"),
+        (GrandChild, "test_base"),
+    ]:
+        result = unittest.TestResult()
+        case(name).run(result)
+        assert result.wasSuccessful(), result.errors
+    assert not [key for key in os.environ if key.startswith("ACCELERATE_HASTEN_")]
+
+
+def test_purge_accelerate_environment_on_pytest_classes_keeps_their_own_init_subclass() -> None:
+    seen = []
+
+    @purge_accelerate_environment
+    class Base:
+        def __init_subclass__(cls, **kwargs: object) -> None:
+            super().__init_subclass__(**kwargs)
+            seen.append(cls.__name__)
+
+        def test_base(self) -> None:
+            os.environ["ACCELERATE_HASTEN_BASE"] = "1"
+
+    class Child(Base):
+        def test_child(self) -> None:
+            os.environ["ACCELERATE_HASTEN_CHILD"] = "1"
+
+    Child().test_child()
+    Child().test_base()
+    assert seen == ["Child"]
+    assert not [key for key in os.environ if key.startswith("ACCELERATE_HASTEN_")]
+
+
+def test_purge_accelerate_environment_on_a_wrapped_function() -> None:
+    def outer(function):  # type: ignore[no-untyped-def]
+        @functools.wraps(function)
+        def wrapper(*args: object) -> object:
+            return function(*args)
+
+        return wrapper
+
+    @purge_accelerate_environment
+    @outer
+    def sets(value: str) -> str:
+        os.environ["ACCELERATE_HASTEN_WRAPPED"] = value
+        return value
+
+    assert sets("1") == "1"
+    assert "ACCELERATE_HASTEN_WRAPPED" not in os.environ
+    assert purge_accelerate_environment(sets) is sets  # not wrapped twice
 
 
 def test_are_libraries_initialized() -> None:
