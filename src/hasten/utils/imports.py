@@ -43,6 +43,7 @@ _EXTRAS = {
     "transformers": "transformers",
     "tqdm": "progress",
     "rich": "progress",
+    "torchao": "ao",
 }
 
 

@@ -277,6 +277,18 @@ def _fp8_backend(value: Any, name: str) -> str:
     return str(member.value)
 
 
+def linear_precision_from_env() -> tuple[bool, bool, bool]:
+    """``override_linear_precision`` read from ``ACCELERATE_FP8_OVERRIDE_{FPROP,DGRAD,WGRAD}``."""
+    fprop, dgrad, wgrad = (
+        to_bool(
+            read_env(f"{_ENV_FP8}OVERRIDE_{gemm}") or "false",
+            f"environment variable {_ENV_FP8}OVERRIDE_{gemm}",
+        )
+        for gemm in ("FPROP", "DGRAD", "WGRAD")
+    )
+    return fprop, dgrad, wgrad
+
+
 def _linear_precision(value: Any, name: str) -> tuple[bool, bool, bool]:
     if isinstance(value, (tuple, list)) and len(value) == 3 and all(isinstance(v, bool) for v in value):
         return (value[0], value[1], value[2])
@@ -310,15 +322,8 @@ class FP8RecipeKwargs(KwargsHandler):
     def __post_init__(self) -> None:
         if self.backend is None and read_env(_ENV_FP8 + "BACKEND") is None and is_msamp_available():
             self.backend = "MSAMP"
-        if self.override_linear_precision is None:  # three variables for one field
-            fprop, dgrad, wgrad = (
-                to_bool(
-                    read_env(f"{_ENV_FP8}OVERRIDE_{gemm}") or "false",
-                    f"environment variable {_ENV_FP8}OVERRIDE_{gemm}",
-                )
-                for gemm in ("FPROP", "DGRAD", "WGRAD")
-            )
-            self.override_linear_precision = (fprop, dgrad, wgrad)
+        if self.override_linear_precision is None:
+            self.override_linear_precision = linear_precision_from_env()
         resolve_fields(self)
 
 
