@@ -340,10 +340,8 @@ is_peft_available = _simple_probe("peft", "Hugging Face PEFT")
 is_pytest_available = _simple_probe("pytest", "pytest")
 is_sagemaker_available = _simple_probe("sagemaker", "the SageMaker SDK")
 is_schedulefree_available = _simple_probe("schedulefree", "schedulefree")
-is_swanlab_available = _simple_probe("swanlab", "SwanLab")
 is_timm_available = _simple_probe("timm", "timm")
 is_torchvision_available = _simple_probe("torchvision", "torchvision")
-is_trackio_available = _simple_probe("trackio", "Trackio")
 is_amdsmi_available = _simple_probe("amdsmi", "amdsmi (AMD GPU management)")
 
 
