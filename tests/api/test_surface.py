@@ -204,9 +204,13 @@ def _resolve(qualified: str) -> tuple[bool, object]:
 
 def _stub_reason(obj: object) -> str | None:
     """Why `obj` is a stub (a body that only raises NotImplementedError, passes or returns a constant)."""
-    target = obj.__init__ if isinstance(obj, type) else obj  # type: ignore[misc]
-    target = inspect.unwrap(target) if callable(target) else target
-    if not isinstance(target, types.FunctionType) or not target.__module__.startswith("hasten"):
+    target: object = obj
+    if isinstance(obj, type):  # a class: its constructor, when hasten wrote it
+        target = next((vars(cls)["__init__"] for cls in obj.__mro__ if "__init__" in vars(cls)), None)
+        if not str(getattr(target, "__module__", "")).startswith("hasten"):
+            return None
+    target = inspect.unwrap(target) if callable(target) else target  # type: ignore[arg-type]
+    if not isinstance(target, types.FunctionType):
         return None
     try:
         source = textwrap.dedent(inspect.getsource(target))
@@ -367,3 +371,55 @@ def test_command_names_are_at_their_paths() -> None:
     missing, landed = _problems(names)
     assert not landed, f"these pending names exist now: remove their PENDING rows: {landed}"
     assert not missing, "\n".join(missing)
+
+
+# --- the checker itself -------------------------------------------------------------------------
+
+
+def _accelerate_like(a: int, b: str = "x", *, c: bool = False) -> None:
+    del a, b, c
+
+
+def test_the_checker_reports_missing_names_and_landed_pending_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    missing, landed = _problems({"accelerate.utils.operations.no_such_name": _accelerate_like})
+    assert missing == ["hasten.utils.operations.no_such_name: missing"] and not landed
+    monkeypatch.setitem(PENDING, "an issue", {"accelerate.utils.operations.gather"})
+    missing, landed = _problems(
+        {"accelerate.utils.operations.gather": _surface()["accelerate.utils.operations.gather"]}
+    )
+    assert landed == ["accelerate.utils.operations.gather"] and not missing
+
+
+def test_the_checker_compares_signatures() -> None:
+    theirs = inspect.signature(_accelerate_like)
+
+    def same_plus_keyword(a: int, b: str = "x", *, c: bool = False, d: int = 1) -> None: ...
+    def other_default(a: int, b: str = "y", *, c: bool = False) -> None: ...
+    def renamed(a: int, bee: str = "x", *, c: bool = False) -> None: ...
+    def keyword_without_default(a: int, b: str = "x", *, c: bool = False, d: int) -> None: ...
+    def lost_keyword(a: int, b: str = "x") -> None: ...
+
+    assert _incompatibility(inspect.signature(same_plus_keyword), theirs) is None
+    assert "positional parameters" in str(_incompatibility(inspect.signature(other_default), theirs))
+    assert "positional parameters" in str(_incompatibility(inspect.signature(renamed), theirs))
+    assert "without a default: ['d']" in str(
+        _incompatibility(inspect.signature(keyword_without_default), theirs)
+    )
+    assert "keyword-only parameter 'c' missing" in str(
+        _incompatibility(inspect.signature(lost_keyword), theirs)
+    )
+
+
+def test_the_checker_recognises_stubs() -> None:
+    assert _stub_reason(_stub_example_raises) == "it only raises NotImplementedError"
+    assert _stub_reason(_stub_example_passes) == "its body is `pass`"
+    assert _stub_reason(_accelerate_like) is None
+
+
+def _stub_example_raises() -> None:
+    """Doc."""
+    raise NotImplementedError("later")
+
+
+def _stub_example_passes() -> None:
+    pass
