@@ -51,7 +51,7 @@ def get_module_size_with_ties(
             )
         names.append(holder[0])
         modules.append(holder[1])
-        total += module_sizes[holder[0]] - module_sizes[parameter]
+        total += module_sizes[holder[0]] - module_sizes.get(parameter, 0)  # hasten counts a tie once
     return total, names, modules
 
 

@@ -46,14 +46,18 @@ def align_module_device(module: nn.Module, execution_device: Device | None = Non
             hook.post_forward(module, None)
             hook.execution_device = original
     elif execution_device is not None:
-        devices = {name: parameter.device for name, parameter in module.named_parameters(recurse=False)}
+        originals = dict(module.named_parameters(recurse=False))
         try:
-            for name in devices:
+            for name in originals:
                 set_module_tensor_to_device(module, name, execution_device)
             yield
-        finally:
-            for name, device in devices.items():
-                set_module_tensor_to_device(module, name, device)
+        finally:  # the original parameters come back (optimizers hold them), with any change made inside
+            for name, original in originals.items():
+                moved = module._parameters[name]
+                if moved is not original and moved is not None and moved.device.type != "meta":
+                    with torch.no_grad():
+                        original.copy_(moved)
+                module._parameters[name] = original
     else:
         yield
 
@@ -62,38 +66,38 @@ def get_state_dict_offloaded_model(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full state dict of a model with offloaded parts, on the CPU, one module loaded at a time.
 
     Tensors that are still on ``meta`` after loading (placeholders no checkpoint filled) are left
-    out, with a warning naming them.
+    out, with a warning naming them. The model's own tensors (outside any submodule) are included;
+    Accelerate leaves them out.
 
     Raises:
         MemoryError: one module's weights do not fit in CPU memory.
     """
-    state_dict: dict[str, torch.Tensor] = {}
+    found: dict[str, torch.Tensor] = {}
     placeholders: set[str] = set()
-    for name, module in model.named_modules():
-        if not name:
-            continue
+    for name, module in model.named_modules():  # a hook may load a whole subtree: every level is read
         try:
             with align_module_device(module, "cpu"):
                 module_state = module.state_dict()
+                for key, tensor in module_state.items():
+                    full_name = f"{name}.{key}" if name else key
+                    if tensor.device.type == "meta":
+                        placeholders.add(full_name)
+                    elif full_name not in found:
+                        found[full_name] = tensor.to("cpu", copy=True)
         except MemoryError:
             raise MemoryError(
-                f"Offloaded module must fit in CPU memory to call save_model! {name!r} "
+                f"Offloaded module must fit in CPU memory to call save_model! {name or 'the model'!r} "
                 f"({type(module).__name__}) does not: free CPU memory, or save module by module."
             ) from None
-        for key, tensor in module_state.items():
-            full_name = f"{name}.{key}"
-            if tensor.device.type == "meta":
-                placeholders.add(full_name)
-            else:
-                state_dict[full_name] = tensor.to("cpu")
-    missing = sorted(placeholders - set(state_dict))
+    missing = sorted(placeholders - set(found))
     if missing:
         warnings.warn(
             f"The following tensors were not saved because they were still on meta device: {missing}",
             UserWarning,
             stacklevel=2,
         )
-    return state_dict
+    order = list(model.state_dict())
+    return {name: found[name] for name in order if name in found}
 
 
 def get_state_dict_from_offload(
