@@ -292,9 +292,10 @@ def quantize_and_offload_8bit(
         set_module_tensor_to_device(model, param_name, "cpu", dtype=new_dtype, value=param)
         owner = recursive_getattr(model, param_name.rpartition(".")[0]) if "." in param_name else model
         leaf = param_name.rpartition(".")[2]
-        quantized = owner._parameters[leaf].to("cpu")  # bitsandbytes' Int8Params quantize when moved
+        parameters: dict[str, Any] = owner._parameters
+        quantized = parameters[leaf].to("cpu")  # bitsandbytes' Int8Params quantize when moved
         quantized.requires_grad = False
-        owner._parameters[leaf] = quantized
+        parameters[leaf] = quantized
         offload_weight(quantized, param_name, offload_folder, index=offload_index)
         if getattr(quantized, "SCB", None) is not None:
             offload_weight(quantized.SCB, scales_name, offload_folder, index=offload_index)

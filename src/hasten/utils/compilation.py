@@ -17,7 +17,7 @@ Three ways to apply it, for three callers:
 from __future__ import annotations
 
 from types import MethodType
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ def has_compiled_regions(module: nn.Module) -> bool:
     return optimized is not None and any(isinstance(sub, optimized) for sub in module.modules())
 
 
-def is_repeated_blocks(module: nn.Module) -> bool:
+def is_repeated_blocks(module: nn.Module) -> TypeGuard[nn.ModuleList]:
     """Whether ``module`` is a non-empty ``nn.ModuleList`` whose items all share the first item's class."""
     if not isinstance(module, nn.ModuleList) or len(module) == 0:
         return False

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar, cast, overload
 
 from hasten.utils.numa import cpus_of_accelerator
 
@@ -185,7 +185,7 @@ def purge_accelerate_environment(func_or_cls: T) -> T:
     ones included, and those of every subclass defined later.
     """
     if inspect.isclass(func_or_cls):
-        cls = func_or_cls
+        cls = cast(type, func_or_cls)
         _purge_test_methods(cls)
         previous = cls.__dict__.get("__init_subclass__")
 
@@ -193,7 +193,7 @@ def purge_accelerate_environment(func_or_cls: T) -> T:
             if previous is not None:
                 previous.__get__(None, subclass)(**kwargs)
             else:
-                super(cls, subclass).__init_subclass__(**kwargs)  # type: ignore[misc]
+                super(cls, subclass).__init_subclass__(**kwargs)  # type: ignore[arg-type]
             _purge_test_methods(subclass)
 
         cls.__init_subclass__ = classmethod(__init_subclass__)  # type: ignore[assignment]

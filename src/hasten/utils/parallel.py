@@ -11,7 +11,7 @@ import codecs
 import io
 import warnings
 from collections.abc import Mapping
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
@@ -185,7 +185,7 @@ def extract_model_from_parallel(
     compiled = model if is_compiled_module(model) or "_orig_mod" in model.__dict__ else None
     if compiled is not None:  # torch.compile's wrapper, or the copy compile_regions made
         original = compiled.__dict__.get("_orig_mod")
-        model = original if original is not None else compiled._orig_mod
+        model = cast(nn.Module, original if original is not None else compiled._orig_mod)
     while isinstance(model, wrappers):
         model = model.module  # type: ignore[assignment]
     if recursive:
