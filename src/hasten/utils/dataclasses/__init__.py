@@ -22,19 +22,17 @@ from hasten.utils.dataclasses.enums import (
     RNGType,
     SageMakerDistributedType,
 )
-from hasten.utils.dataclasses.fp8 import (
-    AORecipeKwargs,
-    MSAMPRecipeKwargs,
-    TERecipeKwargs,
-)
 from hasten.utils.dataclasses.kwargs import (
+    AORecipeKwargs,
     AutocastKwargs,
     DistributedDataParallelKwargs,
     FP8RecipeKwargs,
     GradScalerKwargs,
     InitProcessGroupKwargs,
     KwargsHandler,
+    MSAMPRecipeKwargs,
     ProfileKwargs,
+    TERecipeKwargs,
 )
 from hasten.utils.dataclasses.plugins.deepspeed import (
     DeepSpeedPlugin,
