@@ -98,6 +98,8 @@ class _Hide:
 @pytest.fixture
 def without_torchao(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     package_version.cache_clear()
+    for name in [name for name in sys.modules if name.split(".")[0] == "torchao"]:
+        monkeypatch.delitem(sys.modules, name)  # find_spec answers from sys.modules first
     monkeypatch.setattr(sys, "meta_path", [_Hide("torchao"), *sys.meta_path])
     yield
     package_version.cache_clear()
