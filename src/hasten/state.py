@@ -15,10 +15,9 @@ with ``PartialState._reset_state()`` (and ``AcceleratorState._reset_state``,
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
@@ -81,9 +80,7 @@ class PartialState:
     @property
     def _state(self) -> ProcessState:
         if PartialState._shared is None:
-            raise StateResetError(
-                "The process state was reset; create `PartialState()` again before using it."
-            )
+            raise StateResetError("The process state was reset; create `PartialState()` again.")
         return PartialState._shared
 
     def __repr__(self) -> str:
@@ -139,13 +136,12 @@ class PartialState:
 
     @property
     def debug(self) -> bool:
-        """Whether collectives check their inputs across ranks first (``ACCELERATE_DEBUG_MODE``); settable,
-        for every ``PartialState`` of the process."""
+        """Whether collectives check inputs across ranks first (``ACCELERATE_DEBUG_MODE``); settable."""
         return self._state.debug
 
     @debug.setter
     def debug(self, value: bool) -> None:
-        PartialState._shared = dataclasses.replace(self._state, debug=bool(value))
+        PartialState._shared = replace(self._state, debug=bool(value))
 
     @property
     def timeout(self) -> datetime.timedelta:
@@ -424,9 +420,7 @@ class AcceleratorState(PartialState):
     @property
     def _data(self) -> _AcceleratorStateData:
         if AcceleratorState._accelerator is None:
-            raise StateResetError(
-                "The accelerator state was reset; create `AcceleratorState()` again before using it."
-            )
+            raise StateResetError("The accelerator state was reset; create `AcceleratorState()` again.")
         return AcceleratorState._accelerator
 
     @property
@@ -514,9 +508,7 @@ class GradientState:
     @property
     def _data(self) -> _GradientStateData:
         if GradientState._shared is None:
-            raise StateResetError(
-                "The gradient state was reset; create `GradientState()` again before using it."
-            )
+            raise StateResetError("The gradient state was reset; create `GradientState()` again.")
         return GradientState._shared
 
     @property
