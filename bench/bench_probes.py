@@ -29,7 +29,8 @@ for _ in range(100):
     for name in names:
         getattr(probes, name)()
 warm = (time.perf_counter() - start) / 100
-loaded = sorted({{m.split(".")[0] for m in set(sys.modules) - before}} - {{"torch", "{lib}"}})
+new = {{m.split(".")[0] for m in set(sys.modules) - before}} - {{"torch", "{lib}"}}
+loaded = sorted(m for m in new if not m.startswith("_") and m not in sys.stdlib_module_names)
 print(json.dumps({{"cold": cold, "warm": warm, "loaded": loaded}}))
 """
 
