@@ -210,7 +210,6 @@ def _import_alone(entry: str) -> str:
     return f"`import {entry}` failed:\n{result.stderr[-2000:]}"
 
 
-@pytest.mark.timeout(900)  # one interpreter per module: minutes on a busy 2-core machine
 def test_each_module_imports_first_in_a_fresh_interpreter() -> None:
     """Each module imported first, alone, in a process where no hasten module was imported before."""
     result = subprocess.run(

@@ -81,7 +81,7 @@ PENDING: dict[str, set[str]] = {
         "accelerate.utils.get_active_deepspeed_plugin",
         "accelerate.utils.map_pytorch_optim_to_deepspeed",
     },
-    "issue 17 (training state and trackers)": {"accelerate.checkpointing", "accelerate.tracking"},
+    "issue 17 (training state)": {"accelerate.checkpointing"},
     "issue 18, branch surface-b (FSDP, parallelism, launch, commands, pipelines)": {
         "accelerate.utils.fsdp_utils",
         "accelerate.parallelism_config",
