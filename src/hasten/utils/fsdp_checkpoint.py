@@ -25,8 +25,8 @@ file is an error on every rank instead of a hang. Everything loads with ``weight
 from __future__ import annotations
 
 import shutil
-import warnings
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
