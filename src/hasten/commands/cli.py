@@ -1,4 +1,5 @@
-"""The ``hasten`` command (also ``python -m hasten``): env, config, launch, estimate-memory.
+"""The ``hasten`` command (also ``python -m hasten``): env, config, launch, estimate-memory, test, to-fsdp2,
+merge-weights, tpu-config.
 
 Each subcommand's module is imported only when that subcommand runs, so ``hasten --help``
 stays fast. Errors in the user's settings print one line and exit with status 2.
@@ -14,7 +15,9 @@ from collections.abc import Sequence
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hasten", description="Run PyTorch on one process or many.")
     commands = parser.add_subparsers(
-        dest="command", metavar="{env,config,launch,estimate-memory}", required=True
+        dest="command",
+        metavar="{env,config,launch,estimate-memory,test,to-fsdp2,merge-weights,tpu-config}",
+        required=True,
     )
     commands.add_parser("env", help="print versions, hardware and config, for bug reports")
     config = commands.add_parser("config", help="write or update the launch config file")
@@ -39,12 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=["float32", "float16", "int8", "int4"],
         choices=["float32", "float16", "bfloat16", "int8", "int4"],
     )
+    from hasten.commands.merge import merge_command_parser
+    from hasten.commands.test import test_command_parser
+    from hasten.commands.to_fsdp2 import to_fsdp2_command_parser
+    from hasten.commands.tpu import tpu_command_parser
+
+    for add in (test_command_parser, to_fsdp2_command_parser, merge_command_parser, tpu_command_parser):
+        add(commands)  # each sets `func`, the function that runs it
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "func"):
+            return int(args.func(args))
         if args.command == "env":
             from hasten.commands.env import env_command
 
@@ -60,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from hasten.commands.estimate import estimate_command
 
         return estimate_command(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"hasten {args.command}: error: {error}", file=sys.stderr)
         return 2
 
