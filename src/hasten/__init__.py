@@ -31,9 +31,15 @@ from hasten.big_modeling import (
     init_on_device,
     load_checkpoint_and_dispatch,
 )
+from hasten.inference import (
+    prepare_pippy,
+)
 from hasten.launchers import (
     debug_launcher,
     notebook_launcher,
+)
+from hasten.parallelism_config import (
+    ParallelismConfig,
 )
 from hasten.utils.dataclasses.configs import (
     DataLoaderConfiguration,
@@ -73,6 +79,7 @@ __all__ = [
     "GradientState",
     "InitProcessGroupKwargs",
     "MegatronLMPlugin",
+    "ParallelismConfig",
     "PartialState",
     "ProfileKwargs",
     "TorchDynamoPlugin",
@@ -90,5 +97,6 @@ __all__ = [
     "load_checkpoint_and_dispatch",
     "load_checkpoint_in_model",
     "notebook_launcher",
+    "prepare_pippy",
     "synchronize_rng_states",
 ]
