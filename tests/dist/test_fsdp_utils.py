@@ -441,3 +441,40 @@ def test_loading_what_is_not_there_fails_on_every_rank(
 ) -> None:
     for result in ranks2.run(_load_missing, str(tmp_path), kind):
         assert message in result
+
+
+def _adapters(folder: str, kind: str) -> dict[str, Any]:
+    from peft import LoraConfig, get_peft_model
+
+    from hasten.utils.fsdp2 import fsdp2_prepare_model
+    from hasten.utils.fsdp_checkpoint import load_fsdp_model, save_fsdp_model
+
+    state = _state(state_dict_type=kind)
+
+    def lora(seed: int) -> nn.Module:
+        torch.manual_seed(0)  # the same base weights
+        base = Net()
+        torch.manual_seed(seed)  # different adapters
+        config = LoraConfig(r=2, target_modules=["up", "down"], init_lora_weights=False)
+        return fsdp2_prepare_model(state, get_peft_model(base, config))
+
+    model = lora(1)
+    save_fsdp_model(state.fsdp_plugin, state, model, folder, adapter_only=True)
+    fresh = lora(2)
+    load_fsdp_model(state.fsdp_plugin, state, fresh, folder, adapter_only=True)
+    saved, loaded = _full(model)["model"], _full(fresh)["model"]
+    files = sorted(os.listdir(folder))
+    on_disk = sorted(torch.load(os.path.join(folder, files[0]), weights_only=True)) if kind == "FULL_STATE_DICT" else []
+    return {"same": _same(saved, loaded), "files": files, "keys": on_disk}
+
+
+@pytest.mark.parametrize("kind", ["FULL_STATE_DICT", "SHARDED_STATE_DICT"])
+def test_adapter_only_saves_and_loads_the_peft_adapters(ranks2: RankPool, tmp_path: Path, kind: str) -> None:
+    pytest.importorskip("peft")
+    for result in ranks2.run(_adapters, str(tmp_path), kind):
+        assert result["same"]  # the adapters came back; the base weights were equal already
+        if kind == "FULL_STATE_DICT":
+            assert result["files"] == ["pytorch_model_fsdp.bin"]
+            assert result["keys"] and all("lora_" in key for key in result["keys"])  # adapters only
+        else:
+            assert result["files"] == ["pytorch_model_fsdp_0"]
