@@ -43,3 +43,12 @@ def merge_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
     if subparsers is not None:
         parser.set_defaults(func=merge_command)
     return parser
+
+
+def main() -> int:
+    """Run the command from ``sys.argv`` (``python -m hasten.commands.merge``)."""
+    return merge_command(merge_command_parser().parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

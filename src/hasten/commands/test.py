@@ -46,3 +46,12 @@ def test_command(args: argparse.Namespace) -> int:
 
 test_command_parser.__test__ = False  # type: ignore[attr-defined]  # not a pytest test, despite its name
 test_command.__test__ = False  # type: ignore[attr-defined]
+
+
+def main() -> int:
+    """Run the command from ``sys.argv`` (``python -m hasten.commands.test``)."""
+    return test_command(test_command_parser().parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

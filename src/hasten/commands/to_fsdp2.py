@@ -178,3 +178,12 @@ def to_fsdp2_command(args: argparse.Namespace) -> int:
     save_config_file(convert_config_to_fsdp2(load_config(str(source))), target)
     print(f"FSDP2 config written to {target}")
     return 0
+
+
+def main() -> int:
+    """Run the command from ``sys.argv`` (``python -m hasten.commands.to_fsdp2``)."""
+    return to_fsdp2_command(to_fsdp2_command_parser().parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

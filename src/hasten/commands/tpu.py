@@ -142,3 +142,12 @@ def tpu_command_launcher(args: argparse.Namespace) -> int:
     if result.returncode == 0:
         print("Successfully setup pod.")
     return result.returncode
+
+
+def main() -> int:
+    """Run the command from ``sys.argv`` (``python -m hasten.commands.tpu``)."""
+    return tpu_command_launcher(tpu_command_parser().parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
