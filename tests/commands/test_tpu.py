@@ -25,15 +25,33 @@ def test_flags_compose_the_gcloud_command(tmp_path: Path) -> None:
         "--tpu_name", "pod", "--tpu_zone", "us-central2-b", "--command", "echo", "hi", "--command", "ls"
     )
     assert gcloud_command(args) == [
-        "gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod", "--zone", "us-central2-b",
-        "--command", "cd /usr/share; echo hi; ls", "--worker", "all",
-    ]  # fmt: skip
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "ssh",
+        "pod",
+        "--zone",
+        "us-central2-b",
+        "--command",
+        "cd /usr/share; echo hi; ls",
+        "--worker",
+        "all",
+    ]
     commands = tmp_path / "setup.sh"
     commands.write_text("pip list\n\npython train.py\n")
     args = _args(
-        "--tpu_name", "pod", "--tpu_zone", "z", "--command_file", str(commands), "--use_alpha",
-        "--install_hasten", "--hasten_version", "0.3.1",
-    )  # fmt: skip
+        "--tpu_name",
+        "pod",
+        "--tpu_zone",
+        "z",
+        "--command_file",
+        str(commands),
+        "--use_alpha",
+        "--install_hasten",
+        "--hasten_version",
+        "0.3.1",
+    )
     command = gcloud_command(args)
     assert command[:2] == ["gcloud", "alpha"]
     assert command[-3] == "cd /usr/share; pip install hasten==0.3.1; pip list; python train.py"
@@ -44,10 +62,22 @@ def test_flags_compose_the_gcloud_command(tmp_path: Path) -> None:
     [
         (["--tpu_name", "p", "--tpu_zone", "z"], "no command to run: pass --command"),
         (["--command", "ls"], "--tpu_name and --tpu_zone missing"),
-        (["--tpu_name", "p", "--tpu_zone", "z", "--command", "ls", "--install_accelerate",
-          "--accelerate_version", "dev"], "--hasten_version='dev' is neither 'latest' nor a version number"),
+        (
+            [
+                "--tpu_name",
+                "p",
+                "--tpu_zone",
+                "z",
+                "--command",
+                "ls",
+                "--install_accelerate",
+                "--accelerate_version",
+                "dev",
+            ],
+            "--hasten_version='dev' is neither 'latest' nor a version number",
+        ),
     ],
-)  # fmt: skip
+)
 def test_what_cannot_be_composed_is_an_error(argv: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         gcloud_command(_args(*argv))

@@ -139,6 +139,47 @@ def _local_state_dict(model: torch.nn.Module, apply: Callable[[], Any]) -> Any:
         return apply()
 
 
+def _save(value: Any, kind: str, state: Any, folder: Path, prefix: str, index: int, use_dcp: bool) -> None:
+    """Write a model's or an optimizer's state as ``kind`` says: rank 0's file, a DCP folder holding
+    ``{key: value}`` (``key``: ``"model"`` or ``"optimizer"``), or one file per rank."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "FULL_STATE_DICT":
+        if state.process_index == 0:
+            _write_file(value, folder / _indexed(prefix, index))
+        state.wait_for_everyone()
+    elif use_dcp:
+        _dcp_save({_KEY[prefix]: value}, folder / f"{prefix}_{index}", state)
+    else:
+        _write_file(value, folder / f"{prefix}_{index}_rank{state.process_index}.bin")
+
+
+def _load(
+    kind: str,
+    state: Any,
+    broadcast: bool,
+    input_dir: Any,
+    prefix: str,
+    index: int,
+    use_dcp: bool,
+    template: Callable[[], Any],
+) -> Any:
+    """Read what :func:`_save` wrote: a full state on rank 0 alone when it is then broadcast (``{}``
+    elsewhere), a DCP folder into ``template()``, or this rank's file."""
+    if kind == "FULL_STATE_DICT":
+        path = Path(input_dir) / _indexed(prefix, index)
+        missing = state.is_main_process and not path.is_file()
+        _agree(f"{path} does not exist (rank 0 reads it)" if missing else None, state)
+        return _read_file(path) if state.is_main_process or not broadcast else {}
+    if use_dcp:
+        holder = {_KEY[prefix]: template()}
+        _dcp_load(holder, _dcp_folder(input_dir, f"{prefix}_{index}"), state)
+        return holder[_KEY[prefix]]
+    return _read_file(Path(input_dir) / f"{prefix}_{index}_rank{state.process_index}.bin")
+
+
+_KEY = {FSDP_MODEL_NAME: "model", OPTIMIZER_NAME: "optimizer"}  # the top key of a DCP folder
+
+
 def save_fsdp_model(
     fsdp_plugin: Any,
     accelerator: Any,
@@ -161,28 +202,20 @@ def save_fsdp_model(
 
     kind = _kind(fsdp_plugin)
     state = state_of(accelerator)
-    folder = Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    peft = adapter_only and _is_peft_model(model)
     if kind == "LOCAL_STATE_DICT":
-        weights = _local_state_dict(model, model.state_dict)
-        _write_file(weights, folder / _indexed(FSDP_MODEL_NAME, model_index, f"_rank{state.process_index}"))
+        name = _indexed(FSDP_MODEL_NAME, model_index, f"_rank{state.process_index}")
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        _write_file(_local_state_dict(model, model.state_dict), Path(output_dir) / name)
         return
-    options = _options(fsdp_plugin, state.num_processes, ignore_frozen_params=peft)
+    peft = adapter_only and _is_peft_model(model)
     if peft and kind == "SHARDED_STATE_DICT":
         from peft import get_peft_model_state_dict
 
         weights = get_peft_model_state_dict(model, adapter_name=str(model.active_adapter))
     else:
+        options = _options(fsdp_plugin, state.num_processes, ignore_frozen_params=peft)
         weights = get_model_state_dict(model, options=options)
-    if kind == "FULL_STATE_DICT":
-        if state.process_index == 0:
-            _write_file(weights, folder / _indexed(FSDP_MODEL_NAME, model_index))
-        state.wait_for_everyone()
-    elif use_dcp:
-        _dcp_save({"model": weights}, folder / f"{FSDP_MODEL_NAME}_{model_index}", state)
-    else:
-        _write_file(weights, folder / f"{FSDP_MODEL_NAME}_{model_index}_rank{state.process_index}.bin")
+    _save(weights, kind, state, Path(output_dir), FSDP_MODEL_NAME, model_index, use_dcp)
 
 
 def load_fsdp_model(
@@ -208,35 +241,40 @@ def load_fsdp_model(
     kind = _kind(fsdp_plugin)
     state = state_of(accelerator)
     state.wait_for_everyone()
-    peft = adapter_only and _is_peft_model(model)
     if kind == "LOCAL_STATE_DICT":
         weights = _read_file(
             Path(input_dir) / _indexed(FSDP_MODEL_NAME, model_index, f"_rank{state.process_index}")
         )
         return _local_state_dict(model, lambda: model.load_state_dict(weights))
+    peft = adapter_only and _is_peft_model(model)
     options = _options(fsdp_plugin, state.num_processes, loading=True, strict=not peft)
-    if kind == "FULL_STATE_DICT":
-        path = Path(input_dir) / _indexed(FSDP_MODEL_NAME, model_index)
-        missing = state.is_main_process and not path.is_file()
-        _agree(f"{path} does not exist (rank 0 reads it)" if missing else None, state)
-        weights = _read_file(path) if state.is_main_process or not options.broadcast_from_rank0 else {}
-    elif peft:
+    if peft and kind == "SHARDED_STATE_DICT":
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        weights = {"model": get_peft_model_state_dict(model, adapter_name=str(model.active_adapter))}
-        _dcp_load(weights, _dcp_folder(input_dir, f"{FSDP_MODEL_NAME}_{model_index}"), state)
-        result = set_peft_model_state_dict(model, weights["model"], adapter_name=str(model.active_adapter))
-        state.wait_for_everyone()
-        return result
-    elif use_dcp:
-        weights = {"model": get_model_state_dict(model, options=options)}
-        _dcp_load(weights, _dcp_folder(input_dir, f"{FSDP_MODEL_NAME}_{model_index}"), state)
-        weights = weights["model"]
-    else:
-        weights = _read_file(
-            Path(input_dir) / f"{FSDP_MODEL_NAME}_{model_index}_rank{state.process_index}.bin"
+        adapter = str(model.active_adapter)
+        weights = _load(
+            kind,
+            state,
+            False,
+            input_dir,
+            FSDP_MODEL_NAME,
+            model_index,
+            True,
+            lambda: get_peft_model_state_dict(model, adapter_name=adapter),
         )
-    result = set_model_state_dict(model, weights, options=options)
+        result = set_peft_model_state_dict(model, weights, adapter_name=adapter)
+    else:
+        weights = _load(
+            kind,
+            state,
+            options.broadcast_from_rank0,
+            input_dir,
+            FSDP_MODEL_NAME,
+            model_index,
+            use_dcp,
+            lambda: get_model_state_dict(model, options=options),
+        )
+        result = set_model_state_dict(model, weights, options=options)
     state.wait_for_everyone()
     return result
 
@@ -259,19 +297,10 @@ def save_fsdp_optimizer(
 
     kind = _kind(fsdp_plugin)
     state = state_of(accelerator)
-    folder = Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     optim_state = get_optimizer_state_dict(
         model, optimizer, options=_options(fsdp_plugin, state.num_processes)
     )
-    if kind == "FULL_STATE_DICT":
-        if state.process_index == 0:
-            _write_file(optim_state, folder / _indexed(OPTIMIZER_NAME, optimizer_index))
-        state.wait_for_everyone()
-    elif use_dcp:
-        _dcp_save({"optimizer": optim_state}, folder / f"{OPTIMIZER_NAME}_{optimizer_index}", state)
-    else:
-        _write_file(optim_state, folder / f"{OPTIMIZER_NAME}_{optimizer_index}_rank{state.process_index}.bin")
+    _save(optim_state, kind, state, Path(output_dir), OPTIMIZER_NAME, optimizer_index, use_dcp)
 
 
 def load_fsdp_optimizer(
@@ -299,19 +328,16 @@ def load_fsdp_optimizer(
     state = state_of(accelerator)
     state.wait_for_everyone()
     options = _options(fsdp_plugin, state.num_processes, loading=True)
-    if kind == "FULL_STATE_DICT":
-        path = Path(input_dir) / _indexed(OPTIMIZER_NAME, optimizer_index)
-        missing = state.is_main_process and not path.is_file()
-        _agree(f"{path} does not exist (rank 0 reads it)" if missing else None, state)
-        optim_state = _read_file(path) if state.is_main_process or not options.broadcast_from_rank0 else {}
-    elif use_dcp:
-        template = {"optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
-        _dcp_load(template, _dcp_folder(input_dir, f"{OPTIMIZER_NAME}_{optimizer_index}"), state)
-        optim_state = template["optimizer"]
-    else:
-        optim_state = _read_file(
-            Path(input_dir) / f"{OPTIMIZER_NAME}_{optimizer_index}_rank{state.process_index}.bin"
-        )
+    optim_state = _load(
+        kind,
+        state,
+        options.broadcast_from_rank0,
+        input_dir,
+        OPTIMIZER_NAME,
+        optimizer_index,
+        use_dcp,
+        lambda: get_optimizer_state_dict(model, optimizer, options=options),
+    )
     set_optimizer_state_dict(model, optimizer, optim_state, options=options)
     state.wait_for_everyone()
 
