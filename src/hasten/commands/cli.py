@@ -29,9 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     default.add_argument("--config_file", help="where to write (default: the default config file)")
     update = config_commands.add_parser("update", help="bring an older config file to the current keys")
     update.add_argument("--config_file", help="the file to update (default: the default config file)")
-    from hasten.commands.launch import add_launch_arguments
+    from hasten.commands.launch import launch_command_parser
 
-    add_launch_arguments(commands.add_parser("launch", help="run a script on several processes or machines"))
+    launch_command_parser(commands)
     estimate = commands.add_parser(
         "estimate-memory", help="memory a model needs, per dtype, without loading it"
     )
@@ -65,14 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from hasten.commands.config import config_command
 
             return config_command(args)
-        if args.command == "launch":
-            from hasten.commands.launch import launch_command
-
-            return launch_command(args)
         from hasten.commands.estimate import estimate_command
 
         return estimate_command(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError) as error:
         print(f"hasten {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -214,6 +214,14 @@ from hasten.utils.imports import (
     is_xpu_available,
     torchao_required,
 )
+from hasten.utils.launch import (
+    PrepareForLaunch,
+    prepare_deepspeed_cmd_env,
+    prepare_multi_gpu_env,
+    prepare_sagemager_args_inputs,
+    prepare_simple_launcher_cmd_env,
+    prepare_tpu,
+)
 from hasten.utils.loading import (
     load_checkpoint_in_model,
     load_state_dict,
@@ -347,6 +355,7 @@ __all__ = [
     "ParallelismConfig",
     "PrecisionType",
     "PrefixedDataset",
+    "PrepareForLaunch",
     "ProcessGroupError",
     "ProfileKwargs",
     "ProjectConfiguration",
@@ -536,6 +545,11 @@ __all__ = [
     "parse_choice_from_env",
     "parse_flag_from_env",
     "patch_environment",
+    "prepare_deepspeed_cmd_env",
+    "prepare_multi_gpu_env",
+    "prepare_sagemager_args_inputs",
+    "prepare_simple_launcher_cmd_env",
+    "prepare_tpu",
     "purge_accelerate_environment",
     "recursive_getattr",
     "recursively_apply",
