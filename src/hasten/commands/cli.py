@@ -32,16 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     from hasten.commands.launch import launch_command_parser
 
     launch_command_parser(commands)
-    estimate = commands.add_parser(
-        "estimate-memory", help="memory a model needs, per dtype, without loading it"
-    )
-    estimate.add_argument("model", help="a folder or config.json (transformers), or a `module:factory` path")
-    estimate.add_argument(
-        "--dtypes",
-        nargs="+",
-        default=["float32", "float16", "int8", "int4"],
-        choices=["float32", "float16", "bfloat16", "int8", "int4"],
-    )
+    from hasten.commands.estimate import estimate_command_parser
+
+    estimate_command_parser(commands)
     from hasten.commands.merge import merge_command_parser
     from hasten.commands.test import test_command_parser
     from hasten.commands.to_fsdp2 import to_fsdp2_command_parser
@@ -55,8 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if hasattr(args, "func"):
-            return int(args.func(args))
         if args.command == "env":
             from hasten.commands.env import env_command
 
@@ -65,9 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from hasten.commands.config import config_command
 
             return config_command(args)
-        from hasten.commands.estimate import estimate_command
-
-        return estimate_command(args)
+        return int(args.func(args))  # the other commands' parsers set `func`
     except (ValueError, FileNotFoundError, FileExistsError, ConnectionError) as error:
         print(f"hasten {args.command}: error: {error}", file=sys.stderr)
         return 2
