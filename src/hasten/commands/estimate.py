@@ -152,3 +152,12 @@ def estimate_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
     if subparsers is not None:
         parser.set_defaults(func=estimate_command)
     return parser
+
+
+def main() -> int:
+    """Run ``hasten estimate-memory`` from ``sys.argv`` (``python -m hasten.commands.estimate``)."""
+    return estimate_command(estimate_command_parser().parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
