@@ -24,11 +24,8 @@ from typing import Any
 
 from hasten.utils.dataclasses._env import env_field, one_of, positive_int, resolve_fields
 from hasten.utils.dataclasses.enums import DistributedType
-from hasten.utils.dataclasses.plugins.parallelism import (
-    DeepSpeedSequenceParallelConfig,
-    TorchContextParallelConfig,
-    TorchTensorParallelConfig,
-)
+from hasten.utils.dataclasses.plugins.parallelism import TorchContextParallelConfig, TorchTensorParallelConfig
+from hasten.utils.dataclasses.plugins.sequence_parallel import DeepSpeedSequenceParallelConfig
 from hasten.utils.errors import ConfigurationError
 
 MESH_ORDER = ["dp_replicate", "dp_shard", "cp", "sp", "tp"]

@@ -26,10 +26,8 @@ from hasten.utils.dataclasses.plugins.deepspeed import DeepSpeedPlugin
 from hasten.utils.dataclasses.plugins.dynamo import TorchDynamoPlugin
 from hasten.utils.dataclasses.plugins.fsdp import FullyShardedDataParallelPlugin
 from hasten.utils.dataclasses.plugins.gradient import GradientAccumulationPlugin
-from hasten.utils.dataclasses.plugins.parallelism import (
-    DeepSpeedSequenceParallelConfig,
-    TorchContextParallelConfig,
-)
+from hasten.utils.dataclasses.plugins.parallelism import TorchContextParallelConfig
+from hasten.utils.dataclasses.plugins.sequence_parallel import DeepSpeedSequenceParallelConfig
 from hasten.utils.environment import patch_environment
 from hasten.utils.errors import ConfigurationError
 from hasten.utils.launch import launch_environment

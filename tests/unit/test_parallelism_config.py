@@ -13,11 +13,11 @@ from hasten.parallelism_config import ParallelismConfig
 from hasten.state import AcceleratorState
 from hasten.utils.dataclasses.plugins import parallelism
 from hasten.utils.dataclasses.plugins.parallelism import (
-    DeepSpeedSequenceParallelConfig,
     TorchContextParallelConfig,
     TorchTensorParallelConfig,
     TorchTensorParallelPlugin,
 )
+from hasten.utils.dataclasses.plugins.sequence_parallel import DeepSpeedSequenceParallelConfig
 from hasten.utils.environment import patch_environment
 from hasten.utils.errors import ConfigurationError
 
@@ -160,5 +160,5 @@ def test_sequence_parallel_config() -> None:
     assert config.sp_attn_implementation == "kernels-community/flash-attn2"
     with pytest.raises(ConfigurationError, match="sp_seq_length_is_variable=False needs sp_seq_length"):
         DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=False)
-    with pytest.raises(ConfigurationError, match="sp_attn_implementation='eager' is not valid for sequence"):
+    with pytest.raises(ConfigurationError, match="sp_attn_implementation='eager': 'eager' and 'flex_attention' are not supported"):
         DeepSpeedSequenceParallelConfig(sp_attn_implementation="eager")

@@ -1,4 +1,5 @@
-"""Settings of the n-D parallelism dimensions: tensor parallel, context parallel, sequence parallel.
+"""Settings of the tensor and context parallel dimensions (sequence parallelism's are in
+:mod:`.sequence_parallel`).
 
 These are configuration only: ``ParallelismConfig`` (in :mod:`hasten.parallelism_config`) holds
 one of each when its dimension is larger than 1, and the engines read them. Unset fields come
@@ -16,7 +17,6 @@ from hasten.utils.errors import ConfigurationError
 from hasten.utils.versions import is_torch_version
 
 CP_COMM_STRATEGIES = ["allgather", "alltoall"]
-SP_ATTENTION_BUILTINS = ["flash_attention_2", "flash_attention_3", "sdpa"]
 # torch releases from which the parallelism APIs these configure exist.
 TP_MIN_TORCH = "2.3.0"
 CP_MIN_TORCH = "2.6.0"
@@ -95,53 +95,3 @@ class TorchContextParallelConfig:
     def __post_init__(self) -> None:
         _require_torch(CP_MIN_TORCH, "Context parallelism")
         resolve_fields(self)
-
-
-def _sequence_length(value: Any, name: str) -> int | None:
-    if isinstance(value, str) and value.strip() == "None":
-        return None
-    return positive_int(value, name)
-
-
-def _attention(value: Any, name: str) -> str:
-    if value in SP_ATTENTION_BUILTINS:
-        return str(value)
-    if isinstance(value, str) and "/" in value and "flash-attn" in value:
-        return value  # a hub-hosted flash-attention kernel, e.g. kernels-community/flash-attn2
-    raise ConfigurationError(
-        f"{name}={value!r} is not valid for sequence parallelism; expected one of {SP_ATTENTION_BUILTINS} "
-        "or a "
-        "hub flash-attention kernel such as 'kernels-community/flash-attn2' ('eager' and 'flex_attention' "
-        "cannot be split across ranks)."
-    )
-
-
-@dataclass
-class DeepSpeedSequenceParallelConfig:
-    """DeepSpeed's sequence parallelism (Ulysses / ALST) (``ParallelismConfig.sp_handler``).
-
-    Args:
-        sp_seq_length: the sequence length when every batch has the same one
-            (``PARALLELISM_CONFIG_SP_SEQ_LENGTH``).
-        sp_seq_length_is_variable: batches may differ in length (default ``True``;
-            ``PARALLELISM_CONFIG_SP_SEQ_LENGTH_IS_VARIABLE``). When ``False``, ``sp_seq_length`` is required.
-        sp_attn_implementation: ``flash_attention_2``, ``flash_attention_3``, ``sdpa`` or a hub
-            flash-attention kernel (``PARALLELISM_CONFIG_SP_ATTN_IMPLEMENTATION``).
-    """
-
-    sp_seq_length: int | None = env_field("PARALLELISM_CONFIG_SP_SEQ_LENGTH", None, _sequence_length)
-    sp_seq_length_is_variable: bool | None = env_field(
-        "PARALLELISM_CONFIG_SP_SEQ_LENGTH_IS_VARIABLE", True, to_bool
-    )
-    sp_attn_implementation: str | None = env_field(
-        "PARALLELISM_CONFIG_SP_ATTN_IMPLEMENTATION", None, _attention
-    )
-
-    def __post_init__(self) -> None:
-        resolve_fields(self)
-        if not self.sp_seq_length_is_variable and self.sp_seq_length is None:
-            raise ConfigurationError(
-                "sp_seq_length_is_variable=False needs sp_seq_length (or PARALLELISM_CONFIG_SP_SEQ_LENGTH): "
-                "the "
-                "fixed sequence length every batch has."
-            )
