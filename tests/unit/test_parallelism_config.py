@@ -160,5 +160,8 @@ def test_sequence_parallel_config() -> None:
     assert config.sp_attn_implementation == "kernels-community/flash-attn2"
     with pytest.raises(ConfigurationError, match="sp_seq_length_is_variable=False needs sp_seq_length"):
         DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=False)
-    with pytest.raises(ConfigurationError, match="sp_attn_implementation='eager': 'eager' and 'flex_attention' are not supported"):
+    with pytest.raises(
+        ConfigurationError,
+        match="sp_attn_implementation='eager': 'eager' and 'flex_attention' are not supported",
+    ):
         DeepSpeedSequenceParallelConfig(sp_attn_implementation="eager")
