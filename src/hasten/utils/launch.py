@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import warnings
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from hasten.utils.constants import DEEPSPEED_MULTINODE_LAUNCHERS, LAUNCH_VARIABLES
 from hasten.utils.dataclasses.enums import DistributedType, PrecisionType
 from hasten.utils.device import accelerator_type
+from hasten.utils.ports import get_free_port, is_port_in_use
 
 if TYPE_CHECKING:
     from hasten.commands.config.config_args import SageMakerConfig
@@ -73,20 +73,6 @@ def launch_environment(args: argparse.Namespace) -> dict[str, str]:
         if value is not None and (section is None or getattr(args, section, None)):
             env[entry.variable] = _text(value)
     return env
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (the system picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def port_in_use(port: int) -> bool:
-    """Whether something listens on ``port`` on this machine."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.settimeout(5)
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _program(args: argparse.Namespace) -> list[str]:
@@ -170,18 +156,18 @@ def _rendezvous(args: argparse.Namespace) -> None:
         ConnectionError: the port is in use on the main machine of a multi-machine job.
     """
     if args.main_process_port == 0:
-        args.main_process_port = free_port()
+        args.main_process_port = get_free_port()
     elif args.main_process_port is None:
         args.main_process_port = 29500
     main_machine = args.num_machines <= 1 or int(args.machine_rank) == 0
-    if main_machine and port_in_use(args.main_process_port):
+    if main_machine and is_port_in_use(args.main_process_port):
         if args.num_machines > 1:
             raise ConnectionError(
                 f"port {args.main_process_port} is in use on this machine, the main one of the job; pass "
                 "another "
                 "--main_process_port (the same on every machine)."
             )
-        chosen = free_port()
+        chosen = get_free_port()
         warnings.warn(
             f"port {args.main_process_port} is in use; this single-machine launch takes the free port "
             f"{chosen} "
