@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import socket
 import sys
 from pathlib import Path
@@ -85,34 +86,14 @@ def test_torchrun_rendezvous_and_ports(tmp_path: Path) -> None:
         with pytest.warns(UserWarning, match=f"port {port} is in use; .* takes the free port"):
             prepare_multi_gpu_env(args)
         assert args.main_process_port != port
-        args = _args(
-            tmp_path,
-            "--num_processes",
-            "4",
-            "--num_machines",
-            "2",
-            "--main_process_ip",
-            "127.0.0.1",
-            "--main_process_port",
-            str(port),
-            "--rdzv_backend",
-            "c10d",
+        main_of_two = (
+            f"--num_processes 4 --num_machines 2 --main_process_ip 127.0.0.1 --main_process_port {port}"
         )
+        args = _args(tmp_path, *main_of_two.split(), "--rdzv_backend", "c10d")
         with pytest.raises(ConnectionError, match=f"port {port} is in use on this machine, the main one"):
             prepare_multi_gpu_env(args)
-    args = _args(
-        tmp_path,
-        "--num_processes",
-        "4",
-        "--num_machines",
-        "2",
-        "--machine_rank",
-        "1",
-        "--main_process_ip",
-        "10.0.0.1",
-        "--rdzv_backend",
-        "c10d",
-    )
+    second = "--num_processes 4 --num_machines 2 --machine_rank 1 --main_process_ip 10.0.0.1"
+    args = _args(tmp_path, *second.split(), "--rdzv_backend", "c10d")
     prepare_multi_gpu_env(args)  # not the main machine: its port is not checked here
     assert (args.nproc_per_node, args.nnodes, args.node_rank) == ("2", "2", 1)
     assert "--rdzv_endpoint=10.0.0.1:29500" in torchrun_command(args)
@@ -123,37 +104,15 @@ def test_deepspeed_on_one_machine_is_torchrun_and_on_several_its_own_launcher(tm
     assert command is None  # torchrun, like any other multi-process job
     assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "2"
     assert env["PYTHONPATH"].split(os.pathsep)[-1] == os.path.abspath(".")
-    several = (
-        "--use_deepspeed",
-        "--num_processes",
-        "8",
-        "--num_machines",
-        "2",
-        "--main_process_ip",
-        "10.0.0.1",
-        "--main_process_port",
-        "29600",
-        "--deepspeed_hostfile",
-        "hosts",
+    several = shlex.split(
+        "--use_deepspeed --num_processes 8 --num_machines 2 --main_process_ip 10.0.0.1 "
+        "--main_process_port 29600 --deepspeed_hostfile hosts"
     )
     command, _ = prepare_deepspeed_cmd_env(_args(tmp_path, *several))
-    assert command == [
-        "deepspeed",
-        "--hostfile",
-        "hosts",
-        "--no_local_rank",
-        "--launcher",
-        "pdsh",
-        "--num_gpus",
-        "4",
-        "--master_addr",
-        "10.0.0.1",
-        "--master_port",
-        "29600",
-        "job.py",
-        "--lr",
-        "1",
-    ]
+    assert command == shlex.split(
+        "deepspeed --hostfile hosts --no_local_rank --launcher pdsh --num_gpus 4 --master_addr 10.0.0.1 "
+        "--master_port 29600 job.py --lr 1"
+    )
     args = _args(
         tmp_path, *several, "--deepspeed_multinode_launcher", "nossh", "--deepspeed_inclusion_filter", "a"
     )
@@ -172,16 +131,11 @@ def test_deepspeed_on_one_machine_is_torchrun_and_on_several_its_own_launcher(tm
 
 
 def test_parallelism_settings_reach_parallelism_config(tmp_path: Path) -> None:
-    args = _args(
-        tmp_path,
-        "--use_parallelism_config",
-        "--parallelism_config_dp_shard_size",
-        "2",
-        "--parallelism_config_tp_size",
-        "2",
-        "--parallelism_config_cp_comm_strategy",
-        "alltoall",
+    settings = (
+        "--use_parallelism_config --parallelism_config_dp_shard_size 2 --parallelism_config_tp_size 2 "
+        "--parallelism_config_cp_comm_strategy alltoall"
     )
+    args = _args(tmp_path, *settings.split())
     env = prepare_simple_launcher_cmd_env(args)[1]
     assert env["ACCELERATE_USE_PARALLELISM_CONFIG"] == "true"
     assert env["PARALLELISM_CONFIG_DP_SHARD_SIZE"] == "2" and "PARALLELISM_CONFIG_CP_SIZE" not in env
