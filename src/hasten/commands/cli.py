@@ -9,7 +9,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def command_parser(
+    subparsers: Any, name: str, description: str, summary: str, run: Callable[[argparse.Namespace], int]
+) -> argparse.ArgumentParser:
+    """The parser of the command ``name``: a subcommand of ``subparsers`` (the ``hasten`` command's) that
+    runs ``run``, or, when ``subparsers`` is ``None``, a parser of its own (``hasten NAME``)."""
+    if subparsers is None:
+        return argparse.ArgumentParser(f"hasten {name}", description=description)
+    parser: argparse.ArgumentParser = subparsers.add_parser(name, description=description, help=summary)
+    parser.set_defaults(func=run)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:

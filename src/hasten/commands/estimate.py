@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from hasten.big_modeling import init_empty_weights
+from hasten.commands.cli import command_parser
 from hasten.utils.imports import is_rich_available, require
 from hasten.utils.modeling import calculate_maximum_sizes
 
@@ -125,14 +126,13 @@ def gather_data(args: argparse.Namespace) -> list[list[Any]]:
 def estimate_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
     """The ``estimate-memory`` command's options (a subcommand of ``subparsers``, or a parser of its own)."""
     description = "Memory a model needs, per dtype, computed on meta (nothing is loaded or downloaded)."
-    if subparsers is not None:
-        parser: argparse.ArgumentParser = subparsers.add_parser(
-            "estimate-memory",
-            description=description,
-            help="memory a model needs, per dtype, without loading it",
-        )
-    else:
-        parser = argparse.ArgumentParser("hasten estimate-memory", description=description)
+    parser = command_parser(
+        subparsers,
+        "estimate-memory",
+        description,
+        "memory a model needs, per dtype, without loading it",
+        estimate_command,
+    )
     parser.add_argument(
         "model_name",
         help="a folder or config.json (transformers), a `module:factory` path, or a timm architecture",
@@ -149,8 +149,6 @@ def estimate_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
         action="store_true",
         help="run the model code a local transformers folder ships",
     )
-    if subparsers is not None:
-        parser.set_defaults(func=estimate_command)
     return parser
 
 

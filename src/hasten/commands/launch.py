@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from hasten.commands.cli import command_parser
 from hasten.commands.launch_config import boolean, settings_from_config_file
 from hasten.utils.config_file import default_config_file
 from hasten.utils.constants import (
@@ -218,15 +219,14 @@ def launch_command(args: argparse.Namespace) -> int:
 
 def launch_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
     """The ``launch`` command's options (a subcommand of ``subparsers``, or a parser of its own)."""
-    if subparsers is not None:
-        parser: argparse.ArgumentParser = subparsers.add_parser(
-            "launch", help="run a script on several processes or machines"
-        )
-    else:
-        parser = argparse.ArgumentParser("hasten launch")
+    parser = command_parser(
+        subparsers,
+        "launch",
+        "Run a script on several processes or machines.",
+        "run a script on several processes or machines",
+        launch_command,
+    )
     add_launch_arguments(parser)
-    if subparsers is not None:
-        parser.set_defaults(func=launch_command)
     return parser
 
 

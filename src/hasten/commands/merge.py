@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from hasten.commands.cli import command_parser
+
 DESCRIPTION = (
     "Merge the weights of a sharded FSDP checkpoint (saved with SHARDED_STATE_DICT) into one file, "
     "OUTPUT_PATH/model.safetensors (or pytorch_model.bin). Needs the whole model in RAM."
@@ -24,12 +26,13 @@ def merge_command(args: argparse.Namespace) -> int:
 
 def merge_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
     """The ``merge-weights`` command's options (a subcommand of ``subparsers``, or a parser of its own)."""
-    if subparsers is not None:
-        parser: argparse.ArgumentParser = subparsers.add_parser(
-            "merge-weights", description=DESCRIPTION, help="merge a sharded FSDP checkpoint into one file"
-        )
-    else:
-        parser = argparse.ArgumentParser("hasten merge-weights", description=DESCRIPTION)
+    parser = command_parser(
+        subparsers,
+        "merge-weights",
+        DESCRIPTION,
+        "merge a sharded FSDP checkpoint into one file",
+        merge_command,
+    )
     parser.add_argument("checkpoint_directory", help="the DCP folder FSDP wrote (e.g. pytorch_model_fsdp_0)")
     parser.add_argument("output_path", help="the folder to write the merged file into")
     parser.add_argument(
@@ -40,8 +43,6 @@ def merge_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--remove_checkpoint_dir", action="store_true", help="delete the checkpoint folder once merged"
     )
-    if subparsers is not None:
-        parser.set_defaults(func=merge_command)
     return parser
 
 

@@ -9,25 +9,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hasten.commands.cli import command_parser
+
 
 def test_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
     """The ``test`` command's options (a subcommand of ``subparsers``, or a parser of its own)."""
     description = (
         "Check the configured set-up: launch a short script that forms the group, communicates and trains."
     )
-    if subparsers is not None:
-        parser: argparse.ArgumentParser = subparsers.add_parser(
-            "test", description=description, help="check that the configured set-up works"
-        )
-    else:
-        parser = argparse.ArgumentParser("hasten test", description=description)
+    parser = command_parser(
+        subparsers, "test", description, "check that the configured set-up works", test_command
+    )
     parser.add_argument(
         "--config_file",
         default=None,
         help="the launch config to test (default: the default config file, else one process)",
     )
-    if subparsers is not None:
-        parser.set_defaults(func=test_command)
     return parser
 
 

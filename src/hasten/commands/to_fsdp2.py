@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from hasten.commands.cli import command_parser
 from hasten.utils.config_file import load_config_file, save_config_file
 from hasten.utils.constants import FSDP_SHARDING_STRATEGY
 from hasten.utils.environment import str_to_bool
@@ -141,19 +142,14 @@ def load_config(config_file: str) -> dict[str, Any]:
 def to_fsdp2_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
     """The ``to-fsdp2`` command's options (a subcommand of ``subparsers``, or a parser of its own)."""
     description = "Convert a launch config file from FSDP1 to FSDP2 settings."
-    if subparsers is not None:
-        parser: argparse.ArgumentParser = subparsers.add_parser(
-            "to-fsdp2", description=description, help=description
-        )
-    else:
-        parser = argparse.ArgumentParser("hasten to-fsdp2", description=description)
+    parser = command_parser(
+        subparsers, "to-fsdp2", description, "rewrite an FSDP1 config file for FSDP2", to_fsdp2_command
+    )
     parser.add_argument("--config_file", required=True, help="the config file to convert")
     parser.add_argument(
         "--overwrite", action="store_true", help="write over the config file (or --output_file)"
     )
     parser.add_argument("--output_file", default=None, help="where to write the converted config")
-    if subparsers is not None:
-        parser.set_defaults(func=to_fsdp2_command)
     return parser
 
 

@@ -15,17 +15,16 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
+from hasten.commands.cli import command_parser
+
 DESCRIPTION = "Run commands on every worker of a TPU pod (before `hasten launch`), through gcloud."
 
 
 def tpu_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
     """The ``tpu-config`` command's options (a subcommand of ``subparsers``, or a parser of its own)."""
-    if subparsers is not None:
-        parser: argparse.ArgumentParser = subparsers.add_parser(
-            "tpu-config", description=DESCRIPTION, help="run set-up commands on a TPU pod"
-        )
-    else:
-        parser = argparse.ArgumentParser("hasten tpu-config", description=DESCRIPTION)
+    parser = command_parser(
+        subparsers, "tpu-config", DESCRIPTION, "run set-up commands on a TPU pod", tpu_command_launcher
+    )
     config = parser.add_argument_group("config", "settings that the launch config file can hold")
     config.add_argument(
         "--config_file", default=None, help="the launch config file (default: the default one)"
@@ -51,8 +50,6 @@ def tpu_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
         help="the hasten version to install: 'latest' or a version number",
     )
     pod.add_argument("--debug", action="store_true", help="print the gcloud command instead of running it")
-    if subparsers is not None:
-        parser.set_defaults(func=tpu_command_launcher)
     return parser
 
 
