@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-FACADES = {"hasten", "hasten.utils", "hasten.utils.dataclasses", "hasten.utils.other", "hasten.utils.fsdp_utils"}
+FACADES = {
+    "hasten",
+    "hasten.utils",
+    "hasten.utils.dataclasses",
+    "hasten.utils.other",
+    "hasten.utils.fsdp_utils",
+}
 
 # The one table of layers: each module (or package) and its layer, one per line. ARCHITECTURE.md gives
 # the layers; docs/design.md ("Layers as built") records every module placed beyond or apart from it,

@@ -97,9 +97,6 @@ from hasten.utils.dataclasses.plugins.parallelism import (
     TorchTensorParallelConfig,
     TorchTensorParallelPlugin,
 )
-from hasten.utils.dataclasses.plugins.sequence_parallel import (
-    DeepSpeedSequenceParallelConfig,
-)
 from hasten.utils.device_map import (
     check_device_map,
     check_tied_parameters_on_same_device,

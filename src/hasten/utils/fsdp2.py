@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from hasten.logging import get_logger
+from hasten.utils.compilation import is_compiled_module
 from hasten.utils.dataclasses.plugins.fsdp_wrap import (
     bind_auto_wrap_policy,
     checkpoint_blocks,
@@ -32,6 +33,7 @@ from hasten.utils.dataclasses.plugins.fsdp_wrap import (
     shard_fsdp2,
 )
 from hasten.utils.errors import ConfigurationError
+from hasten.utils.modeling import get_non_persistent_buffers
 from hasten.utils.operations import broadcast_object_list
 
 logger = get_logger(__name__)
@@ -288,12 +290,8 @@ def _upcast_trainable(model: torch.nn.Module, main: bool) -> None:
 
 def _non_persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the buffers left out of ``state_dict`` (they must survive the move to ``meta``)."""
-    return {
-        f"{prefix}.{name}" if prefix else name: buffer.clone()
-        for prefix, module in model.named_modules()
-        for name, buffer in module.named_buffers(recurse=False)
-        if name in module._non_persistent_buffers_set
-    }
+    names = get_non_persistent_buffers(model, recurse=True, fqns=True)
+    return {name: buffer.clone() for name, buffer in model.named_buffers() if name in names}
 
 
 def _tie_weights(model: torch.nn.Module) -> None:
@@ -315,8 +313,9 @@ def fsdp2_prepare_model(accelerator: Any, model: torch.nn.Module) -> torch.nn.Mo
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
 
-    inner = getattr(model, "_orig_mod", model)
-    if isinstance(model, FSDPModule) or isinstance(inner, FSDPModule):
+    if isinstance(model, FSDPModule) or (
+        is_compiled_module(model) and isinstance(model._orig_mod, FSDPModule)
+    ):
         return model
     state = state_of(accelerator)
     plugin = _fsdp2_plugin(accelerator)

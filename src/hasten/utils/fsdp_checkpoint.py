@@ -25,7 +25,6 @@ file is an error on every rank instead of a hang. Everything loads with ``weight
 from __future__ import annotations
 
 import shutil
-import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +39,7 @@ from hasten.utils.constants import FSDP_MODEL_NAME, OPTIMIZER_NAME, SAFE_WEIGHTS
 from hasten.utils.dataclasses.plugins.fsdp_wrap import require_fsdp1_device
 from hasten.utils.fsdp2 import state_of
 from hasten.utils.operations import broadcast_object_list
-from hasten.utils.parallel import save
+from hasten.utils.parallel import is_peft_model, save
 
 logger = get_logger(__name__)
 METADATA = ".metadata"  # the file a DCP checkpoint folder is recognised by
@@ -66,11 +65,6 @@ def _options(plugin: Any, num_processes: int, loading: bool = False, **changes: 
         "broadcast_from_rank0": full and multi and loading,
     }
     return StateDictOptions(**{**options, **changes})
-
-
-def _is_peft_model(model: torch.nn.Module) -> bool:
-    peft = sys.modules.get("peft")  # a PEFT model exists only once peft is imported
-    return peft is not None and isinstance(getattr(model, "_orig_mod", model), peft.PeftModel)
 
 
 def _agree(problem: str | None, state: Any, exception: type[Exception] = FileNotFoundError) -> None:
@@ -207,7 +201,7 @@ def save_fsdp_model(
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         _write_file(_local_state_dict(model, model.state_dict), Path(output_dir) / name)
         return
-    peft = adapter_only and _is_peft_model(model)
+    peft = adapter_only and is_peft_model(model)
     if peft and kind == "SHARDED_STATE_DICT":
         from peft import get_peft_model_state_dict
 
@@ -246,7 +240,7 @@ def load_fsdp_model(
             Path(input_dir) / _indexed(FSDP_MODEL_NAME, model_index, f"_rank{state.process_index}")
         )
         return _local_state_dict(model, lambda: model.load_state_dict(weights))
-    peft = adapter_only and _is_peft_model(model)
+    peft = adapter_only and is_peft_model(model)
     options = _options(fsdp_plugin, state.num_processes, loading=True, strict=not peft)
     if peft and kind == "SHARDED_STATE_DICT":
         from peft import get_peft_model_state_dict, set_peft_model_state_dict

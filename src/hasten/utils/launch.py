@@ -32,6 +32,7 @@ from hasten.utils.constants import DEEPSPEED_MULTINODE_LAUNCHERS, LAUNCH_VARIABL
 from hasten.utils.dataclasses.enums import DistributedType, PrecisionType
 from hasten.utils.device import accelerator_type
 from hasten.utils.ports import get_free_port, is_port_in_use
+from hasten.utils.tree import merge_dicts
 
 if TYPE_CHECKING:
     from hasten.commands.config.config_args import SageMakerConfig
@@ -449,5 +450,5 @@ def prepare_sagemager_args_inputs(
         "metric_definitions": metrics,
     }
     if sagemaker_config.additional_args is not None:
-        estimator = {**estimator, **sagemaker_config.additional_args}
+        estimator = merge_dicts(sagemaker_config.additional_args, estimator)
     return estimator, inputs
