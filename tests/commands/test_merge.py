@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -14,6 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from hasten.commands.cli import main
+from tests.commands.run import hasten
 
 
 def _checkpoint(folder: Path) -> dict[str, torch.Tensor]:
@@ -28,21 +26,7 @@ def _checkpoint(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_merge_weights_writes_one_safetensors_file(tmp_path: Path) -> None:
     weights = _checkpoint(tmp_path / "pytorch_model_fsdp_0")
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hasten",
-            "merge-weights",
-            str(tmp_path / "pytorch_model_fsdp_0"),
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    result = hasten(tmp_path, "merge-weights", str(tmp_path / "pytorch_model_fsdp_0"), str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     assert f"Merged weights written to {tmp_path / 'out' / 'model.safetensors'}" in result.stdout
     merged = load_file(tmp_path / "out" / "model.safetensors")

@@ -3,13 +3,13 @@ cannot start reported as a failure."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.commands.run import hasten
 
 
 def _hasten_test(tmp_path: Path, fsdp_version: int) -> subprocess.CompletedProcess[str]:
@@ -22,18 +22,7 @@ def _hasten_test(tmp_path: Path, fsdp_version: int) -> subprocess.CompletedProce
     }
     path = tmp_path / f"fsdp{fsdp_version}.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("ACCELERATE_", "FSDP_", "PYTEST_"))
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "hasten", "test", "--config_file", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**env, "HF_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"},
-    )
+    return hasten(tmp_path, "test", "--config_file", str(path), timeout=240, OMP_NUM_THREADS="1")
 
 
 @pytest.mark.slow
@@ -49,14 +38,7 @@ def test_hasten_test_passes_on_a_working_setup(tmp_path: Path) -> None:
 def test_hasten_test_reports_a_setup_that_cannot_start(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"distributed_type": "MULTI_CPU", "num_processes": 2, "num_machines": 2}))
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("ACCELERATE_", "PYTEST_"))}
-    result = subprocess.run(
-        [sys.executable, "-m", "hasten", "test", "--config_file", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**env, "HF_HOME": str(tmp_path)},
-    )
+    result = hasten(tmp_path, "test", "--config_file", str(path))
     assert result.returncode == 2
     assert "--num_machines > 1 needs --main_process_ip" in result.stderr
     assert "hasten test: the check failed (exit status 2)" in result.stderr

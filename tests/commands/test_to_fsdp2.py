@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from hasten.commands.to_fsdp2 import (
     to_fsdp2_command,
     to_fsdp2_command_parser,
 )
+from tests.commands.run import hasten
 
 FSDP1 = {
     "distributed_type": "FSDP",
@@ -50,23 +48,7 @@ FSDP2 = {
 def test_the_command_converts_a_file_and_names_what_it_drops(tmp_path: Path) -> None:
     source, target = tmp_path / "fsdp1.yaml", tmp_path / "fsdp2.yaml"
     source.write_text(yaml.safe_dump(FSDP1))
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hasten",
-            "to-fsdp2",
-            "--config_file",
-            str(source),
-            "--output_file",
-            str(target),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**env, "HF_HOME": str(tmp_path)},
-    )
+    result = hasten(tmp_path, "to-fsdp2", "--config_file", str(source), "--output_file", str(target))
     assert result.returncode == 0, result.stderr
     converted = yaml.safe_load(target.read_text())
     assert converted["fsdp_config"] == FSDP2 and converted["num_processes"] == 2

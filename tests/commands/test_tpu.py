@@ -7,13 +7,13 @@ import argparse
 import os
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from hasten.commands.tpu import gcloud_command, tpu_command_launcher, tpu_command_parser
+from tests.commands.run import hasten
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -106,20 +106,18 @@ def test_config_file_fills_in_and_gcloud_runs(tmp_path: Path) -> None:
     bin_dir.mkdir()
     (bin_dir / "gcloud").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "called"}\nexit 3\n')
     (bin_dir / "gcloud").chmod(0o755)
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}
-    env = {**env, "HF_HOME": str(tmp_path), "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}"}
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
 
-    def hasten(*argv: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "hasten", "tpu-config", "--config_file", str(config), *argv]
-        return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    def tpu_config(*argv: str) -> subprocess.CompletedProcess[str]:
+        return hasten(tmp_path, "tpu-config", "--config_file", str(config), *argv, PATH=path)
 
-    shown = hasten("--debug")
+    shown = tpu_config("--debug")
     expected = (
         "gcloud compute tpus tpu-vm ssh pod --zone europe-west4-a --command 'cd /usr/share; echo ready' "
         "--worker all"
     )
     assert shown.returncode == 0 and shown.stdout.strip() == f"Running {expected}"
     assert not (tmp_path / "called").exists()  # --debug runs nothing
-    ran = hasten()
+    ran = tpu_config()
     assert ran.returncode == 3  # gcloud's own exit status
     assert (tmp_path / "called").read_text().strip() == " ".join(shlex.split(expected)[1:])
