@@ -29,7 +29,8 @@ from hasten.hooks import (
 )
 from hasten.layerwise_casting import attach_layerwise_casting_hooks  # noqa: F401  (Accelerate's path)
 from hasten.utils.device import accelerator_type, device_for_local_process
-from hasten.utils.device_map import check_device_map, infer_auto_device_map
+from hasten.utils.device_map import infer_auto_device_map
+from hasten.utils.device_map_checks import check_device_map, check_devices_present
 from hasten.utils.environment import parse_flag_from_env
 from hasten.utils.loading import load_checkpoint_in_model
 from hasten.utils.memory_budget import get_balanced_memory
@@ -239,10 +240,24 @@ def dispatch_model(
     The map is kept as ``model.hf_device_map``; moving the model afterwards is refused.
 
     Raises:
-        ValueError: the map misses some of the model's parameters or names unknown modules, or
-            sends blocks to disk without ``offload_dir``.
+        TypeError: ``device_map`` is not a dict (strategies such as ``"auto"`` are planned by
+            :func:`load_checkpoint_and_dispatch` or :func:`~hasten.utils.infer_auto_device_map`).
+        ValueError: the map misses some of the model's parameters, has overlapping keys, names a
+            device this machine lacks, or sends blocks to disk without ``offload_dir``.
     """
+    if not isinstance(device_map, Mapping):
+        plan = (
+            f"load_checkpoint_and_dispatch(model, checkpoint, device_map={device_map!r}) plans and loads, or "
+            "pass infer_auto_device_map(model, max_memory=...)"
+            if device_map in DEVICE_MAP_STRATEGIES
+            else "pass e.g. {'': 'cpu'}, or plan one with infer_auto_device_map(model, max_memory=...)"
+        )
+        raise TypeError(
+            f"dispatch_model(device_map={device_map!r}): dispatch_model takes a dict of module name -> "
+            f"device; {plan}"
+        )
     check_device_map(model, device_map)
+    check_devices_present(device_map)
     devices = set(device_map.values())
     if len(devices) == 1 and "disk" not in devices and not force_hooks:
         model.to(_as_device(next(iter(devices))))
@@ -321,6 +336,8 @@ def load_checkpoint_and_dispatch(
     strict: bool = False,
     full_state_dict: bool = True,
     broadcast_from_rank0: bool = False,
+    *,
+    zero_copy: bool = False,
 ) -> nn.Module:
     """Load a checkpoint into ``model`` (typically built under ``init_empty_weights``) and dispatch it.
 
@@ -331,6 +348,10 @@ def load_checkpoint_and_dispatch(
         max_memory: budget per device (``{0: "10GiB", "cpu": "30GiB"}``); what does not fit goes to disk.
         offload_state_dict: stage CPU-bound weights on disk while loading, to bound RAM; on by
             default when the map uses the disk.
+        zero_copy: (keyword-only, not in Accelerate) weights given fresh CPU memory become views of
+            the checkpoint instead, as in :func:`~hasten.utils.load_checkpoint_in_model`: no copy,
+            but the model's weights then alias the file, so writing into it in place changes them
+            and truncating it (``torch.save`` to the same path) kills the process with ``SIGBUS``.
 
     Raises:
         ValueError: ``device_map`` is a string other than the four strategies.
@@ -369,6 +390,7 @@ def load_checkpoint_and_dispatch(
         strict=strict,
         full_state_dict=full_state_dict,
         broadcast_from_rank0=broadcast_from_rank0,
+        zero_copy=zero_copy,
     )
     if device_map is None:
         return model

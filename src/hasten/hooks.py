@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -305,6 +306,33 @@ class AlignDevicesHook(ModelHook):
         return module
 
 
+@dataclass(frozen=True)
+class _HookOptions:
+    """What every hook attached by one call shares, threaded unchanged through the recursion."""
+
+    weights_map: Mapping[str, torch.Tensor] | None = None
+    offload_buffers: bool = False
+    skip_keys: str | list[str] | None = None
+    preload_module_classes: tuple[str, ...] = ()
+    tied_params_map: TiedParamsMap | None = None
+
+    def preloads(self, module: nn.Module) -> bool:
+        """Whether ``module`` is loaded as a whole (its class is in ``preload_module_classes``)."""
+        return type(module).__name__ in self.preload_module_classes
+
+
+def _options(
+    weights_map: Mapping[str, torch.Tensor] | None = None,
+    offload_buffers: bool = False,
+    skip_keys: str | list[str] | None = None,
+    preload_module_classes: list[str] | None = None,
+    tied_params_map: TiedParamsMap | None = None,
+) -> _HookOptions:
+    return _HookOptions(
+        weights_map, offload_buffers, skip_keys, tuple(preload_module_classes or ()), tied_params_map
+    )
+
+
 def attach_execution_device_hook(
     module: nn.Module,
     execution_device: Device,
@@ -316,16 +344,22 @@ def attach_execution_device_hook(
 
     Modules of a class in ``preload_module_classes`` get one hook for their whole subtree.
     """
+    options = _options(
+        skip_keys=skip_keys, preload_module_classes=preload_module_classes, tied_params_map=tied_params_map
+    )
+    _execution_hooks(module, execution_device, options)
+
+
+def _execution_hooks(module: nn.Module, execution_device: Device, options: _HookOptions) -> None:
     if not hasattr(module, "_hf_hook") and len(module.state_dict()) > 0:
-        add_hook_to_module(
-            module, AlignDevicesHook(execution_device, skip_keys=skip_keys, tied_params_map=tied_params_map)
+        hook = AlignDevicesHook(
+            execution_device, skip_keys=options.skip_keys, tied_params_map=options.tied_params_map
         )
-    if preload_module_classes is not None and type(module).__name__ in preload_module_classes:
+        add_hook_to_module(module, hook)
+    if options.preloads(module):
         return
     for child in module.children():
-        attach_execution_device_hook(
-            child, execution_device, skip_keys, preload_module_classes, tied_params_map
-        )
+        _execution_hooks(child, execution_device, options)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -345,40 +379,35 @@ def attach_align_device_hook(
 ) -> None:
     """Give every module with parameters of its own an :class:`AlignDevicesHook` (with ``offload``, one that
     loads its weights from ``weights_map`` under the module's own name prefix, ``module_name``)."""
+    options = _options(weights_map, offload_buffers, skip_keys, preload_module_classes, tied_params_map)
+    _align_hooks(module, execution_device, offload, module_name, options)
+
+
+def _align_hooks(
+    module: nn.Module, execution_device: Device | None, offload: bool, name: str, options: _HookOptions
+) -> None:
     own: list[tuple[str, torch.Tensor]] = list(module.named_parameters(recurse=False))
-    preload = preload_module_classes is not None and type(module).__name__ in preload_module_classes
-    if offload_buffers:
+    preload = options.preloads(module)
+    if options.offload_buffers:
         own += list(module.named_buffers(recurse=False))
     if own or preload:
-        prefixed = (
-            PrefixedDataset(weights_map, f"{module_name}.")
-            if weights_map is not None and module_name
-            else weights_map
-        )
+        weights_map = options.weights_map
         hook = AlignDevicesHook(
             execution_device=execution_device,
             offload=offload,
-            weights_map=prefixed,
-            offload_buffers=offload_buffers,
+            weights_map=PrefixedDataset(weights_map, f"{name}.")
+            if weights_map is not None and name
+            else weights_map,
+            offload_buffers=options.offload_buffers,
             place_submodules=preload,
-            skip_keys=skip_keys,
-            tied_params_map=tied_params_map,
+            skip_keys=options.skip_keys,
+            tied_params_map=options.tied_params_map,
         )
         add_hook_to_module(module, hook, append=True)
     if preload:
         return
-    for name, child in module.named_children():
-        attach_align_device_hook(
-            child,
-            execution_device,
-            offload,
-            weights_map,
-            offload_buffers,
-            _join(module_name, name),
-            skip_keys,
-            preload_module_classes,
-            tied_params_map,
-        )
+    for child_name, child in module.named_children():
+        _align_hooks(child, execution_device, offload, _join(name, child_name), options)
 
 
 def attach_align_device_hook_on_blocks(
@@ -400,17 +429,11 @@ def attach_align_device_hook_on_blocks(
     whole subtree there; an offloaded block gets per-module offload hooks. The root always gets a
     hook that returns outputs to the device the inputs came from.
     """
+    options = _options(weights_map, offload_buffers, skip_keys, preload_module_classes, tied_params_map)
     if not isinstance(execution_device, Mapping) and not isinstance(offload, Mapping):
         if offload:
-            attach_align_device_hook(
-                module,
-                execution_device,
-                True,
-                weights_map,
-                offload_buffers,
-                module_name,
-                skip_keys,
-                tied_params_map=tied_params_map,
+            _align_hooks(
+                module, execution_device, True, module_name, replace(options, preload_module_classes=())
             )
         else:
             hook = AlignDevicesHook(
@@ -428,62 +451,35 @@ def attach_align_device_hook_on_blocks(
         else dict.fromkeys(offload, execution_device)  # type: ignore[arg-type]
     )
     offloads = dict(offload) if isinstance(offload, Mapping) else dict.fromkeys(devices, offload)
-    _hook_block(
-        module,
-        devices,
-        offloads,
-        weights_map,
-        offload_buffers,
-        module_name,
-        skip_keys,
-        preload_module_classes,
-        tied_params_map,
-    )
+    _hook_block(module, module_name, devices, offloads, options)
 
 
 def _hook_block(
-    module: nn.Module,
-    devices: dict[str, Any],
-    offloads: dict[str, bool],
-    weights_map: Mapping[str, torch.Tensor] | None,
-    offload_buffers: bool,
-    name: str,
-    skip_keys: str | list[str] | None,
-    preload_module_classes: list[str] | None,
-    tied_params_map: TiedParamsMap | None,
+    module: nn.Module, name: str, devices: dict[str, Any], offloads: dict[str, bool], options: _HookOptions
 ) -> None:
     is_root = name == ""
+    skip_keys, tied_params_map = options.skip_keys, options.tied_params_map
     if name in devices and name in offloads:
         device = devices[name]
         if offloads[name]:
-            attach_align_device_hook(
-                module,
-                device,
-                True,
-                weights_map,
-                offload_buffers,
-                name,
-                skip_keys,
-                preload_module_classes,
-                tied_params_map,
-            )
+            _align_hooks(module, device, True, name, options)
             if not hasattr(module, "_hf_hook"):
                 hook = AlignDevicesHook(
                     device, io_same_device=is_root, skip_keys=skip_keys, tied_params_map=tied_params_map
                 )
                 add_hook_to_module(module, hook)
-            attach_execution_device_hook(module, device, skip_keys, preload_module_classes, tied_params_map)
+            _execution_hooks(module, device, options)
         else:
             hook = AlignDevicesHook(
                 device,
-                offload_buffers=offload_buffers,
+                offload_buffers=options.offload_buffers,
                 io_same_device=is_root,
                 place_submodules=True,
                 skip_keys=skip_keys,
                 tied_params_map=tied_params_map,
             )
             add_hook_to_module(module, hook)
-            attach_execution_device_hook(module, device, skip_keys, tied_params_map=tied_params_map)
+            _execution_hooks(module, device, replace(options, preload_module_classes=()))
     elif is_root:
         add_hook_to_module(
             module,
@@ -492,17 +488,7 @@ def _hook_block(
             ),
         )
     for child_name, child in module.named_children():
-        _hook_block(
-            child,
-            devices,
-            offloads,
-            weights_map,
-            offload_buffers,
-            _join(name, child_name),
-            skip_keys,
-            preload_module_classes,
-            tied_params_map,
-        )
+        _hook_block(child, _join(name, child_name), devices, offloads, options)
 
 
 class CpuOffload(ModelHook):

@@ -17,6 +17,7 @@ from accelerate.utils import modeling as theirs  # noqa: E402
 
 from hasten.big_modeling import init_empty_weights  # noqa: E402
 from hasten.utils import device_map as ours_map  # noqa: E402
+from hasten.utils import device_map_checks as ours_checks  # noqa: E402
 from hasten.utils import memory_budget as ours_budget  # noqa: E402
 from hasten.utils import modeling as ours  # noqa: E402
 
@@ -173,7 +174,7 @@ def test_accelerate_maps_miss_buffers_of_split_modules() -> None:
     theirs_map = theirs.infer_auto_device_map(model, dict(budget), [])
     with pytest.raises(ValueError, match="mask"):
         theirs.check_device_map(model, theirs_map)
-    ours_map.check_device_map(model, ours_map.infer_auto_device_map(model, dict(budget), []))
+    ours_checks.check_device_map(model, ours_map.infer_auto_device_map(model, dict(budget), []))
 
 
 def test_bool_tensors_are_one_byte_each() -> None:

@@ -7,24 +7,28 @@ from pathlib import Path
 import pytest
 
 
-def _save_everywhere(folder: str, on_each_node: bool) -> list[str]:
+def _save_everywhere(folder: str, on_each_node: bool) -> dict[str, list[str]]:
     import os
 
     import torch
 
     from hasten.state import PartialState
-    from hasten.utils.parallel import load, save, wait_for_everyone
+    from hasten.utils.parallel import save, wait_for_everyone
 
     state = PartialState()
-    save({"rank": torch.tensor(state.process_index)}, os.path.join(folder, "state.bin"), save_on_each_node=on_each_node)
+    own = os.path.join(folder, f"rank{state.process_index}")  # each rank passes its own folder
+    os.makedirs(own, exist_ok=True)
+    save({"rank": torch.tensor(state.process_index)}, os.path.join(own, "state.bin"), save_on_each_node=on_each_node)
     wait_for_everyone()
-    return [str(int(load(os.path.join(folder, "state.bin"))["rank"]))] + sorted(os.listdir(folder))
+    return {name: sorted(os.listdir(os.path.join(folder, name))) for name in sorted(os.listdir(folder))}
 
 
 @pytest.mark.parametrize("on_each_node", [False, True])
 def test_only_the_main_process_writes(ranks2, tmp_path: Path, on_each_node: bool) -> None:
-    # one node: the local main process is the main process, so both settings write once, from rank 0
-    assert ranks2.run(_save_everywhere, str(tmp_path), on_each_node) == [["0", "state.bin"]] * 2
+    # one node: the local main process is the main process, so both settings write once, from rank 0;
+    # rank 1 was given a folder of its own and must leave it empty
+    expected = {"rank0": ["state.bin"], "rank1": []}
+    assert ranks2.run(_save_everywhere, str(tmp_path), on_each_node) == [expected] * 2
 
 
 def _unwrap_ddp() -> bool:

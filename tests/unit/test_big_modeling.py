@@ -137,6 +137,34 @@ def test_disk_map_needs_a_folder() -> None:
 def test_bad_device_maps_are_explained() -> None:
     with pytest.raises(ValueError, match=r"blocks"):
         dispatch_model(_model(), {"embed": "cpu", "head": "cpu"})  # misses the blocks
+    with pytest.raises(ValueError, match=r"'embed.weight' lies inside 'embed', so its tensors would get two"):
+        dispatch_model(_model(), {"embed": "cpu", "embed.weight": "disk", "blocks": "cpu", "head": "cpu"})
+
+
+@pytest.mark.parametrize(
+    ("device_map", "message"),
+    [
+        ("auto", r"load_checkpoint_and_dispatch\(model, checkpoint, device_map='auto'\) plans and loads"),
+        ("gpu", r"pass e.g. \{'': 'cpu'\}, or plan one with infer_auto_device_map"),
+    ],
+)
+def test_dispatch_model_takes_a_dict(device_map: str, message: str) -> None:
+    with pytest.raises(
+        TypeError,
+        match=rf"dispatch_model\(device_map='{device_map}'\): dispatch_model takes a dict .*{message}",
+    ):
+        dispatch_model(_model(), device_map)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda:0", 0])
+def test_dispatching_to_an_absent_accelerator_is_explained(device: str | int) -> None:
+    model = _model()
+    with pytest.raises(
+        ValueError, match=rf"device_map\[''\]={device!r}, but this machine has no accelerator"
+    ):
+        dispatch_model(model, {"": device})
+    assert not hasattr(model, "hf_device_map") and model.embed.weight.device.type == "cpu"
 
 
 def test_skip_keys_and_preload_classes(tmp_path: Path) -> None:
@@ -155,7 +183,25 @@ def test_skip_keys_and_preload_classes(tmp_path: Path) -> None:
     assert not hasattr(model.blocks[0].linear, "_hf_hook") or not getattr(
         model.blocks[0].linear._hf_hook, "offload", False
     )
-    assert all(getattr(h, "skip_keys", "cache") == "cache" for h in hooks)
+
+
+@pytest.mark.parametrize("skip_keys", ["cache", None])
+def test_skip_keys_leave_those_inputs_where_they_are(skip_keys: str | None) -> None:
+    model = Stack().eval()
+    dispatch_model(
+        model, {"embed": "meta", "blocks": "meta", "head": "meta"}, force_hooks=True, skip_keys=skip_keys
+    )
+    seen: dict[str, str] = {}
+    block = model.blocks[0]
+    inner = block._old_forward
+
+    def spy(x: torch.Tensor, cache: torch.Tensor | None = None) -> torch.Tensor:
+        seen.update(x=x.device.type, cache=cache.device.type if cache is not None else "none")
+        return inner(x, cache=cache)
+
+    block._old_forward = spy
+    block(torch.ones(1, 8), cache=torch.zeros(2))
+    assert seen == {"x": "meta", "cache": "cpu" if skip_keys else "meta"}
 
 
 def _checkpoint(model: nn.Module, folder: Path) -> Path:

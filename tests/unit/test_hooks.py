@@ -6,6 +6,7 @@ import copy
 import inspect
 import pickle
 
+import pytest
 import torch
 from torch import nn
 
@@ -170,11 +171,35 @@ def test_offload_buffers_too() -> None:
     assert model(torch.randn(2, 3)).shape == (2, 5)
 
 
-def test_align_hook_repr_and_skip_keys() -> None:
+def test_align_hook_repr() -> None:
     hook = AlignDevicesHook(execution_device="cpu", skip_keys="cache")
     assert repr(hook).startswith("AlignDevicesHook(execution_device=cpu") and "skip_keys='cache'" in repr(
         hook
     )
+
+
+class Recorder(nn.Module):
+    """Records the device of each input it is called with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, str] = {}
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.seen = {"x": x.device.type, "cache": cache.device.type, "mask": mask.device.type}
+        return x
+
+
+@pytest.mark.parametrize(
+    ("skip_keys", "kept"), [("cache", {"cache"}), (["cache", "mask"], {"cache", "mask"}), (None, set())]
+)
+def test_skip_keys_are_not_moved_to_the_execution_device(
+    skip_keys: str | list[str] | None, kept: set[str]
+) -> None:
+    module = Recorder()
+    add_hook_to_module(module, AlignDevicesHook(execution_device="meta", skip_keys=skip_keys))
+    module(torch.ones(2), cache=torch.zeros(2), mask=torch.ones(2))
+    assert module.seen == {name: "cpu" if name in kept else "meta" for name in ("x", "cache", "mask")}
 
 
 def test_blocks_dispatch_with_mixed_offload() -> None:

@@ -14,8 +14,6 @@ from hasten.commands.cli import command_parser
 from hasten.utils.imports import is_rich_available, require
 from hasten.utils.modeling import calculate_maximum_sizes
 
-BYTES_PER_PARAMETER = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "int8": 1.0, "int4": 0.5}
-
 
 def build_on_meta(target: str, trust_remote_code: bool = False) -> nn.Module:
     """The model named by ``target``: a transformers config (folder or ``config.json``) or
@@ -61,15 +59,17 @@ def _human(size: float) -> str:
 
 def _sizes(model: nn.Module, dtypes: list[str]) -> list[tuple[str, float, float, float]]:
     """Per dtype: largest layer, total size and training with Adam (4 x: weights, gradients, two
-    states; -1 for the integer dtypes, which are not trained), in bytes."""
-    parameters = sum(parameter.numel() for parameter in model.parameters())
-    total, (largest, _) = calculate_maximum_sizes(model)
-    scale = total / max(parameters, 1)  # bytes per parameter as the model stands (buffers included)
+    states; -1 for the integer dtypes, which are not trained), in bytes.
+
+    Sizes are those a device map plans with (:func:`~hasten.utils.compute_module_sizes` with that
+    ``dtype``): floating-point tensors at the dtype's width (half a byte for ``int4``), integer
+    buffers at their own.
+    """
     sizes = []
     for dtype in dtypes:
-        factor = BYTES_PER_PARAMETER[dtype] / scale if scale else 0
-        training = total * factor * 4 if dtype in ("float32", "float16", "bfloat16") else -1
-        sizes.append((dtype, largest * factor, total * factor, training))
+        total, (largest, _) = calculate_maximum_sizes(model, dtype=dtype)
+        training = total * 4 if dtype in ("float32", "float16", "bfloat16") else -1
+        sizes.append((dtype, largest, total, training))
     return sizes
 
 
@@ -82,6 +82,8 @@ def estimate_rows(model: nn.Module, dtypes: list[str]) -> list[list[str]]:
 
 
 HEADERS = ["dtype", "Largest layer", "Total size", "Training with Adam"]
+DTYPES = ("float32", "float16", "bfloat16", "int8", "int4")
+"""The dtypes the command sizes (each through ``dtype_byte_size``, as device maps are)."""
 
 
 def estimate_command(args: argparse.Namespace) -> int:
@@ -142,7 +144,7 @@ def estimate_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
         "--dtypes",
         nargs="+",
         default=["float32", "float16", "int8", "int4"],
-        choices=list(BYTES_PER_PARAMETER),
+        choices=list(DTYPES),
     )
     parser.add_argument(
         "--trust_remote_code",

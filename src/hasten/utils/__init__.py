@@ -98,11 +98,10 @@ from hasten.utils.dataclasses.plugins.parallelism import (
     TorchTensorParallelPlugin,
 )
 from hasten.utils.device_map import (
-    check_device_map,
-    check_tied_parameters_on_same_device,
     clean_device_map,
     infer_auto_device_map,
 )
+from hasten.utils.device_map_checks import check_device_map, check_tied_parameters_on_same_device
 from hasten.utils.environment import (
     are_libraries_initialized,
     check_cuda_fp8_capability,

@@ -7,6 +7,7 @@ spreads a model evenly over the accelerators. ``infer_auto_device_map`` plans ag
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable, Mapping
 
 import psutil
@@ -74,7 +75,8 @@ def get_max_memory(max_memory: MemoryBudget | None = None) -> dict[DeviceKey, in
     With ``None``, the free memory of each accelerator and the available RAM. Otherwise
     ``max_memory`` (keys: accelerator indices, ``"mps"``, ``"cpu"``, ``"disk"``; values: bytes or
     strings like ``"10GiB"``) is checked, converted and reordered; it is not modified. Indices of
-    devices this machine lacks are accepted, so maps for other machines can be planned here.
+    devices this machine lacks are accepted, so maps for other machines can be planned here, with
+    a warning naming them.
     """
     if max_memory is None:
         return _detect_budget()
@@ -87,8 +89,14 @@ def get_max_memory(max_memory: MemoryBudget | None = None) -> dict[DeviceKey, in
     present = accelerator_count()
     missing = [index for index in indices if index >= present]
     if missing:
-        logger.info(
-            "max_memory plans for devices %s that this machine does not have (it has %d).", missing, present
+        kind = accelerator_type()
+        have = f"{present} {kind} device(s)" if present else "no accelerator"
+        warnings.warn(
+            f"max_memory gives a budget to device(s) {missing}, which this machine does not have (it has "
+            f"{have}): a map planned with it puts modules there, and dispatching that map here will fail. "
+            "Drop those keys to plan for this machine; keep them only to plan for another one.",
+            UserWarning,
+            stacklevel=3,
         )
     order: list[DeviceKey] = [*indices, *(name for name in NAMED_DEVICES if name in parsed)]
     return {key: parsed[key] for key in order}

@@ -26,7 +26,7 @@ from hasten.utils.typing import Device
 
 DtypeLike = str | torch.dtype | CustomDtype
 
-_SIZE_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([KMGT]I?B)\s*$", re.IGNORECASE)
+_SIZE_PATTERN = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([KMGT]I?B)\s*$", re.IGNORECASE)
 _BINARY = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _DECIMAL = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 
@@ -63,33 +63,44 @@ _CUSTOM_BYTES: dict[CustomDtype, float] = {CustomDtype.INT2: 0.25, CustomDtype.I
 
 
 def dtype_byte_size(dtype: DtypeLike) -> float:
-    """Bytes one element of ``dtype`` occupies (a fraction for the packed int4/int2 types).
+    """Bytes one element of ``dtype`` occupies: a fraction for the packed types (``CustomDtype.INT4``
+    0.5, ``INT2`` 0.25; ``FP8`` 1), which may also be named by their values (``"int4"``).
 
     ``bool`` is one byte, as torch stores it (Accelerate says 1/8, undercounting bool buffers).
+    This is the one table of sizes: device maps, memory budgets and ``hasten estimate-memory`` use it.
     """
-    if isinstance(dtype, CustomDtype):
-        return _CUSTOM_BYTES[dtype]
-    resolved = as_torch_dtype(dtype)
-    return resolved.itemsize
+    if isinstance(dtype, str) and dtype in _CUSTOM_BYTES:  # CustomDtype members are str-valued
+        return _CUSTOM_BYTES[CustomDtype(dtype)]
+    return as_torch_dtype(dtype).itemsize
 
 
 def as_torch_dtype(dtype: DtypeLike) -> torch.dtype:
-    """``dtype`` as a ``torch.dtype``; accepts ``"float16"``, ``"torch.float16"`` and dtypes."""
+    """``dtype`` as a ``torch.dtype``; accepts ``"float16"``, ``"torch.float16"`` and dtypes.
+
+    Raises:
+        ValueError: ``dtype`` names no torch dtype (the packed ``CustomDtype`` types have none).
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
-    if isinstance(dtype, str):
+    if isinstance(dtype, str) and not isinstance(dtype, CustomDtype):
         found = getattr(torch, dtype.removeprefix("torch."), None)
         if isinstance(found, torch.dtype):
             return found
     raise ValueError(
-        f"dtype={dtype!r} is not a torch dtype: pass a torch.dtype, a name such as 'float16' or "
-        f"'torch.bfloat16', or one of {CustomDtype.list()} where sizes of packed types are asked"
+        f"dtype={dtype!r} is not a torch dtype: pass a torch.dtype or a name such as 'float16' or "
+        f"'torch.bfloat16' (the packed types {CustomDtype.list()} only size memory plans)"
     )
 
 
 def _keeps_own_dtype(dtype: torch.dtype) -> bool:
     """Integer and bool tensors are never cast when a model is loaded in another dtype."""
     return not (dtype.is_floating_point or dtype.is_complex)
+
+
+def value_dtype(stored: torch.dtype, requested: torch.dtype) -> torch.dtype:
+    """The dtype a tensor stored as ``stored`` is loaded in when ``requested`` is asked for: floating
+    tensors take it, integer and bool tensors keep theirs."""
+    return stored if _keeps_own_dtype(stored) else requested
 
 
 def _non_persistent(module: nn.Module) -> set[str]:
@@ -192,10 +203,8 @@ class ModuleScan:
         special_dtypes: dict[str, DtypeLike] | None = None,
         buffers_only: bool = False,
     ) -> None:
-        target = None if dtype is None else dtype_byte_size(as_torch_dtype(dtype))
-        special = {
-            name: dtype_byte_size(as_torch_dtype(kind)) for name, kind in (special_dtypes or {}).items()
-        }
+        target = None if dtype is None else dtype_byte_size(dtype)
+        special = {name: dtype_byte_size(kind) for name, kind in (special_dtypes or {}).items()}
         per_element: dict[torch.dtype, float] = {}
         sizes: defaultdict[str, float] = defaultdict(int)
         buffer_sizes: dict[str, float] = {}
@@ -351,9 +360,15 @@ def top_level_entries(model: nn.Module) -> list[tuple[str, Any]]:
     ]
 
 
-def calculate_maximum_sizes(model: nn.Module) -> tuple[float, tuple[float, list[str]]]:
-    """``(total size, (largest layer size, its names))``; transformers' ``_no_split_modules`` are layers."""
-    sizes = compute_module_sizes(model)
+def calculate_maximum_sizes(
+    model: nn.Module, *, dtype: DtypeLike | None = None
+) -> tuple[float, tuple[float, list[str]]]:
+    """``(total size, (largest layer size, its names))``; transformers' ``_no_split_modules`` are layers.
+
+    ``dtype`` (keyword-only, not in Accelerate) sizes the weights as :func:`compute_module_sizes`
+    does for a load in that dtype (``"int4"`` counts half a byte per floating-point element).
+    """
+    sizes = compute_module_sizes(model, dtype=dtype)
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     return sizes.get("", 0), get_max_layer_size(top_level_entries(model), sizes, no_split)
 
@@ -409,6 +424,30 @@ def _owner(model: nn.Module, tensor_name: str) -> tuple[nn.Module, str]:
     return module, leaf
 
 
+def module_tensor(model: nn.Module, tensor_name: str) -> torch.Tensor:
+    """The parameter or buffer ``tensor_name`` (a dotted path) of ``model``.
+
+    Raises:
+        ValueError: there is no such tensor.
+    """
+    return _slot(model, tensor_name)[3]
+
+
+def _slot(model: nn.Module, tensor_name: str) -> tuple[nn.Module, str, bool, torch.Tensor]:
+    """The module holding ``tensor_name``, the tensor's own name, whether it is a buffer, and the tensor."""
+    owner, leaf = _owner(model, tensor_name)
+    is_buffer = leaf in owner._buffers
+    if leaf not in owner._parameters and not is_buffer:
+        raise ValueError(
+            f"tensor_name={tensor_name!r}: {type(owner).__name__} has no parameter or buffer {leaf!r} "
+            f"(it has parameters {list(owner._parameters)} and buffers {list(owner._buffers)})"
+        )
+    found = owner._buffers[leaf] if is_buffer else owner._parameters[leaf]
+    if found is None:
+        raise ValueError(f"tensor_name={tensor_name!r} is registered as None; there is no tensor to place")
+    return owner, leaf, is_buffer, found
+
+
 def retie_parameters(model: nn.Module, tied_params: list[list[str]]) -> None:
     """Point every name of each tied group at the group's first non-``meta`` parameter.
 
@@ -445,17 +484,22 @@ def set_module_tensor_to_device(
     current tensor's dtype, as ``nn.Module.load_state_dict`` does. A ``meta`` tensor needs a
     ``value``. ``tied_params_map`` (data pointer -> device -> tensor) lets tied weights share one
     copy per device.
+
+    When the current tensor holds real memory on ``device`` in the final dtype (and is a plain
+    parameter or buffer), ``value`` is copied into it under ``no_grad``: the parameter object
+    stays the same, so optimizers and ties built before keep working. Otherwise (a ``meta``
+    tensor, a new device or dtype) the entry is replaced. Accelerate always replaces it.
+
+    Raises:
+        TypeError: ``value`` is not a tensor.
+        ValueError: no such tensor, a ``meta`` tensor without ``value``, or a shape mismatch.
     """
-    owner, leaf = _owner(module, tensor_name)
-    is_buffer = leaf in owner._buffers
-    if leaf not in owner._parameters and not is_buffer:
-        raise ValueError(
-            f"tensor_name={tensor_name!r}: {type(owner).__name__} has no parameter or buffer {leaf!r} "
-            f"(it has parameters {list(owner._parameters)} and buffers {list(owner._buffers)})"
+    if value is not None and not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"set_module_tensor_to_device(value=...) takes a torch.Tensor, not {type(value).__name__} "
+            f"({_short_repr(value)}); convert it first, e.g. value=torch.tensor(...)"
         )
-    old = owner._buffers[leaf] if is_buffer else owner._parameters[leaf]
-    if old is None:
-        raise ValueError(f"tensor_name={tensor_name!r} is registered as None; there is no tensor to place")
+    owner, leaf, is_buffer, old = _slot(module, tensor_name)
     if tied_params_map is not None:
         for pointer in (value.data_ptr() if value is not None else None, old.data_ptr()):
             shared = tied_params_map.get(pointer) if pointer is not None else None
@@ -468,29 +512,29 @@ def set_module_tensor_to_device(
             f"tensor_name={tensor_name!r} is on the meta device: pass `value` to place it on {device!r}"
         )
     param_cls = type(old)
-    if value is not None:
-        if old.shape != value.shape and param_cls.__name__ != "Params4bit":
-            raise ValueError(
-                f'Trying to set a tensor of shape {value.shape} in "{tensor_name}" (which has shape '
-                f"{old.shape}), this looks incorrect. The value does not fit the model's tensor: the "
-                "checkpoint (or value) does not match this model."
-            )
-        if dtype is None:
-            value = value.to(old.dtype, non_blocking=non_blocking)
-        elif not _keeps_own_dtype(value.dtype):
-            value = value.to(as_torch_dtype(dtype), non_blocking=non_blocking)
+    if value is not None and old.shape != value.shape and param_cls.__name__ != "Params4bit":
+        raise ValueError(
+            f'Trying to set a tensor of shape {value.shape} in "{tensor_name}" (which has shape '
+            f"{old.shape}), this looks incorrect. The value does not fit the model's tensor: the "
+            "checkpoint (or value) does not match this model."
+        )
     with torch.no_grad():
         if value is None:
             new = old.to(target, non_blocking=non_blocking)
             if dtype is not None and target.type == "meta" and not _keeps_own_dtype(old.dtype):
                 new = new.to(as_torch_dtype(dtype))
-        elif isinstance(value, torch.Tensor):
-            new = value.to(target, non_blocking=non_blocking)
         else:
-            new = torch.tensor(value, device=target)
-        if is_buffer:
+            final = old.dtype if dtype is None else value_dtype(value.dtype, as_torch_dtype(dtype))
+            if fp16_statistics is None and copies_in_place(old, target, final):
+                old.copy_(value, non_blocking=non_blocking)  # casts and moves in the same pass
+                new = old
+            else:
+                new = value.to(final, non_blocking=non_blocking).to(target, non_blocking=non_blocking)
+        if new is old:
+            pass
+        elif is_buffer:
             owner._buffers[leaf] = new
-        elif value is not None or new is not old or type(new) is not param_cls:
+        elif value is not None or type(new) is not param_cls:
             owner._parameters[leaf] = _as_parameter(new, old, param_cls)
             if fp16_statistics is not None:
                 owner._parameters[leaf].SCB = fp16_statistics.to(target, non_blocking=non_blocking)  # type: ignore[union-attr]
@@ -502,6 +546,23 @@ def set_module_tensor_to_device(
             if pointer is not None and pointer in tied_params_map and device not in tied_params_map[pointer]:
                 tied_params_map[pointer][device] = placed  # type: ignore[assignment]
                 break
+
+
+def copies_in_place(old: torch.Tensor, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a value for ``old`` that ends on ``device`` in ``dtype`` is copied into ``old`` (which
+    keeps its identity) rather than replacing it: ``old`` must hold real memory there, in that
+    dtype, and be a plain parameter or tensor (quantized parameter classes are rebuilt)."""
+    return (
+        old.device == device
+        and old.device.type != "meta"
+        and old.dtype == dtype
+        and type(old) in (nn.Parameter, torch.Tensor)
+    )
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _as_parameter(new: torch.Tensor, old: torch.Tensor, param_cls: type) -> nn.Parameter:
@@ -550,8 +611,8 @@ __getattr__, __dir__ = lazy_reexports(
     __name__,
     globals(),
     {
-        "hasten.utils.device_map": "check_device_map check_tied_parameters_on_same_device clean_device_map "
-        "infer_auto_device_map",
+        "hasten.utils.device_map": "clean_device_map infer_auto_device_map",
+        "hasten.utils.device_map_checks": "check_device_map check_tied_parameters_on_same_device",
         "hasten.utils.device_map_search": "fallback_allocate get_module_size_with_ties",
         "hasten.utils.memory_budget": "get_balanced_memory get_max_memory get_module_leaves",
         "hasten.utils.loading": "load_checkpoint_in_model load_state_dict",

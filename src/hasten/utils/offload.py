@@ -6,7 +6,9 @@ to ``{"dtype": ..., "shape": [...]}``. Entries may instead point into a safetens
 (``"safetensors_file"``, ``"weight_name"``), so weights already on disk are never copied.
 hasten writes the raw bytes of any dtype (bfloat16 and float8 included: numpy does not need
 to know the type) and every file through a temporary name, so a crash leaves no half-written
-tensor. Reads map the file copy-on-write: nothing is read until used.
+tensor. Reads copy the bytes into memory of their own (one read from the page cache), so no
+tensor handed out views a file that may be rewritten; a file that does not hold what its index
+says raises :class:`~hasten.utils.errors.CheckpointError` instead of killing the process.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from hasten.utils.atomic import atomic_write
+from hasten.utils.checkpoint_reader import SafetensorsFile, read_exactly, writable_bytes
 from hasten.utils.errors import CheckpointError
 from hasten.utils.modeling import as_torch_dtype, set_module_tensor_to_device
 from hasten.utils.typing import Device, PathLike
@@ -53,7 +56,7 @@ def offload_weight(
 
 
 def load_offloaded_weight(weight_file: PathLike, weight_info: Mapping[str, Any]) -> torch.Tensor:
-    """The tensor stored in ``weight_file``, described by its index entry, mapped copy-on-write."""
+    """The tensor stored in ``weight_file``, described by its index entry, read into memory of its own."""
     try:
         shape = tuple(int(size) for size in weight_info["shape"])
         dtype = as_torch_dtype(str(weight_info["dtype"]))
@@ -63,18 +66,23 @@ def load_offloaded_weight(weight_file: PathLike, weight_info: Mapping[str, Any])
         ) from None
     expected = math.prod(shape) * dtype.itemsize
     try:
-        actual = os.path.getsize(weight_file)
+        fd = os.open(weight_file, os.O_RDONLY)
     except OSError as error:
         raise CheckpointError(f"offloaded weight {str(weight_file)!r} cannot be read: {error}") from None
-    if actual != expected:
-        raise CheckpointError(
-            f"offloaded weight {str(weight_file)!r} holds {actual} bytes but its index entry ({dtype}, shape "
-            f"{list(shape)}) needs {expected}: the file is truncated or does not belong to this index"
-        )
-    if expected == 0:
-        return torch.empty(shape, dtype=dtype)
-    mapped = np.memmap(weight_file, dtype=np.uint8, mode="c", shape=(expected,))
-    return torch.from_numpy(mapped).view(dtype).reshape(shape)
+    try:
+        actual = os.fstat(fd).st_size
+        if actual != expected:
+            raise CheckpointError(
+                f"offloaded weight {str(weight_file)!r} holds {actual} bytes but its index entry ({dtype}, "
+                f"shape {list(shape)}) needs {expected}: the file is truncated or does not belong to this "
+                "index"
+            )
+        tensor = torch.empty(shape, dtype=dtype)
+        if expected:
+            read_exactly(fd, writable_bytes(tensor), 0, f"offloaded weight {str(weight_file)!r}")
+        return tensor
+    finally:
+        os.close(fd)
 
 
 def save_offload_index(index: Mapping[str, Any], offload_folder: PathLike) -> None:
@@ -171,8 +179,8 @@ class PrefixedDataset(Mapping[str, Any]):
 class OffloadedWeightsLoader(Mapping[str, torch.Tensor]):
     """One mapping over weights in memory (``state_dict``) and on disk (``index`` / ``save_folder``).
 
-    Disk weights are read when asked for: ``.dat`` files are mapped copy-on-write, safetensors
-    entries are read from their file (on ``device`` when given) and cast to the index's dtype.
+    Disk weights are read when asked for, into memory of their own: ``.dat`` files whole,
+    safetensors entries from their file (moved to ``device`` when given, cast to the index's dtype).
     """
 
     def __init__(
@@ -193,6 +201,7 @@ class OffloadedWeightsLoader(Mapping[str, torch.Tensor]):
         self.index: Mapping[str, Any] = {} if index is None else index
         self.all_keys = list(self.state_dict) + [key for key in self.index if key not in self.state_dict]
         self.device = device
+        self._files: dict[str, tuple[tuple[int, int, int], SafetensorsFile]] = {}
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key in self.state_dict:
@@ -207,15 +216,29 @@ class OffloadedWeightsLoader(Mapping[str, torch.Tensor]):
         return load_offloaded_weight(_dat_path(self.save_folder, key), info)
 
     def _from_safetensors(self, key: str, info: Mapping[str, Any]) -> torch.Tensor:
-        from safetensors import safe_open
-
-        device = "cpu" if self.device is None else self.device
-        where = device if isinstance(device, (int, str)) else str(device)
-        with safe_open(info["safetensors_file"], framework="pt", device=where) as handle:
-            tensor = handle.get_tensor(info.get("weight_name", key))
+        name = info.get("weight_name", key)
+        reader = self._safetensors(str(info["safetensors_file"]))
+        if name not in reader.infos:
+            raise CheckpointError(
+                f"offloaded weight {key!r} points at {name!r} in {reader.path}, which holds no such tensor"
+            )
+        tensor = reader.read(name)
         if "dtype" in info:
             tensor = tensor.to(as_torch_dtype(str(info["dtype"])))
-        return tensor
+        return tensor if self.device is None else tensor.to(self.device)
+
+    def _safetensors(self, path: str) -> SafetensorsFile:
+        """The open file at ``path``, its header parsed once and again only when the file changes."""
+        try:
+            status = os.stat(path)
+        except OSError as error:
+            raise CheckpointError(f"offloaded weights file {path!r} cannot be read: {error}") from None
+        signature = (status.st_ino, status.st_size, status.st_mtime_ns)
+        cached = self._files.get(path)
+        if cached is None or cached[0] != signature:
+            cached = (signature, SafetensorsFile(path))
+            self._files[path] = cached
+        return cached[1]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.all_keys)

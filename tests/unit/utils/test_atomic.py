@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,37 @@ def test_a_killed_writer_leaves_the_previous_file_intact(tmp_path: Path) -> None
     # The temporary file may remain after SIGKILL (nothing could clean it up); it never replaced the target.
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "weights.bin"]
     assert len(leftovers) == 1 and leftovers[0].startswith(".weights.bin.") and leftovers[0].endswith(".tmp")
+
+
+@pytest.fixture
+def umask() -> Iterator[Callable[[int], None]]:
+    """Set the process umask for one test (restored afterwards)."""
+    original = os.umask(0o022)
+    os.umask(original)
+    yield os.umask
+    os.umask(original)
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_new_files_get_the_mode_open_gives_under_the_umask(
+    tmp_path: Path, umask: Callable[[int], None], mask: int, mode: int
+) -> None:
+    umask(mask)
+    with open(tmp_path / "plain.txt", "w") as handle:  # what an ordinary write gives
+        handle.write("x")
+    with atomic_write(tmp_path / "atomic.txt", "w") as handle:
+        handle.write("x")
+    with atomic_path(tmp_path / "by_path.bin") as temporary:
+        temporary.write_bytes(b"x")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"plain.txt": mode, "atomic.txt": mode, "by_path.bin": mode}
+
+
+def test_a_replaced_file_keeps_its_mode(tmp_path: Path, umask: Callable[[int], None]) -> None:
+    umask(0o022)
+    target = tmp_path / "secret.json"
+    target.write_text("{}")
+    target.chmod(0o640)
+    with atomic_write(target, "w") as handle:
+        handle.write("{}")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640

@@ -225,3 +225,22 @@ def test_quantize_and_offload_8bit_writes_int8_weights_and_scales(tmp_path: Path
     again: dict[str, object] = {}
     quantize_and_offload_8bit(model, quantized, "up.weight", None, tmp_path / "again", again, scales)
     assert again == index and model.up.weight.device.type == "meta"
+
+
+@pytest.mark.parametrize("config", [EIGHT, FOUR], ids=["8bit", "4bit"])
+def test_quantized_loads_own_their_weights(tmp_path: Path, config: BnbQuantizationConfig) -> None:
+    source = _source()
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, path)
+    with init_empty_weights():
+        model = Net()
+    model = load_and_quantize_model(model, config, weights_location=path)
+    with torch.no_grad():
+        expected = model(X).clone()
+    with open(path, "r+b") as handle:  # overwrite every weight in place
+        header = int.from_bytes(handle.read(8), "little")
+        handle.seek(8 + header)
+        handle.write(b"\x00" * (path.stat().st_size - 8 - header))
+    with torch.no_grad():
+        assert torch.equal(model(X), expected)
+    assert torch.equal(model.head.weight, source.head.weight)  # kept in full precision, still its own

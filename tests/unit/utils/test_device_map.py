@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import psutil
@@ -11,11 +12,12 @@ import torch
 from torch import nn
 
 from hasten.big_modeling import init_empty_weights
-from hasten.utils.device_map import (
+from hasten.utils.dataclasses.enums import CustomDtype
+from hasten.utils.device_map import clean_device_map, infer_auto_device_map
+from hasten.utils.device_map_checks import (
     check_device_map,
+    check_devices_present,
     check_tied_parameters_on_same_device,
-    clean_device_map,
-    infer_auto_device_map,
 )
 from hasten.utils.memory_budget import get_balanced_memory, get_max_memory
 from hasten.utils.modeling import compute_module_sizes
@@ -39,6 +41,10 @@ class Net(nn.Module):
             self.head.weight = self.embed.weight
 
 
+PLANS_FOR_ANOTHER_MACHINE = pytest.mark.filterwarnings("ignore:max_memory gives a budget to device")
+"""Budgets naming accelerators this CPU-only machine lacks warn (tested below); these tests mean it."""
+
+
 def _device_of(device_map: dict, name: str) -> object:
     parts = name.split(".")
     for end in range(len(parts), -1, -1):
@@ -52,6 +58,7 @@ def test_detected_budget_is_the_available_ram_here() -> None:
     assert list(budget) == ["cpu"] and 0 < budget["cpu"] <= psutil.virtual_memory().total
 
 
+@PLANS_FOR_ANOTHER_MACHINE
 def test_budgets_are_parsed_ordered_and_not_modified() -> None:
     given = {"disk": "1TB", "cpu": "2GiB", 1: "10GB", 0: 1000}
     assert list(get_max_memory(given).items()) == [
@@ -61,6 +68,17 @@ def test_budgets_are_parsed_ordered_and_not_modified() -> None:
         ("disk", 10**12),
     ]
     assert given["cpu"] == "2GiB"
+
+
+def test_a_budget_for_an_absent_device_warns_and_names_it() -> None:
+    with pytest.warns(
+        UserWarning,
+        match=r"max_memory gives a budget to device\(s\) \[63\], which this machine does not have "
+        r"\(it has .*\): a map planned with it puts modules there, and dispatching that map here will fail. "
+        r"Drop those keys",
+    ):
+        device_map = infer_auto_device_map(Net(), {63: "1GB"})
+    assert set(device_map.values()) == {63}
 
 
 @pytest.mark.parametrize(
@@ -81,6 +99,7 @@ def test_bad_budgets_name_the_value(budget: dict, message: str) -> None:
         get_max_memory(budget)
 
 
+@PLANS_FOR_ANOTHER_MACHINE
 def test_maps_keep_no_split_blocks_whole_and_tied_weights_together() -> None:
     model = Net()
     total = compute_module_sizes(model)[""]
@@ -131,6 +150,7 @@ def test_unknown_no_split_classes_warn() -> None:
         infer_auto_device_map(Net(), {"cpu": 10**6}, ["Block", "Blok"])
 
 
+@PLANS_FOR_ANOTHER_MACHINE
 def test_a_real_transformer_on_meta_is_planned() -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
@@ -150,6 +170,7 @@ def test_a_real_transformer_on_meta_is_planned() -> None:
     check_device_map(model, device_map)
 
 
+@PLANS_FOR_ANOTHER_MACHINE
 def test_a_model_larger_than_this_machine_is_planned_on_meta() -> None:
     with init_empty_weights():
         model = nn.Sequential(*(nn.Linear(16384, 16384) for _ in range(40)))  # 43 GB in float32
@@ -159,6 +180,7 @@ def test_a_model_larger_than_this_machine_is_planned_on_meta() -> None:
     assert set(device_map.values()) == {0, 1, 2, 3, "cpu", "disk"}
 
 
+@PLANS_FOR_ANOTHER_MACHINE
 def test_balanced_memory_spreads_the_model() -> None:
     model = Net(depth=8)
     total = compute_module_sizes(model)[""]
@@ -209,3 +231,60 @@ def test_tied_parameters_on_different_devices_are_reported(caplog: pytest.LogCap
     )
     with pytest.raises(ValueError, match=r"no device for 'x.weight'"):
         check_tied_parameters_on_same_device([["x.weight", "y.weight"]], {"y": 0})
+
+
+def test_overlapping_keys_are_refused_but_the_root_may_set_a_default() -> None:
+    model = Net()
+    with pytest.raises(
+        ValueError,
+        match=r"device_map has the keys 'embed' \('cpu'\) and 'embed.weight' \(0\), and 'embed.weight' "
+        r"lies inside 'embed', so its tensors would get two devices. Give each tensor one entry: either the "
+        r"module 'embed', or all of its parts.",
+    ):
+        check_device_map(model, {"": "cpu", "embed": "cpu", "embed.weight": 0})
+    with pytest.raises(ValueError, match=r"'blocks.0.attn' lies inside 'blocks'"):
+        check_device_map(model, {"embed": 0, "blocks": 0, "blocks.0.attn": "disk", "head": 0})
+    check_device_map(model, {"": "cpu", "blocks.0": "disk"})  # "" is the default for the rest
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda:0", 0, "cuda", torch.device("cuda", 1), "xpu:0"])
+def test_devices_this_machine_lacks_are_named(device: object) -> None:
+    check_devices_present({"a": "cpu", "b": "disk", "c": "meta", "d": torch.device("cpu")})
+    with pytest.raises(
+        ValueError,
+        match=rf"device_map\['b'\]={re.escape(repr(device))}, but this machine has no accelerator "
+        r"\(devices it can use: \['cpu', 'disk', 'meta'\]\). Plan the map for this machine, e.g. "
+        r"infer_auto_device_map\(model\)",
+    ):
+        check_devices_present({"a": "cpu", "b": device})  # type: ignore[dict-item]
+
+
+def test_device_map_values_that_are_not_devices_are_named() -> None:
+    with pytest.raises(
+        ValueError, match=r"device_map\['a'\]='gpu' is not a device: use an accelerator index"
+    ):
+        check_devices_present({"a": "gpu"})
+    with pytest.raises(TypeError, match=r"device_map\['a'\]=1.5: a device is an accelerator index, 'cpu'"):
+        check_devices_present({"a": 1.5})  # type: ignore[dict-item]
+
+
+@PLANS_FOR_ANOTHER_MACHINE
+@pytest.mark.parametrize(
+    ("dtype", "per_element"), [(CustomDtype.INT4, 0.5), (CustomDtype.INT2, 0.25), ("fp8", 1)]
+)
+def test_device_maps_plan_packed_dtypes_at_their_size(dtype: object, per_element: float) -> None:
+    model = Net(depth=4, tie=False)
+    packed = compute_module_sizes(model, dtype=dtype)  # type: ignore[arg-type]
+    floats = sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for b in model.buffers() if b.is_floating_point()
+    )
+    others = sum(b.numel() * b.element_size() for b in model.buffers() if not b.is_floating_point())
+    assert packed[""] == floats * per_element + others
+    wider = torch.float16 if per_element == 1 else torch.int8  # at least twice the size per element
+    budget = {"cpu": int(packed[""] * 1.5)}  # fits packed; the wider type would not
+    assert set(infer_auto_device_map(model, budget, ["Block"], dtype=dtype).values()) == {"cpu"}  # type: ignore[arg-type]
+    assert "disk" in infer_auto_device_map(model, budget, ["Block"], dtype=wider).values()
+    balanced = get_balanced_memory(model, {0: packed[""], 1: packed[""]}, ["Block"], dtype=dtype)  # type: ignore[arg-type]
+    wide = get_balanced_memory(model, {0: packed[""], 1: packed[""]}, ["Block"], dtype=wider)
+    assert balanced[0] < wide[0]

@@ -259,7 +259,7 @@ def test_checkpoint_path_errors(tmp_path: Path) -> None:
         checkpoint_files(tmp_path / "a.index.json")
 
 
-def test_load_state_dict_views_and_devices(tmp_path: Path) -> None:
+def test_load_state_dict_maps_devices(tmp_path: Path) -> None:
     source = _source()
     path = _save_single(source, tmp_path)
     state = load_state_dict(path, device_map={"": "cpu", "body": "disk"})
@@ -279,3 +279,43 @@ def test_offload_8bit_bnb_is_refused_with_the_alternative(tmp_path: Path) -> Non
         ValueError, match=r"offload_8bit_bnb=True: hasten does not write 8-bit quantized weights"
     ):
         load_checkpoint_in_model(_meta_net(), path, offload_8bit_bnb=True)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "balanced", "sequential"])
+def test_a_strategy_name_as_device_map_points_to_the_functions_that_plan(
+    tmp_path: Path, strategy: str
+) -> None:
+    with pytest.raises(
+        TypeError,
+        match=rf"load_checkpoint_in_model\(device_map='{strategy}'\): this function takes a dict .*"
+        rf"infer_auto_device_map\(model, max_memory=...\) first, or use load_checkpoint_and_dispatch\(model, "
+        rf"checkpoint, device_map='{strategy}'\)",
+    ):
+        load_checkpoint_in_model(_meta_net(), _save_single(_source(), tmp_path), device_map=strategy)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"device_map must be a dict of module name -> device, not list"):
+        load_checkpoint_in_model(_meta_net(), tmp_path, device_map=["cpu"])  # type: ignore[arg-type]
+
+
+def test_device_maps_that_overlap_or_name_absent_devices_are_refused_before_loading(tmp_path: Path) -> None:
+    path = _save_single(_source(), tmp_path)
+    model = Net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError,
+        match=r"device_map has the keys 'body.0' \('cpu'\) and 'body.0.weight' \('disk'\), and "
+        r"'body.0.weight' lies inside 'body.0', so its tensors would get two devices. Give each tensor one",
+    ):
+        load_checkpoint_in_model(
+            model,
+            path,
+            device_map={"": "cpu", "body.0": "cpu", "body.0.weight": "disk"},
+            offload_folder=tmp_path,
+        )
+    if not torch.cuda.is_available():
+        with pytest.raises(
+            ValueError,
+            match=r"device_map\[''\]='cuda:0', but this machine has no accelerator \(devices it can use: "
+            r"\['cpu', 'disk', 'meta'\]\). Plan the map for this machine",
+        ):
+            load_checkpoint_in_model(model, path, device_map={"": "cuda:0"})
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -70,6 +70,9 @@ def test_unreadable_sizes_say_what_is_accepted(text: str) -> None:
 def test_negative_and_mistyped_sizes_are_refused() -> None:
     with pytest.raises(ValueError, match=r"size=-5 is negative"):
         convert_file_size_to_int(-5)
+    for text in ("-1GB", "-0.5 MiB"):
+        with pytest.raises(ValueError, match=rf"size={text!r} is negative; a memory size must be at least 0"):
+            convert_file_size_to_int(text)
     with pytest.raises(TypeError, match=r"size=1.5 must be an int \(bytes\) or a string"):
         convert_file_size_to_int(1.5)  # type: ignore[arg-type]
 
@@ -104,6 +107,23 @@ def test_target_dtype_shrinks_floats_only_and_special_dtypes_win() -> None:
     assert compute_module_sizes(model, dtype="float64")["embed.weight"] == 160  # never grows
     special = compute_module_sizes(model, dtype=torch.float16, special_dtypes={"scale": torch.float32})
     assert special["scale"] == 16 and special["embed.weight"] == 80
+
+
+@pytest.mark.parametrize(
+    ("dtype", "per_element"),
+    [(CustomDtype.INT4, 0.5), ("int4", 0.5), (CustomDtype.INT2, 0.25), (CustomDtype.FP8, 1), (torch.int8, 1)],
+)
+def test_packed_dtypes_size_floats_at_their_packed_width(
+    dtype: CustomDtype | str, per_element: float
+) -> None:
+    model = Tied()
+    sizes = compute_module_sizes(model, dtype=dtype)
+    assert sizes["embed.weight"] == 40 * per_element and sizes["blocks.0.linear"] == 20 * per_element
+    assert sizes["blocks.0.steps"] == 3 * 8  # integer buffers are never cast
+    special = compute_module_sizes(model, special_dtypes={"embed.weight": dtype})
+    assert special["embed.weight"] == 40 * per_element and special["scale"] == 16
+    total, (largest, _) = calculate_maximum_sizes(model, dtype=dtype)
+    assert total == sizes[""] and largest == max(sizes["embed"], sizes["blocks.0.linear"], sizes["scale"])
 
 
 def test_buffer_sizes() -> None:
@@ -173,10 +193,38 @@ def test_tied_groups_are_found_in_one_pass_and_retied() -> None:
     model.extra.weight = model.embed.weight
     assert find_tied_parameters(model) == [["embed.weight", "extra.weight", "head.weight"]]
     assert find_tied_parameters(Block()) == []
-    set_module_tensor_to_device(model, "head.weight", "cpu", value=torch.ones(10, 4))
-    assert model.head.weight is not model.embed.weight
+    set_module_tensor_to_device(model, "head.weight", "cpu", value=torch.ones(10, 4), dtype=torch.float64)
+    assert model.head.weight is not model.embed.weight  # a new dtype needs a new tensor: the tie breaks
     retie_parameters(model, [["embed.weight", "head.weight"]])
     assert model.head.weight is model.embed.weight
+
+
+def test_a_real_tensor_is_filled_in_place_and_keeps_its_identity() -> None:
+    model = Tied()
+    weight, steps = model.embed.weight, model.blocks[0].steps
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # holds the parameter objects
+    value = torch.arange(40, dtype=torch.float64).reshape(10, 4)
+    set_module_tensor_to_device(model, "embed.weight", "cpu", value=value)  # cast to the model's float32
+    set_module_tensor_to_device(model, "blocks.0.steps", "cpu", value=torch.tensor([7, 8, 9]))
+    assert model.embed.weight is weight and model.head.weight is weight and model.blocks[0].steps is steps
+    assert torch.equal(weight, value.float()) and steps.tolist() == [7, 8, 9] and weight.requires_grad
+    value.zero_()  # the model does not alias the value it was given
+    assert weight[1, 0] == 4
+    model.embed.weight.grad = torch.ones(10, 4)
+    optimizer.step()  # trains what was loaded
+    assert torch.equal(model.embed.weight, torch.arange(40.0).reshape(10, 4) - 0.5)
+    set_module_tensor_to_device(model, "embed.weight", "cpu", value=torch.ones(10, 4), dtype=torch.float16)
+    assert model.embed.weight is not weight and model.embed.weight.dtype == torch.float16  # a new dtype
+
+
+def test_set_module_tensor_refuses_values_that_are_not_tensors() -> None:
+    model = Tied()
+    with pytest.raises(
+        TypeError,
+        match=r"takes a torch.Tensor, not list \(\[\[1.0, 2.0\]\]\); convert it first, e.g. "
+        r"value=torch.tensor",
+    ):
+        set_module_tensor_to_device(model, "scale", "cpu", value=[[1.0, 2.0]])  # type: ignore[arg-type]
 
 
 def test_meta_tensors_become_real_with_their_class_and_requires_grad() -> None:
@@ -210,6 +258,11 @@ def test_set_module_tensor_errors_name_the_tensor() -> None:
         set_module_tensor_to_device(model, "scale", "cpu", value=torch.ones(5))
     with pytest.raises(ValueError, match=r"'scale' is on the meta device: pass `value` to place it on 'cpu'"):
         set_module_tensor_to_device(model, "scale", "cpu")
+    model.head.register_parameter("bias", None)
+    with pytest.raises(
+        ValueError, match=r"tensor_name='head.bias' is registered as None; there is no tensor"
+    ):
+        set_module_tensor_to_device(model, "head.bias", "cpu", value=torch.ones(10))
 
 
 def test_meta_to_meta_casts_floats_only() -> None:

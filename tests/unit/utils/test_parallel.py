@@ -13,6 +13,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
 from torch import nn
 
+from hasten.state import PartialState
 from hasten.utils.parallel import extract_model_from_parallel, load, save, wait_for_everyone
 from hasten.utils.precision import convert_outputs_to_fp32
 
@@ -74,4 +75,6 @@ def test_recursive_unwraps_inner_wrappers() -> None:
 
 
 def test_wait_for_everyone_is_a_no_op_alone() -> None:
-    wait_for_everyone()
+    assert wait_for_everyone() is None
+    assert not torch.distributed.is_initialized()  # no process group was formed to wait on
+    assert PartialState().num_processes == 1 and not PartialState().use_distributed
