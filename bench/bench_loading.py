@@ -1,26 +1,36 @@
 """Checkpoint loading and disk offload: hasten against Accelerate and raw safetensors, one run.
 
-Run: ``.venv/bin/python bench/bench_loading.py [--quick]`` (needs Accelerate). Prints Markdown
-tables for docs/benchmarks.md:
+Run: ``.venv/bin/python bench/bench_loading.py [--quick] [--rounds N]`` (needs Accelerate). Prints
+Markdown tables for docs/benchmarks.md:
 
 1. a ~1 GiB model loaded into a ``meta`` model from one safetensors file and from 4 shards with
-   an index, timed until every weight has been read once (safetensors maps files lazily, so the
-   touch is part of the load); files are in the page cache for every contender;
-2. models of 5k-20k small tensors with a tenth mapped to disk (cost per tensor);
-3. peak resident memory above a fresh process's baseline while loading the 1 GiB file;
-4. ``offload_state_dict`` + ``load_offloaded_weights`` of ~1 GiB against raw numpy memmap.
+   an index, timed until every weight has been read once; files are in the page cache for every
+   contender. hasten and ``load_file`` + ``load_state_dict`` end with weights the model owns;
+   Accelerate (and hasten's opt-in ``zero_copy=True``) end with views of the file, read on first
+   touch. The floor is the bare copy: fresh memory per tensor, filled by one ``preadv`` each;
+2. the same checkpoint loaded into a model whose weights are already real (filled in place);
+3. models of 5k-20k small tensors with a tenth mapped to disk (cost per tensor);
+4. peak resident memory above a fresh process's baseline while loading the 1 GiB file;
+5. ``offload_state_dict`` + ``load_offloaded_weights`` of ~1 GiB against raw numpy memmap.
+
+Each contender is timed ``repeat`` times per round, rounds interleave the contenders, and the
+tables give the median of the rounds' medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,17 +68,53 @@ def write_checkpoints(folder: Path, layers: int) -> None:
     save_sharded_safetensors(state, folder / "sharded", max_shard_size=shard)
 
 
-def time_loads(folder: Path, layers: int) -> list[tuple[str, list[Timing]]]:
+def _files(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+
+
+def bare_copy(path: Path) -> dict[str, torch.Tensor]:
+    """The floor: each tensor's bytes read by one ``preadv`` into fresh memory, nothing else."""
+    state = {}
+    dtypes = {"F32": torch.float32}
+    for file in _files(path):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            size = int.from_bytes(os.pread(fd, 8, 0), "little")
+            header = json.loads(os.pread(fd, size, 8))
+            header.pop("__metadata__", None)
+            for name, entry in header.items():
+                tensor = torch.empty(entry["shape"], dtype=dtypes[entry["dtype"]])
+                view = tensor.reshape(-1).view(torch.uint8).numpy()
+                os.preadv(fd, [view], 8 + size + entry["data_offsets"][0])
+                state[name] = tensor
+        finally:
+            os.close(fd)
+    return state
+
+
+def _interleaved(contenders: dict[str, Callable[[], Any]], rounds: int, repeat: int) -> list[Timing]:
+    """Each contender timed ``repeat`` times per round, rounds interleaved; median of the rounds' medians."""
+    medians: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, function in contenders.items():
+            medians[name].append(measure(name, function, repeat=repeat, number=1).median)
+    return [Timing(name, min(values), statistics.median(values)) for name, values in medians.items()]
+
+
+def time_loads(folder: Path, layers: int, rounds: int) -> list[tuple[str, list[Timing]]]:
     from accelerate import init_empty_weights as accelerate_empty
     from accelerate.utils import load_checkpoint_in_model as accelerate_load
 
     from hasten.big_modeling import init_empty_weights
     from hasten.utils.loading import load_checkpoint_in_model
 
-    def ours(path: Path) -> None:
+    def empty() -> nn.Module:
         with init_empty_weights():
-            model = big_model(layers)
-        load_checkpoint_in_model(model, path)
+            return big_model(layers)
+
+    def ours(path: Path, zero_copy: bool = False) -> None:
+        model = empty()
+        load_checkpoint_in_model(model, path, zero_copy=zero_copy)
         touch(model)
 
     def theirs(path: Path) -> None:
@@ -80,13 +126,14 @@ def time_loads(folder: Path, layers: int) -> list[tuple[str, list[Timing]]]:
         touch(model)
 
     def raw(path: Path) -> None:
-        with init_empty_weights():
-            model = big_model(layers)
-        state: dict[str, torch.Tensor] = {}
-        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-        for file in files:
-            state.update(load_file(file))
-        model.load_state_dict(state, assign=True)
+        model = empty().to_empty(device="cpu")
+        for file in _files(path):
+            model.load_state_dict(load_file(file), strict=False)  # copies into the model's memory
+        touch(model)
+
+    def floor(path: Path) -> None:
+        model = empty()
+        model.load_state_dict(bare_copy(path), assign=True)
         touch(model)
 
     rows = []
@@ -94,16 +141,51 @@ def time_loads(folder: Path, layers: int) -> list[tuple[str, list[Timing]]]:
         ("single file", folder / "model.safetensors"),
         ("4 shards + index", folder / "sharded"),
     ):
-        rows.append(
-            (
-                case,
-                [
-                    measure("hasten", lambda: ours(path), repeat=5, number=1),
-                    measure("Accelerate", lambda: theirs(path), repeat=5, number=1),
-                    measure("safetensors load_file + assign", lambda: raw(path), repeat=5, number=1),
-                ],
-            )
-        )
+        contenders = {
+            "hasten": lambda: ours(path),
+            "Accelerate (views of the file)": lambda: theirs(path),
+            "load_file + load_state_dict": lambda: raw(path),
+            "bare copy (floor)": lambda: floor(path),
+            "hasten zero_copy=True (views)": lambda: ours(path, zero_copy=True),
+        }
+        rows.append((case, _interleaved(contenders, rounds, repeat=3)))
+    return rows
+
+
+def time_real_loads(folder: Path, layers: int, rounds: int) -> list[tuple[str, list[Timing]]]:
+    """Loading into a model whose weights already hold memory: hasten fills them in place."""
+    from accelerate.utils import load_checkpoint_in_model as accelerate_load
+
+    from hasten.utils.loading import load_checkpoint_in_model
+
+    models = {name: big_model(layers) for name in ("ours", "theirs", "raw")}
+
+    def ours(path: Path) -> None:
+        load_checkpoint_in_model(models["ours"], path)
+        touch(models["ours"])
+
+    def theirs(path: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            accelerate_load(models["theirs"], str(path), device_map={"": "cpu"})
+        touch(models["theirs"])
+
+    def raw(path: Path) -> None:
+        for file in _files(path):
+            models["raw"].load_state_dict(load_file(file), strict=False)
+        touch(models["raw"])
+
+    rows = []
+    for case, path in (
+        ("single file", folder / "model.safetensors"),
+        ("4 shards + index", folder / "sharded"),
+    ):
+        contenders = {
+            "hasten": lambda: ours(path),
+            "Accelerate (replaces them with views)": lambda: theirs(path),
+            "load_file + load_state_dict": lambda: raw(path),
+        }
+        rows.append((case, _interleaved(contenders, rounds, repeat=3)))
     return rows
 
 
@@ -232,7 +314,7 @@ def time_offload(folder: Path, layers: int) -> list[tuple[str, list[Timing]]]:
     ]
 
 
-def run(quick: bool) -> None:
+def run(quick: bool, rounds: int) -> None:
     layers = 4 if quick else 16
     with tempfile.TemporaryDirectory(dir=Path.home()) as name:
         folder = Path(name)
@@ -240,7 +322,14 @@ def run(quick: bool) -> None:
         print(
             table(
                 f"Load {layers * 64} MiB into a meta model and read every weight once",
-                time_loads(folder, layers),
+                time_loads(folder, layers, rounds),
+            )
+        )
+        print()
+        print(
+            table(
+                f"Load {layers * 64} MiB into a model with real weights and read every weight once",
+                time_real_loads(folder, layers, rounds),
             )
         )
         print()
@@ -264,4 +353,6 @@ def run(quick: bool) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="256 MiB and 2000 small tensors")
-    run(parser.parse_args().quick)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the load tables")
+    arguments = parser.parse_args()
+    run(arguments.quick, arguments.rounds)
