@@ -101,6 +101,19 @@ def _interleaved(contenders: dict[str, Callable[[], Any]], rounds: int, repeat: 
     return [Timing(name, min(values), statistics.median(values)) for name, values in medians.items()]
 
 
+def _both_layouts(
+    folder: Path, rounds: int, contenders: Callable[[Path], dict[str, Callable[[], Any]]]
+) -> list[tuple[str, list[Timing]]]:
+    """The contenders timed on the single file, then on the 4 shards."""
+    return [
+        (case, _interleaved(contenders(path), rounds, repeat=3))
+        for case, path in (
+            ("single file", folder / "model.safetensors"),
+            ("4 shards + index", folder / "sharded"),
+        )
+    ]
+
+
 def time_loads(folder: Path, layers: int, rounds: int) -> list[tuple[str, list[Timing]]]:
     from accelerate import init_empty_weights as accelerate_empty
     from accelerate.utils import load_checkpoint_in_model as accelerate_load
@@ -136,20 +149,17 @@ def time_loads(folder: Path, layers: int, rounds: int) -> list[tuple[str, list[T
         model.load_state_dict(bare_copy(path), assign=True)
         touch(model)
 
-    rows = []
-    for case, path in (
-        ("single file", folder / "model.safetensors"),
-        ("4 shards + index", folder / "sharded"),
-    ):
-        contenders = {
+    return _both_layouts(
+        folder,
+        rounds,
+        lambda path: {
             "hasten": lambda: ours(path),
             "Accelerate (views of the file)": lambda: theirs(path),
             "load_file + load_state_dict": lambda: raw(path),
             "bare copy (floor)": lambda: floor(path),
             "hasten zero_copy=True (views)": lambda: ours(path, zero_copy=True),
-        }
-        rows.append((case, _interleaved(contenders, rounds, repeat=3)))
-    return rows
+        },
+    )
 
 
 def time_real_loads(folder: Path, layers: int, rounds: int) -> list[tuple[str, list[Timing]]]:
@@ -175,18 +185,15 @@ def time_real_loads(folder: Path, layers: int, rounds: int) -> list[tuple[str, l
             models["raw"].load_state_dict(load_file(file), strict=False)
         touch(models["raw"])
 
-    rows = []
-    for case, path in (
-        ("single file", folder / "model.safetensors"),
-        ("4 shards + index", folder / "sharded"),
-    ):
-        contenders = {
+    return _both_layouts(
+        folder,
+        rounds,
+        lambda path: {
             "hasten": lambda: ours(path),
             "Accelerate (replaces them with views)": lambda: theirs(path),
             "load_file + load_state_dict": lambda: raw(path),
-        }
-        rows.append((case, _interleaved(contenders, rounds, repeat=3)))
-    return rows
+        },
+    )
 
 
 def time_small(folder: Path, counts: list[int]) -> list[tuple[str, list[Timing]]]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,15 @@ def _save_sharded(net: nn.Module, folder: Path) -> Path:
 def _meta_net() -> Net:
     with init_empty_weights():
         return Net().eval()
+
+
+@contextlib.contextmanager
+def _refused_unchanged(model: nn.Module, error: type[Exception], match: str) -> Iterator[None]:
+    """The block raises ``error`` matching ``match``, and leaves ``model``'s weights as they were."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        yield
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def _assert_same(model: nn.Module, reference: nn.Module) -> None:
@@ -177,14 +188,13 @@ def test_missing_and_unexpected_keys_warn_or_raise_before_loading(
     state["extra.weight"] = torch.ones(1)
     save_file(state, tmp_path / "model.safetensors")
     model = Net()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(
+    with _refused_unchanged(
+        model,
         CheckpointError,
-        match=r"strict=True.*nothing was loaded. Missing from the checkpoint: \['body.0.bias'\]; "
+        r"strict=True.*nothing was loaded. Missing from the checkpoint: \['body.0.bias'\]; "
         r"not in the model: \['extra.weight'\]",
     ):
         load_checkpoint_in_model(model, tmp_path, strict=True)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with caplog.at_level(logging.WARNING, logger="hasten.utils.loading"):
         load_checkpoint_in_model(model, tmp_path)
     assert "['extra.weight']" in caplog.text and "['body.0.bias']" in caplog.text
@@ -195,14 +205,13 @@ def test_shape_mismatch_names_the_tensor_and_file_and_changes_nothing(tmp_path: 
     state["body.0.weight"] = torch.ones(7, 4)
     save_file(state, tmp_path / "model.safetensors")
     model = Net()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(
+    with _refused_unchanged(
+        model,
         CheckpointError,
-        match=r"nothing was loaded. Shape mismatches: body.0.weight: checkpoint \[7, 4\] "
+        r"nothing was loaded. Shape mismatches: body.0.weight: checkpoint \[7, 4\] "
         r"in model.safetensors, model \[6, 4\]",
     ):
         load_checkpoint_in_model(model, tmp_path)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_truncated_and_corrupt_safetensors_are_named(tmp_path: Path) -> None:
@@ -299,10 +308,10 @@ def test_a_strategy_name_as_device_map_points_to_the_functions_that_plan(
 def test_device_maps_that_overlap_or_name_absent_devices_are_refused_before_loading(tmp_path: Path) -> None:
     path = _save_single(_source(), tmp_path)
     model = Net()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(
+    with _refused_unchanged(
+        model,
         ValueError,
-        match=r"device_map has the keys 'body.0' \('cpu'\) and 'body.0.weight' \('disk'\), and "
+        r"device_map has the keys 'body.0' \('cpu'\) and 'body.0.weight' \('disk'\), and "
         r"'body.0.weight' lies inside 'body.0', so its tensors would get two devices. Give each tensor one",
     ):
         load_checkpoint_in_model(
@@ -312,10 +321,10 @@ def test_device_maps_that_overlap_or_name_absent_devices_are_refused_before_load
             offload_folder=tmp_path,
         )
     if not torch.cuda.is_available():
-        with pytest.raises(
+        with _refused_unchanged(
+            model,
             ValueError,
-            match=r"device_map\[''\]='cuda:0', but this machine has no accelerator \(devices it can use: "
+            r"device_map\[''\]='cuda:0', but this machine has no accelerator \(devices it can use: "
             r"\['cpu', 'disk', 'meta'\]\). Plan the map for this machine",
         ):
             load_checkpoint_in_model(model, path, device_map={"": "cuda:0"})
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -22,6 +22,7 @@ from hasten.utils.checkpoint_reader import SafetensorsFile
 from hasten.utils.errors import CheckpointError
 from hasten.utils.loading import load_checkpoint_in_model, load_state_dict
 from hasten.utils.offload import OffloadedWeightsLoader, load_offloaded_weights, offload_state_dict
+from tests.unit.utils.test_loading import Net
 
 # Each case loads a checkpoint, then does to the file what users do (torch.save or save_file to the
 # same path, writing bytes in place, truncating, deleting and rewriting) and reports whether the
@@ -113,18 +114,6 @@ def test_the_checkpoint_can_be_overwritten_truncated_or_deleted_after_loading(tm
     results = json.loads(result.stdout.splitlines()[-1])
     assert len(results) == 30
     assert [case for case, kept in results.items() if not kept] == []
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(10, 4)
-        self.body = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 4))
-        self.head = nn.Linear(4, 10, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(self.embed(ids)))
 
 
 def _checkpoint(folder: Path, kind: str) -> tuple[Path, dict[str, torch.Tensor]]:
