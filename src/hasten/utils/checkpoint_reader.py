@@ -194,6 +194,10 @@ class SafetensorsFile:
             self._closer()
             raise
 
+    def __reduce__(self) -> tuple[type[SafetensorsFile], tuple[Path]]:
+        """Copies and pickles reopen the file by its path (a descriptor cannot be shared)."""
+        return (SafetensorsFile, (self.path,))
+
     def keys(self) -> list[str]:
         """The tensor names, in file order."""
         return list(self.infos)

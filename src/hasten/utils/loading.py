@@ -52,8 +52,6 @@ from hasten.utils.typing import Device, PathLike
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["checkpoint_files", "load_checkpoint_in_model", "load_state_dict"]
-
 
 def _device_lookup(device_map: Mapping[str, Device]) -> Callable[[str], Device]:
     def device_of(name: str) -> Device:

@@ -227,6 +227,13 @@ class OffloadedWeightsLoader(Mapping[str, torch.Tensor]):
             tensor = tensor.to(as_torch_dtype(str(info["dtype"])))
         return tensor if self.device is None else tensor.to(self.device)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave the open files behind (they reopen on first read)."""
+        return {key: value for key, value in self.__dict__.items() if key != "_files"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _files={})
+
     def _safetensors(self, path: str) -> SafetensorsFile:
         """The open file at ``path``, its header parsed once and again only when the file changes."""
         try:

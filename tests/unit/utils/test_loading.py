@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hasten.big_modeling import init_empty_weights
-from hasten.utils.checkpoint_reader import SafetensorsFile
+from hasten.utils.checkpoint_reader import SafetensorsFile, checkpoint_files
 from hasten.utils.errors import CheckpointError
-from hasten.utils.loading import checkpoint_files, load_checkpoint_in_model, load_state_dict
+from hasten.utils.loading import load_checkpoint_in_model, load_state_dict
 
 
 class Net(nn.Module):

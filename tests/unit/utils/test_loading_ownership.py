@@ -6,8 +6,11 @@ optimizer built before the load) survives; ``zero_copy=True`` is the opt-in to v
 
 from __future__ import annotations
 
+import copy
+import gc
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -284,3 +287,18 @@ def test_a_missing_offload_file_is_named(tmp_path: Path) -> None:
         OffloadedWeightsLoader(index={"a": entry})["a"]
     with pytest.raises(CheckpointError, match=r"offloaded weight '.*w.dat' cannot be read"):
         OffloadedWeightsLoader(index={"w": {"dtype": "float32", "shape": [2]}}, save_folder=tmp_path)["w"]
+
+
+def test_copies_of_open_readers_reopen_the_file(tmp_path: Path) -> None:
+    save_file({"a": torch.arange(3.0)}, tmp_path / "model.safetensors")
+    entry = {"safetensors_file": str(tmp_path / "model.safetensors"), "weight_name": "a"}
+    loader = OffloadedWeightsLoader(index={"a": entry})
+    loader["a"]  # opens the file
+    copied, restored = copy.deepcopy(loader), pickle.loads(pickle.dumps(loader))
+    del loader
+    gc.collect()  # the original's descriptor is closed; the copies never shared it
+    assert torch.equal(copied["a"], torch.arange(3.0)) and torch.equal(restored["a"], torch.arange(3.0))
+    reader = SafetensorsFile(tmp_path / "model.safetensors")
+    twin = copy.deepcopy(reader)
+    reader.close()
+    assert twin._fd != reader._fd and torch.equal(twin.read("a"), torch.arange(3.0))
