@@ -27,17 +27,17 @@ from hasten.utils.loading import load_checkpoint_in_model, load_state_dict
 from hasten.utils.offload import OffloadedWeightsLoader, load_offloaded_weights, offload_state_dict
 from tests.unit.utils.test_loading import Net
 
-# Each case loads a checkpoint, then does to the file what users do (torch.save or save_file to the
-# same path, writing bytes in place, truncating, deleting and rewriting) and reports whether the
-# weights kept their values. Run in a child process: with views of the file, truncation kills the
-# process with SIGBUS, which must fail the test rather than the test run.
+# Each case loads a checkpoint, then does to the file what users do (save the loaded weights to the
+# same path with torch.save or save_file, write other weights there, write bytes in place, truncate,
+# delete and rewrite) and reports whether the weights kept their values (and, when they were saved
+# back, whether the file holds them). Run in a child process: with views of the file, truncation kills
+# the process with SIGBUS, which must fail the test rather than the test run.
 SCENARIOS = r"""
 import json, os, sys
 import torch
 from torch import nn
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from hasten.big_modeling import init_empty_weights, load_checkpoint_and_dispatch
-from hasten.utils.checkpoint_reader import SafetensorsFile
 from hasten.utils.loading import load_checkpoint_in_model, load_state_dict
 from hasten.utils.offload import load_offloaded_weights, offload_state_dict
 
@@ -45,16 +45,27 @@ folder = sys.argv[1]
 torch.manual_seed(0)
 SOURCE = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 64))
 STATE = {k: v.contiguous() for k, v in SOURCE.state_dict().items()}
+HOWS = ("torch.save them back", "save_file them back", "torch.save others", "save_file others", "in place",
+        "truncate", "delete and rewrite")
 
 def fresh():
     with init_empty_weights():
         return nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 64))
 
-def clobber(path, how):
-    if how == "torch.save":
-        torch.save({k: torch.zeros_like(v) for k, v in STATE.items()}, path)
-    elif how == "save_file":
-        save_file({k: torch.zeros_like(v) for k, v in STATE.items()}, path)
+def clobber(path, how, loaded):
+    others = {k: torch.zeros_like(v) for k, v in STATE.items()}
+    if how == "torch.save them back":  # the save that truncates the file it is reading from
+        torch.save(loaded, path)
+        with open(path, "rb") as handle:  # a handle: torch.load reads *.safetensors paths as safetensors
+            back = torch.load(handle, weights_only=True)
+        return all(torch.equal(v, STATE[k]) for k, v in back.items())
+    if how == "save_file them back":
+        save_file(loaded, path)
+        return all(torch.equal(v, STATE[k]) for k, v in load_file(path).items())
+    if how == "torch.save others":
+        torch.save(others, path)
+    elif how == "save_file others":
+        save_file(others, path)
     elif how == "in place":
         with open(path, "r+b") as handle:
             handle.seek(1024)
@@ -65,32 +76,28 @@ def clobber(path, how):
         os.remove(path)
         with open(path, "wb") as handle:
             handle.write(b"\x00" * 100)
+    return True
 
 def unchanged(tensors):
     return all(torch.equal(tensors[k], STATE[k]) for k in STATE)
 
 results = {}
-for how in ("torch.save", "save_file", "in place", "truncate", "delete and rewrite"):
+for how in HOWS:
     for kind in ("meta model", "real model", "load_state_dict", "dispatch", ".bin", "offload folder"):
         path = os.path.join(folder, f"{kind}-{how}".replace(" ", "_"))
-        if kind == ".bin":
-            torch.save(STATE, path + ".bin")
-            model = fresh()
-            load_checkpoint_in_model(model, path + ".bin")
-            clobber(path + ".bin", how)
-            results[f"{kind} / {how}"] = unchanged(model.state_dict())
-            continue
         if kind == "offload folder":
             offload_state_dict(path, STATE)
             model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 64))
             load_offloaded_weights(model, json.load(open(os.path.join(path, "index.json"))), path)
-            for name in STATE:
-                clobber(os.path.join(path, name + ".dat"), how)
-            results[f"{kind} / {how}"] = unchanged(model.state_dict())
+            saved = all(
+                clobber(os.path.join(path, name + ".dat"), how, {name: tensor})
+                for name, tensor in model.state_dict().items()
+            )
+            results[f"{kind} / {how}"] = saved and unchanged(model.state_dict())
             continue
-        file = path + ".safetensors"
-        save_file(STATE, file)
-        if kind == "meta model":
+        file = path + (".bin" if kind == ".bin" else ".safetensors")
+        torch.save(STATE, file) if kind == ".bin" else save_file(STATE, file)
+        if kind in ("meta model", ".bin"):
             model = fresh()
             load_checkpoint_in_model(model, file)
             tensors = model.state_dict()
@@ -103,8 +110,8 @@ for how in ("torch.save", "save_file", "in place", "truncate", "delete and rewri
         else:
             model = load_checkpoint_and_dispatch(fresh(), file, device_map={"": "cpu"})
             tensors = model.state_dict()
-        clobber(file, how)
-        results[f"{kind} / {how}"] = unchanged(tensors)
+        saved = clobber(file, how, tensors)
+        results[f"{kind} / {how}"] = saved and unchanged(tensors)
 print(json.dumps(results))
 """
 
@@ -115,7 +122,7 @@ def test_the_checkpoint_can_be_overwritten_truncated_or_deleted_after_loading(tm
     )
     assert result.returncode == 0, f"the process died ({result.returncode}): {result.stderr[-2000:]}"
     results = json.loads(result.stdout.splitlines()[-1])
-    assert len(results) == 30
+    assert len(results) == 42
     assert [case for case, kept in results.items() if not kept] == []
 
 
