@@ -321,45 +321,41 @@ def time_offload(folder: Path, layers: int) -> list[tuple[str, list[Timing]]]:
     ]
 
 
-def run(quick: bool, rounds: int) -> None:
+SECTIONS = ("meta", "real", "small", "peak", "offload")
+
+
+def run(quick: bool, rounds: int, sections: list[str]) -> None:
     layers = 4 if quick else 16
     with tempfile.TemporaryDirectory(dir=Path.home()) as name:
         folder = Path(name)
         write_checkpoints(folder, layers)
-        print(
-            table(
+        tables = {
+            "meta": lambda: table(
                 f"Load {layers * 64} MiB into a meta model and read every weight once",
                 time_loads(folder, layers, rounds),
-            )
-        )
-        print()
-        print(
-            table(
+            ),
+            "real": lambda: table(
                 f"Load {layers * 64} MiB into a model with real weights and read every weight once",
                 time_real_loads(folder, layers, rounds),
-            )
-        )
-        print()
-        print(
-            table(
+            ),
+            "small": lambda: table(
                 "A tenth of the tensors mapped to disk",
                 time_small(folder, [2000] if quick else [5000, 10000, 20000]),
-            )
-        )
-        print()
-        print(peak_memory(folder, layers))
-        print()
-        print(
-            table(
+            ),
+            "peak": lambda: peak_memory(folder, layers),
+            "offload": lambda: table(
                 f"offload_state_dict + load_offloaded_weights of {layers * 64} MiB",
                 time_offload(folder, layers),
-            )
-        )
+            ),
+        }
+        for section in sections:
+            print(tables[section](), end="\n\n", flush=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="256 MiB and 2000 small tensors")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the load tables")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     arguments = parser.parse_args()
-    run(arguments.quick, arguments.rounds)
+    run(arguments.quick, arguments.rounds, arguments.sections)
