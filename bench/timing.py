@@ -67,7 +67,7 @@ def best_interleaved(
 def fmt_seconds(seconds: float) -> str:
     """A duration with a unit that keeps three significant digits."""
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
-        if seconds >= scale:
+        if seconds >= scale * 0.9995:  # 0.9996 s reads "1 s", not "1e+03 ms"
             return f"{seconds / scale:.3g} {unit}"
     return f"{seconds / 1e-9:.3g} ns"
 
