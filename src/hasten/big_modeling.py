@@ -34,8 +34,9 @@ from hasten.utils.device_map_checks import check_device_map, check_devices_prese
 from hasten.utils.environment import parse_flag_from_env
 from hasten.utils.loading import load_checkpoint_in_model
 from hasten.utils.memory_budget import get_balanced_memory
-from hasten.utils.modeling import find_tied_parameters, retie_parameters
+from hasten.utils.modeling import find_tied_parameters
 from hasten.utils.offload import OffloadedWeightsLoader, extract_submodules_state_dict, offload_state_dict
+from hasten.utils.placement import retie_parameters
 from hasten.utils.typing import Device, PathLike
 
 logger = logging.getLogger(__name__)

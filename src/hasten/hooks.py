@@ -25,8 +25,9 @@ from torch import nn
 
 from hasten.utils.batches import find_device, send_to_device
 from hasten.utils.device import device_for_local_process
-from hasten.utils.modeling import named_module_tensors, set_module_tensor_to_device
+from hasten.utils.modeling import named_module_tensors
 from hasten.utils.offload import PrefixedDataset
+from hasten.utils.placement import set_module_tensor_to_device
 from hasten.utils.reexport import lazy_reexports
 from hasten.utils.typing import Device
 

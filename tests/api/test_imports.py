@@ -62,6 +62,7 @@ LAYERS: dict[str, int] = {
     "hasten.utils.memory_budget": 5,
     "hasten.utils.device_map": 5,
     "hasten.utils.device_map_checks": 5,
+    "hasten.utils.placement": 5,
     "hasten.utils.loading": 5,
     "hasten.utils.offload": 5,
     "hasten.utils.checkpoint_reader": 5,

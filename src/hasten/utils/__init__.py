@@ -248,8 +248,6 @@ from hasten.utils.modeling import (
     get_max_layer_size,
     get_module_children_bottom_up,
     named_module_tensors,
-    retie_parameters,
-    set_module_tensor_to_device,
 )
 from hasten.utils.offload import (
     OffloadedWeightsLoader,
@@ -289,6 +287,7 @@ from hasten.utils.parallel import (
     save,
     wait_for_everyone,
 )
+from hasten.utils.placement import retie_parameters, set_module_tensor_to_device
 from hasten.utils.ports import (
     is_port_in_use,
 )

@@ -23,7 +23,8 @@ from hasten.utils.device_map import infer_auto_device_map
 from hasten.utils.imports import require
 from hasten.utils.loading import load_checkpoint_in_model
 from hasten.utils.memory_budget import get_balanced_memory
-from hasten.utils.modeling import DtypeLike, find_tied_parameters, set_module_tensor_to_device
+from hasten.utils.modeling import DtypeLike, find_tied_parameters
+from hasten.utils.placement import set_module_tensor_to_device
 from hasten.utils.typing import Device, PathLike
 
 logger = logging.getLogger(__name__)

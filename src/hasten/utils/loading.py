@@ -37,16 +37,14 @@ from hasten.utils.device_map_checks import (
 )
 from hasten.utils.errors import CheckpointError
 from hasten.utils.memory import clear_device_cache
-from hasten.utils.modeling import (
-    as_torch_dtype,
+from hasten.utils.modeling import as_torch_dtype, find_tied_parameters, value_dtype
+from hasten.utils.offload import offload_weight, save_offload_index
+from hasten.utils.placement import (
     copies_in_place,
-    find_tied_parameters,
     module_tensor,
     retie_parameters,
     set_module_tensor_to_device,
-    value_dtype,
 )
-from hasten.utils.offload import offload_weight, save_offload_index
 from hasten.utils.progress import Progress
 from hasten.utils.typing import Device, PathLike
 

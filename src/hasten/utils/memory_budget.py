@@ -7,7 +7,6 @@ spreads a model evenly over the accelerators. ``infer_auto_device_map`` plans ag
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterable, Mapping
 
 import psutil
@@ -91,12 +90,12 @@ def get_max_memory(max_memory: MemoryBudget | None = None) -> dict[DeviceKey, in
     if missing:
         kind = accelerator_type()
         have = f"{present} {kind} device(s)" if present else "no accelerator"
-        warnings.warn(
-            f"max_memory gives a budget to device(s) {missing}, which this machine does not have (it has "
-            f"{have}): a map planned with it puts modules there, and dispatching that map here will fail. "
-            "Drop those keys to plan for this machine; keep them only to plan for another one.",
-            UserWarning,
-            stacklevel=3,
+        logger.warning(
+            "max_memory gives a budget to device(s) %s, which this machine does not have (it has %s): a map "
+            "planned with it puts modules there, and dispatching that map here will fail. Drop those keys to "
+            "plan for this machine; keep them only to plan for another one.",
+            missing,
+            have,
         )
     order: list[DeviceKey] = [*indices, *(name for name in NAMED_DEVICES if name in parsed)]
     return {key: parsed[key] for key in order}

@@ -26,7 +26,8 @@ import torch
 from hasten.utils.atomic import atomic_write
 from hasten.utils.checkpoint_reader import SafetensorsFile, read_exactly, writable_bytes
 from hasten.utils.errors import CheckpointError
-from hasten.utils.modeling import as_torch_dtype, set_module_tensor_to_device
+from hasten.utils.modeling import as_torch_dtype
+from hasten.utils.placement import set_module_tensor_to_device
 from hasten.utils.typing import Device, PathLike
 
 INDEX_FILE = "index.json"

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hasten.utils.modeling import set_module_tensor_to_device
+from hasten.utils.placement import set_module_tensor_to_device
 from hasten.utils.typing import Device
 
 

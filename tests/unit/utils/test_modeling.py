@@ -18,11 +18,10 @@ from hasten.utils.modeling import (
     get_max_layer_size,
     get_module_children_bottom_up,
     named_module_tensors,
-    retie_parameters,
-    set_module_tensor_to_device,
     top_level_entries,
     walk_modules,
 )
+from hasten.utils.placement import retie_parameters, set_module_tensor_to_device
 
 
 class Block(nn.Module):
