@@ -57,6 +57,7 @@ LAYERS: dict[str, int] = {
     "hasten.utils.bnb": 6,
     "hasten.accelerator": 7,
     "hasten.data_loader": 7,
+    "hasten.data_loading": 7,
     "hasten.optimizer": 7,
     "hasten.scheduler": 7,
     "hasten.checkpointing": 7,
