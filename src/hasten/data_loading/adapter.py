@@ -109,11 +109,13 @@ class DataLoaderStateMixin:
                 self.remainder = int(length) % int(self.total_batch_size)  # type: ignore[attr-defined]
             except (TypeError, AttributeError, ZeroDivisionError, NotImplementedError):
                 self.remainder = -1  # no length: gather_for_metrics cannot trim
+        self.gradient_state = GradientState()  # the shared record may have been reset since
         self.gradient_state._add_dataloader(self)
 
     def end(self) -> None:
         """The epoch is over (or was left): stop being the active loader."""
-        self.gradient_state._remove_dataloader(self)
+        if self.gradient_state.initialized:  # not reset meanwhile (a loop closed late, at exit)
+            self.gradient_state._remove_dataloader(self)
 
 
 def _new_like(cls: type[Any]) -> Any:
