@@ -204,7 +204,7 @@ def test_iterable_shard_errors_name_the_setting() -> None:
 
 def test_prepare_errors_name_the_setting() -> None:
     data = list(range(8))
-    with pytest.raises(ValueError, match="dispatch_batches=True .* needs put_on_device=True"):
+    with pytest.raises(ValueError, match=r"dispatch_batches=True .* needs put_on_device=True"):
         prepare_data_loader(DataLoader(data), dispatch_batches=True)
     with pytest.raises(ValueError, match=r"num_processes=2 equal slices, but the batch size is 3"):
         prepare_data_loader(
