@@ -37,7 +37,7 @@ class _Step:
     """One step as rank 0 read it: the header every rank receives, and rank 0's tensors and
     torchdata snapshots (before and after reading it)."""
 
-    header: list[Any] = field(default_factory=lambda: [None, True, None])
+    header: list[Any] = field(default_factory=lambda: [None, True, None, None])
     batch: Any = None
     padding: Any = None
     before: dict[str, Any] | None = None
@@ -140,36 +140,51 @@ class DataLoaderDispatcher(DataLoaderAdapter, DataLoaderStateMixin):
     def _fetch_step(self, inner: Iterator[Any] | None, skip_steps: int) -> _Step:
         """Rank 0 reads a step (after dropping ``skip_steps`` steps); every rank gets its header.
 
-        The header is ``[structure or None, data ended, padding structure or None]``; the
-        padding (the epoch's first samples) travels with the first step after a skip.
+        The header is ``[structure or None, data ended, padding structure or None, error]``; the
+        padding (the epoch's first samples) travels with the first step after a skip. When
+        reading fails on rank 0, the error travels instead and every rank raises (none hangs).
+
+        Raises:
+            RuntimeError: on the other ranks, when rank 0 could not read the step.
         """
         step = _Step()
+        failure: BaseException | None = None
         if self.state.process_index == 0:
-            assert inner is not None
-            ended = False
-            for skipped in range(skip_steps):
-                batches, ended = self._pull(inner)
-                if skipped == 0 and batches and not self._drop_last:
-                    step.padding = self._first_samples(self._joined(batches))
-                if ended:
-                    break
-            stateful = self.use_stateful_dataloader
-            if stateful:
-                step.before = self._snapshot(finished=False)
-            batches, ended = ([], True) if ended else self._pull(inner)
-            if stateful and ended:
-                step.after = self._snapshot(finished=True)
-            if batches and ended and self._drop_last and not self.split_batches:
-                batches = []  # a short last step is dropped
-            if batches:
-                step.batch = self._joined(batches)
-                step.header = [
-                    get_data_structure(step.batch),
-                    ended,
-                    None if step.padding is None else get_data_structure(step.padding),
-                ]
+            try:
+                self._read_step(inner, skip_steps, step)
+            except Exception as error:  # sent to every rank, then raised here too
+                failure = error
+                step.header = [None, True, None, f"{type(error).__name__}: {error}"]
         broadcast_object_list(step.header)
+        if failure is not None:
+            raise failure
+        if step.header[3] is not None:
+            raise RuntimeError(
+                f"DataLoaderDispatcher: rank 0 could not read the next batch: {step.header[3]}"
+            )
         return step
+
+    def _read_step(self, inner: Iterator[Any] | None, skip_steps: int, step: _Step) -> None:
+        assert inner is not None
+        ended = False
+        for skipped in range(skip_steps):
+            batches, ended = self._pull(inner)
+            if skipped == 0 and batches and not self._drop_last:
+                step.padding = self._first_samples(self._joined(batches))
+            if ended:
+                break
+        stateful = self.use_stateful_dataloader
+        if stateful:
+            step.before = self._snapshot(finished=False)
+        batches, ended = ([], True) if ended else self._pull(inner)
+        if stateful and ended:
+            step.after = self._snapshot(finished=True)
+        if batches and ended and self._drop_last and not self.split_batches:
+            batches = []  # a short last step is dropped
+        if batches:
+            step.batch = self._joined(batches)
+            padding = None if step.padding is None else get_data_structure(step.padding)
+            step.header = [get_data_structure(step.batch), ended, padding, None]
 
     def _first_samples(self, batch: Any) -> Any:
         """The first ``num_processes`` samples of ``batch``, repeated if it has fewer."""

@@ -13,7 +13,7 @@ from hasten.data_loading.dispatch import DataLoaderDispatcher
 from hasten.data_loading.iterable import IterableDatasetShard
 from hasten.data_loading.samplers import BatchSamplerShard, SeedableRandomSampler, _rank_arguments
 from hasten.data_loading.shard import DataLoaderShard
-from hasten.state import PartialState
+from hasten.state import AcceleratorState, PartialState
 from hasten.utils.dataclasses.enums import DistributedType, RNGType
 
 
@@ -28,8 +28,24 @@ def _mesh_share(
         return int(mesh[name].size()) if name in names else 1
 
     if distributed_type == DistributedType.DEEPSPEED:  # DeepSpeed's config decides the data-parallel split
-        return num_processes // size("tp"), process_index // size("tp")
-    return size("dp_shard") * size("dp_replicate"), process_index // (size("tp") * size("cp"))
+        replicas, shards = size("tp"), num_processes // size("tp")
+    else:
+        replicas, shards = size("tp") * size("cp"), size("dp_shard") * size("dp_replicate")
+    if shards * replicas != int(mesh.size()):
+        sizes = dict(zip(names, mesh.shape))
+        raise ValueError(
+            f"prepare_data_loader: cannot split data along the device mesh {sizes}: it reads data-parallel "
+            "dimensions named 'dp_shard' / 'dp_replicate' (or, under DeepSpeed, every rank outside 'tp') "
+            "and gives ranks that differ only along 'tp' / 'cp' the same data, which accounts for "
+            f"{shards * replicas} of its {int(mesh.size())} ranks. Name the mesh's dimensions that way."
+        )
+    return shards, process_index // replicas
+
+
+def _distributed_type(state: PartialState) -> DistributedType:
+    """The engine's type when an ``AcceleratorState`` exists (DeepSpeed, FSDP, ...), else the process's."""
+    accelerator = AcceleratorState._accelerator
+    return state.distributed_type if accelerator is None else accelerator.distributed_type
 
 
 def _split_batch_size(dataloader: DataLoader, num_processes: int) -> None:
@@ -133,11 +149,12 @@ def prepare_data_loader(
             "needs put_on_device=True."
         )
     state = PartialState()
+    distributed_type = _distributed_type(state)
     num_processes = state.num_processes if num_processes is None else num_processes
     process_index = state.process_index if process_index is None else process_index
     if torch_device_mesh is not None:
         num_processes, process_index = _mesh_share(
-            torch_device_mesh, state.distributed_type, num_processes, process_index
+            torch_device_mesh, distributed_type, num_processes, process_index
         )
     _rank_arguments(num_processes, process_index, "prepare_data_loader")
     if split_batches:
@@ -151,7 +168,7 @@ def prepare_data_loader(
     if use_seedable_sampler and isinstance(sampler, RandomSampler):
         sampler = _seedable(sampler, data_seed)
     synchronized_generator = None
-    sharded = num_processes != 1 or state.distributed_type == DistributedType.MEGATRON_LM
+    sharded = num_processes != 1 or distributed_type == DistributedType.MEGATRON_LM
     if sharded and not dispatch_batches:
         if iterable:
             generator = getattr(dataset, "generator", None)
