@@ -190,3 +190,26 @@ def test_a_read_error_on_rank_zero_reaches_every_rank(ranks2: RankPool) -> None:
     first, second = ranks2.run(_dispatch_unconcatenable, timeout=60)
     assert first.startswith("DataLoaderDispatcher: the batches of one step could not be concatenated")
     assert second.startswith("DataLoaderDispatcher: rank 0 could not read the next batch: RuntimeError: ")
+
+
+def _skip_matches_the_epoch(kind: str, skipped: int) -> tuple[list[list[int]], list[list[int]]]:
+    from hasten.data_loader import skip_first_batches
+    from hasten.utils.random import set_seed
+
+    set_seed(5)
+    loader = _loader(kind)
+    saved = loader.state_dict(), torch.get_rng_state()  # what a checkpoint holds
+    full = [batch.tolist() for batch in loader]
+    loader.load_state_dict(saved[0])
+    torch.set_rng_state(saved[1])
+    return full[skipped:], [batch.tolist() for batch in skip_first_batches(loader, skipped)]
+
+
+@pytest.mark.parametrize("kind", ["map-even", "map-split", "iterable", "dispatch", "dispatch-split"])
+@pytest.mark.parametrize("pool", ["ranks2", "ranks4"])
+def test_skip_first_batches_yields_the_rest_of_the_epoch(
+    kind: str, pool: str, request: pytest.FixtureRequest
+) -> None:
+    ranks: RankPool = request.getfixturevalue(pool)
+    for expected, got in ranks.run(_skip_matches_the_epoch, kind, 2):
+        assert got == expected and got, "the same batches, the padded last step included"

@@ -198,6 +198,14 @@ def test_user_samplers_and_batch_samplers_are_sharded() -> None:
     assert get_sampler(as_sampler) is whole.sampler
 
 
+def test_get_sampler_sees_through_the_shard_and_empty_epochs_count() -> None:
+    loader = prepare_data_loader(DataLoader(list(range(6)), shuffle=True), num_processes=2, process_index=0)
+    assert isinstance(loader.get_sampler(), torch.utils.data.RandomSampler)
+    assert loader.get_sampler().generator is loader.synchronized_generator
+    empty = prepare_data_loader(DataLoader([]))
+    assert list(empty) == [] and empty.iteration == 1
+
+
 def test_prepared_loaders_are_dataloaders_that_pickle_and_copy() -> None:
     loader = prepare_data_loader(DataLoader(list(range(6)), batch_size=2), num_processes=2, process_index=1)
     assert isinstance(loader, DataLoader) and isinstance(loader, DataLoaderShard)
@@ -367,6 +375,17 @@ def test_dispatcher_on_one_process() -> None:
     assert _values(loader) == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0], [6.0]]
     assert loader.remainder == 7 % 3 and loader.total_batch_size == 3 and loader.total_dataset_length == 7
     assert _values(skip_first_batches(loader, 1)) == [[3.0, 4.0, 5.0], [6.0]]
+    remainders = [loader.remainder for _ in loader]
+    assert remainders == [1, 1, 1], "known from the start (Accelerate: -1 until the last batch)"
+
+    def halves(batch: Any, part: slice, process_index: int, num_processes: int) -> Any:
+        return batch[part]
+
+    sliced = prepare_data_loader(
+        DataLoader(Stream(4), batch_size=2), put_on_device=True, device="cpu", slice_fn_for_dispatch=halves
+    )
+    skipped = skip_first_batches(sliced, 1)
+    assert skipped.slice_fn is halves and _values(skipped) == [[2.0, 3.0]]
 
     split = prepare_data_loader(
         DataLoader(list(range(8)), batch_size=2),
@@ -382,7 +401,8 @@ def test_dispatcher_on_one_process() -> None:
 
 def test_stateful_loader_state_includes_torchdata_position() -> None:
     loader = prepare_data_loader(DataLoader(list(range(10)), batch_size=2), use_stateful_dataloader=True)
-    assert loader.state_dict()["batches_yielded"] == 0
+    before = loader.state_dict()
+    assert before["batches_yielded"] == 0 and "_num_yielded" not in before, "no iterator made to answer"
     iterator = iter(loader)
     next(iterator)
     next(iterator)
