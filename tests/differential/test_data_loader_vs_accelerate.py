@@ -82,7 +82,7 @@ MAP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("length, batch, world, drop, split, even, shuffle, seedable", MAP_CASES[::3])
+@pytest.mark.parametrize("length, batch, world, drop, split, even, shuffle, seedable", MAP_CASES[::5])
 def test_map_style_batches_and_rng_match(
     length: int, batch: int, world: int, drop: bool, split: bool, even: bool, shuffle: bool, seedable: bool
 ) -> None:

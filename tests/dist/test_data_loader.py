@@ -3,6 +3,7 @@ one shuffled order for all ranks, dispatching, device meshes, and errors that re
 
 from __future__ import annotations
 
+from collections import namedtuple
 from typing import Any
 
 import pytest
@@ -27,6 +28,14 @@ class Numbers(IterableDataset):  # type: ignore[type-arg]
 
 def _tensor(items: list[int]) -> torch.Tensor:
     return torch.tensor(items)
+
+
+Pair = namedtuple("Pair", ["first", "second"])
+
+
+def _structured(items: list[int]) -> dict[str, Any]:
+    ids = torch.tensor(items)
+    return {"ids": ids, "pair": Pair(ids.float(), [ids * 2]), "mask": ids > 3}
 
 
 def _loader(kind: str) -> Any:
@@ -213,3 +222,25 @@ def test_skip_first_batches_yields_the_rest_of_the_epoch(
     ranks: RankPool = request.getfixturevalue(pool)
     for expected, got in ranks.run(_skip_matches_the_epoch, kind, 2):
         assert got == expected and got, "the same batches, the padded last step included"
+
+
+def _dispatch_structures() -> list[Any]:
+    from hasten.data_loader import prepare_data_loader
+
+    loader = prepare_data_loader(
+        DataLoader(Numbers(7), batch_size=2, collate_fn=_structured),
+        device=torch.device("cpu"),
+        put_on_device=True,
+    )
+    out = []
+    for batch in loader:
+        assert type(batch["pair"]) is Pair and isinstance(batch["pair"].second, list)
+        assert batch["mask"].dtype == torch.bool and batch["pair"].first.dtype == torch.float32
+        assert torch.equal(batch["pair"].second[0], batch["ids"] * 2)
+        out.append(batch["ids"].tolist())
+    return out
+
+
+def test_dispatched_batches_keep_their_structure(ranks2: RankPool) -> None:
+    first, second = ranks2.run(_dispatch_structures)
+    assert first == [[0, 1], [4, 5]] and second == [[2, 3], [6, 0]]
