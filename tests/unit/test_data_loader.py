@@ -413,6 +413,10 @@ def test_stateful_loader_state_includes_torchdata_position() -> None:
     fresh = prepare_data_loader(DataLoader(list(range(10)), batch_size=2), use_stateful_dataloader=True)
     fresh.load_state_dict(state)
     assert _values(fresh) == [[4, 5], [6, 7], [8, 9]], "a stateful loader resumes by itself"
+    restored = prepare_data_loader(DataLoader(list(range(10)), batch_size=2), use_stateful_dataloader=True)
+    restored.load_state_dict(state)
+    assert _values(skip_first_batches(restored, 2)) == [[4, 5], [6, 7], [8, 9]]
+    assert _values(restored) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]], "the next epoch is whole"
     ours = {"iteration", "batches_yielded", "generators", "rng_state", "sampler"}
     accelerate_written = {k: v for k, v in state.items() if k not in ours}
     fresh.load_state_dict(accelerate_written)

@@ -146,6 +146,7 @@ class DataLoaderAdapter:
             self.base_dataloader: Any = loader_class(dataset, batch_sampler=batch_sampler, **kwargs)
         self._progress = Progress()
         self._sampler_offset = 0  # batches a SkipBatchSampler leaves out (they count as yielded)
+        self._pending_loader_state: dict[str, Any] | None = None  # restored, for torchdata
 
     # --- behaving like the wrapped loader -----------------------------------------------------
 
@@ -271,6 +272,9 @@ class DataLoaderAdapter:
                 torch.set_rng_state(epoch_rng)
             if isinstance(self, DataLoaderStateMixin):
                 self.begin()
+            if self._pending_loader_state is not None:
+                self.base_dataloader.load_state_dict(self._pending_loader_state)
+                self._pending_loader_state = None
             inner = self._create_iterator()
             first = self._fetch_first(inner)
         finally:
@@ -320,9 +324,10 @@ class DataLoaderAdapter:
             loader_state = {k: v for k, v in state_dict.items() if k not in _PROGRESS_KEYS}
             finished = bool(loader_state.get("_iterator_finished", False))
             # A finished epoch's state would make torchdata create two iterators (two base-seed
-            # draws) for the next one; the next epoch starts afresh without it.
-            self.base_dataloader.load_state_dict({} if finished else loader_state)
-            self._progress.loader_state = None if finished else (loader_state or None)
+            # draws) for the next one; the next epoch starts afresh without it. The state goes to
+            # torchdata when this loader's next epoch starts (a skip loader may run it instead).
+            self._pending_loader_state = None if finished or not loader_state else loader_state
+            self._progress.loader_state = self._pending_loader_state
             if "iteration" not in state_dict:  # written by Accelerate: torchdata's keys only
                 self._progress.replay = bool(loader_state) and not finished
                 self._progress.batches_yielded = (

@@ -146,4 +146,5 @@ def skip_first_batches(dataloader: Any, num_batches: int = 0) -> Any:
         skipping = SkipBatchSampler(dataloader.batch_sampler, skip_batches=num_batches)
         return DataLoader(dataloader.dataset, batch_sampler=skipping, **kwargs)
     made._progress = dataloader._progress
+    dataloader._pending_loader_state = None  # the skip loader runs a restored epoch, not the origin
     return made
