@@ -118,15 +118,8 @@ def _header_lines() -> list[str]:
 
 
 def _worker(rank: int, world: int, port: int, rounds: int, epochs: int) -> None:
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-    )
+    ranks = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)}
+    os.environ.update(ranks, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from accelerate.state import AcceleratorState
     from accelerate.utils import TorchDynamoPlugin

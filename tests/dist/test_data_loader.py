@@ -8,22 +8,12 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from tests.ranks import RankPool
+from tests.unit.test_data_loader_sharding import Numbers
 
 LENGTH = 29  # prime: uneven for every world size and batch size used here
-
-
-class Numbers(IterableDataset):  # type: ignore[type-arg]
-    def __init__(self, length: int) -> None:
-        self.length = length
-
-    def __iter__(self) -> Any:
-        return iter(range(self.length))
-
-    def __len__(self) -> int:
-        return self.length
 
 
 def _tensor(items: list[int]) -> torch.Tensor:

@@ -80,13 +80,28 @@ class SeedableRandomSampler(RandomSampler):
         self.epoch = int(state["epoch"])
 
 
+class _Wrapper(BatchSampler):
+    """A batch sampler around another; ``sampler`` reaches the index sampler inside."""
+
+    batch_sampler: Iterable[list[Any]]
+
+    @property
+    def sampler(self) -> Any:
+        """The index sampler under the wrapped batch sampler (``None`` when it has none)."""
+        return getattr(self.batch_sampler, "sampler", None)
+
+    @sampler.setter
+    def sampler(self, sampler: Any) -> None:
+        self.batch_sampler.sampler = sampler  # type: ignore[attr-defined]
+
+
 def _cycled(pool: list[Any], start: int, count: int) -> list[Any]:
     """``count`` items of ``pool`` from position ``start``, wrapping around as often as needed."""
     size = len(pool)
     return [pool[(start + i) % size] for i in range(count)]
 
 
-class BatchSamplerShard(BatchSampler):
+class BatchSamplerShard(_Wrapper):
     """The batches of ``batch_sampler`` that rank ``process_index`` of ``num_processes`` reads.
 
     Args:
@@ -127,15 +142,6 @@ class BatchSamplerShard(BatchSampler):
                 f"{self.batch_size}. Choose a batch size divisible by {num_processes}, or "
                 "split_batches=False."
             )
-
-    @property
-    def sampler(self) -> Any:
-        """The index sampler under the wrapped batch sampler (``None`` when it has none)."""
-        return getattr(self.batch_sampler, "sampler", None)
-
-    @sampler.setter
-    def sampler(self, sampler: Any) -> None:
-        self.batch_sampler.sampler = sampler  # type: ignore[attr-defined]
 
     @property
     def total_length(self) -> int:
@@ -243,7 +249,7 @@ class BatchSamplerShard(BatchSampler):
         return _cycled(pool, offset, size)
 
 
-class SkipBatchSampler(BatchSampler):
+class SkipBatchSampler(_Wrapper):
     """The batches of ``batch_sampler`` after its first ``skip_batches`` (their samples are never read).
 
     Args:
@@ -258,15 +264,6 @@ class SkipBatchSampler(BatchSampler):
         self.skip_batches = skip_batches
         self.batch_size: int | None = getattr(batch_sampler, "batch_size", None)  # type: ignore[assignment]
         self.drop_last: bool = bool(getattr(batch_sampler, "drop_last", False))
-
-    @property
-    def sampler(self) -> Any:
-        """The index sampler under the wrapped batch sampler (``None`` when it has none)."""
-        return getattr(self.batch_sampler, "sampler", None)
-
-    @sampler.setter
-    def sampler(self, sampler: Any) -> None:
-        self.batch_sampler.sampler = sampler  # type: ignore[attr-defined]
 
     def __iter__(self) -> Iterator[list[Any]]:
         iterator = iter(self.batch_sampler)

@@ -51,65 +51,53 @@ def _is_stateful(obj: Any) -> bool:
     return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
 
 
-def _shard_like(loader: DataLoaderShard, num_batches: int) -> DataLoaderShard:
+def _rebuilt(loader: DataLoaderShard | DataLoaderDispatcher, batches: Any) -> dict[str, Any]:
+    """The arguments that rebuild ``loader`` around ``batches`` (its batch sampler's stand-in)."""
     base = loader.base_dataloader
     kwargs = loader_kwargs(base)
-    skip_in_loader = 0
-    offset = 0
+    kwargs.update(
+        use_stateful_dataloader=loader.use_stateful_dataloader,
+        _drop_last=loader._drop_last,
+        _non_blocking=loader._non_blocking,
+        torch_device_mesh=loader.torch_device_mesh,
+    )
     if isinstance(base.dataset, IterableDataset):
         kwargs.update(batch_size=base.batch_size, drop_last=base.drop_last)
-        skip_in_loader = num_batches
+    elif isinstance(base.sampler, BatchSampler):
+        kwargs.update(sampler=batches, batch_size=base.batch_size)
     else:
-        sampler_is_batch_sampler = isinstance(base.sampler, BatchSampler)
-        index_source = base.sampler if sampler_is_batch_sampler else base.batch_sampler
-        if loader.use_stateful_dataloader and _is_stateful(index_source):
-            skip_in_loader = num_batches  # torchdata saves that sampler's own state: keep it the same one
-            if sampler_is_batch_sampler:
-                kwargs.update(sampler=index_source, batch_size=base.batch_size)
-            else:
-                kwargs["batch_sampler"] = index_source
-        else:
-            skipping = SkipBatchSampler(index_source, skip_batches=num_batches)
-            offset = loader._sampler_offset + num_batches
-            if sampler_is_batch_sampler:
-                kwargs.update(sampler=skipping, batch_size=base.batch_size)
-            else:
-                kwargs["batch_sampler"] = skipping
+        kwargs["batch_sampler"] = batches
+    return kwargs
+
+
+def _shard_like(loader: DataLoaderShard, num_batches: int) -> DataLoaderShard:
+    base = loader.base_dataloader
+    index_source = base.sampler if isinstance(base.sampler, BatchSampler) else base.batch_sampler
+    in_sampler = not isinstance(base.dataset, IterableDataset) and not (
+        loader.use_stateful_dataloader and _is_stateful(index_source)
+    )  # torchdata saves a stateful batch sampler's own state: that one must stay, unwrapped
+    batches = SkipBatchSampler(index_source, skip_batches=num_batches) if in_sampler else index_source
     skipped = DataLoaderShard(
         base.dataset,
         device=loader.device,
         rng_types=loader.rng_types,
         synchronized_generator=loader.synchronized_generator,
-        skip_batches=loader.skip_batches + skip_in_loader,
-        use_stateful_dataloader=loader.use_stateful_dataloader,
-        _drop_last=loader._drop_last,
-        _non_blocking=loader._non_blocking,
-        torch_device_mesh=loader.torch_device_mesh,
-        **kwargs,
+        skip_batches=loader.skip_batches + (0 if in_sampler else num_batches),
+        **_rebuilt(loader, batches),
     )
-    skipped._sampler_offset = offset
+    skipped._sampler_offset = loader._sampler_offset + num_batches if in_sampler else 0
     return skipped
 
 
 def _dispatcher_like(loader: DataLoaderDispatcher, num_batches: int) -> DataLoaderDispatcher:
     base = loader.base_dataloader
-    kwargs = loader_kwargs(base)
+    kwargs = _rebuilt(loader, base.sampler if isinstance(base.sampler, BatchSampler) else base.batch_sampler)
     kwargs.pop("generator")
-    if isinstance(base.dataset, IterableDataset):
-        kwargs.update(batch_size=base.batch_size, drop_last=base.drop_last)
-    elif isinstance(base.sampler, BatchSampler):
-        kwargs.update(sampler=base.sampler, batch_size=base.batch_size)
-    else:
-        kwargs["batch_sampler"] = base.batch_sampler
     return DataLoaderDispatcher(
         base.dataset,
         split_batches=loader.split_batches,
         skip_batches=loader.skip_batches + num_batches,
-        use_stateful_dataloader=loader.use_stateful_dataloader,
-        _drop_last=loader._drop_last,
-        _non_blocking=loader._non_blocking,
         slice_fn=loader.slice_fn,
-        torch_device_mesh=loader.torch_device_mesh,
         **kwargs,
     )
 
