@@ -24,7 +24,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, IterableDataset
 
-from hasten.data_loader import BatchSamplerShard, IterableDatasetShard, prepare_data_loader
+from hasten.data_loader import (
+    BatchSamplerShard,
+    IterableDatasetShard,
+    SeedableRandomSampler,
+    prepare_data_loader,
+)
+from hasten.data_loading.samplers import batches_drawn_at_once
 
 
 class Numbers(IterableDataset):  # type: ignore[type-arg]
@@ -221,3 +227,61 @@ def test_prepare_errors_name_the_setting() -> None:
         prepare_data_loader(
             DataLoader(data, batch_sampler=Plain()), num_processes=2, process_index=0, split_batches=True
         )
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.integers(1, 40),  # dataset length
+    st.one_of(st.none(), st.integers(1, 90)),  # num_samples
+    st.integers(1, 9),  # batch size
+    st.booleans(),  # drop_last
+    st.sampled_from(["sequential", "random", "random-with-generator", "seedable"]),
+)
+def test_batches_drawn_at_once_are_torchs_batches(
+    length: int, num_samples: int | None, batch: int, drop: bool, kind: str
+) -> None:
+    """The fast path draws the same indices from the same generators as torch's samplers do."""
+
+    def make() -> torch.utils.data.BatchSampler:
+        data = range(length)
+        if kind == "sequential":
+            sampler: Any = torch.utils.data.SequentialSampler(data)
+        elif kind == "seedable":
+            sampler = SeedableRandomSampler(data, num_samples=num_samples, data_seed=4)
+            sampler.set_epoch(2)
+        else:
+            generator = torch.Generator().manual_seed(1) if kind == "random-with-generator" else None
+            sampler = torch.utils.data.RandomSampler(data, num_samples=num_samples, generator=generator)
+        return torch.utils.data.BatchSampler(sampler, batch, drop)
+
+    outcomes = []
+    for fast in (False, True):
+        torch.manual_seed(3)
+        sampler = make()
+        batches = batches_drawn_at_once(sampler) if fast else iter(sampler)
+        assert batches is not None
+        drawn = list(batches)
+        inner = sampler.sampler
+        generator = getattr(inner, "generator", None)
+        outcomes.append(
+            (
+                drawn,
+                torch.get_rng_state(),
+                None if generator is None else generator.get_state(),
+                getattr(inner, "epoch", None),
+            )
+        )
+    (slow_batches, slow_rng, slow_gen, slow_epoch), (fast_batches, fast_rng, fast_gen, fast_epoch) = outcomes
+    assert fast_batches == slow_batches and fast_epoch == slow_epoch
+    assert torch.equal(fast_rng, slow_rng)
+    assert (fast_gen is None) == (slow_gen is None) and (slow_gen is None or torch.equal(fast_gen, slow_gen))
+
+
+def test_other_batch_samplers_are_iterated_as_they_are() -> None:
+    class Mine(torch.utils.data.BatchSampler):
+        pass
+
+    plain = torch.utils.data.RandomSampler(range(5), replacement=True)
+    assert batches_drawn_at_once(torch.utils.data.BatchSampler(plain, 2, False)) is None
+    assert batches_drawn_at_once(Mine(range(5), 2, False)) is None
+    assert batches_drawn_at_once([[0, 1]]) is None

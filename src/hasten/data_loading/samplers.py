@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import BatchSampler, RandomSampler
+from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
 
 def _rank_arguments(num_processes: Any, process_index: Any, caller: str) -> None:
@@ -78,6 +78,64 @@ class SeedableRandomSampler(RandomSampler):
             )
         self.initial_seed = int(state["seed"])
         self.epoch = int(state["epoch"])
+
+
+def _random_chunks(sampler: RandomSampler) -> Iterator[list[int]]:
+    """The indices ``RandomSampler.__iter__`` yields (no replacement), a permutation at a time, drawn
+    from the same generator at the same moments; a :class:`SeedableRandomSampler` reseeds first and
+    moves to the next epoch after, as its own ``__iter__`` does."""
+    seedable = sampler if isinstance(sampler, SeedableRandomSampler) else None
+    if seedable is not None:
+        if seedable.generator is None:
+            seedable.generator = torch.Generator(device=torch.get_default_device())
+        seedable.generator.manual_seed(seedable.initial_seed + seedable.epoch)
+    generator = sampler.generator
+    if generator is None:
+        generator = torch.Generator()
+        generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+    size, total = len(sampler.data_source), sampler.num_samples
+    for _ in range(total // size):
+        yield torch.randperm(size, generator=generator).tolist()
+    yield torch.randperm(size, generator=generator)[: total % size].tolist()  # drawn even when empty
+    if seedable is not None:
+        seedable.set_epoch(seedable.epoch + 1)
+
+
+def _batches_of(chunks: Iterator[list[int]], size: int, drop_last: bool) -> Iterator[list[int]]:
+    """``BatchSampler``'s batches, cut from lists of indices."""
+    pending: list[int] = []
+    for chunk in chunks:
+        if pending:
+            cut = size - len(pending)
+            pending += chunk[:cut]
+            chunk = chunk[cut:]
+            if len(pending) < size:
+                continue
+            yield pending
+        full = len(chunk) - len(chunk) % size
+        for start in range(0, full, size):
+            yield chunk[start : start + size]
+        pending = chunk[full:]
+    if pending and not drop_last:
+        yield pending
+
+
+def batches_drawn_at_once(batch_sampler: Any) -> Iterator[list[int]] | None:
+    """The batches of torch's ``BatchSampler`` over a ``SequentialSampler`` or a ``RandomSampler``
+    without replacement, drawn a whole permutation at a time (the same indices and generator
+    draws, at a fraction of the cost per index); ``None`` for any other batch sampler."""
+    if type(batch_sampler) is not BatchSampler:
+        return None
+    sampler, size, drop_last = batch_sampler.sampler, batch_sampler.batch_size, batch_sampler.drop_last
+    if type(sampler) is SequentialSampler:
+        chunks: Iterator[list[int]] = iter([list(range(len(sampler.data_source)))])
+    elif isinstance(sampler, RandomSampler) and type(sampler) in (RandomSampler, SeedableRandomSampler):
+        if sampler.replacement:
+            return None
+        chunks = _random_chunks(sampler)
+    else:
+        return None
+    return _batches_of(chunks, size, drop_last)
 
 
 class _Wrapper(BatchSampler):
@@ -180,13 +238,17 @@ class BatchSamplerShard(_Wrapper):
             return self._iter_split()
         return self._iter_interleaved()
 
+    def _source(self) -> Iterator[list[Any]]:
+        fast = batches_drawn_at_once(self.batch_sampler)
+        return iter(self.batch_sampler) if fast is None else fast
+
     def _iter_split(self) -> Iterator[list[Any]]:
         size = self.batch_size
         assert size is not None
         width = size // self.num_processes
         start, stop = width * self.process_index, width * (self.process_index + 1)
         first: list[Any] | None = None
-        for batch in self.batch_sampler:
+        for batch in self._source():
             if first is None:
                 first = list(batch)
             if len(batch) == size:
@@ -205,7 +267,7 @@ class BatchSamplerShard(_Wrapper):
         wrap = self.even_batches and not self.drop_last
         head: list[list[Any]] = []  # the first round, to complete the last one from
         round_: list[list[Any]] = []
-        iterator = iter(self.batch_sampler)
+        iterator = self._source()
         for batch in iterator:
             if wrap and len(head) < world:
                 head.append(batch)

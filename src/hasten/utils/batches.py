@@ -116,6 +116,15 @@ def send_to_device(
             moved[key] = value if value.device == target else value.to(target, non_blocking=non_blocking)
         else:
             return moved
+    kind = type(tensor)
+    if kind is list or kind is tuple:  # the other usual batch: a flat list or tuple of tensors
+        items = []
+        for value in tensor:
+            if type(value) is not _Tensor:
+                break
+            items.append(value if value.device == target else value.to(target, non_blocking=non_blocking))
+        else:
+            return items if kind is list else tuple(items)
     if skip_keys is None:
         skip: frozenset[Any] = frozenset()
     elif isinstance(skip_keys, str):
