@@ -159,6 +159,21 @@ def test_batches_of_any_structure_move_to_the_device_and_keep_their_types() -> N
     assert next(iter(unmoved))["pair"].x.device.type == "cpu"
 
 
+@pytest.mark.parametrize("kind", [list, tuple, dict])
+def test_flat_batches_take_the_fast_path_to_the_device(kind: type) -> None:
+    from hasten.utils.batches import send_to_device
+
+    x, y = torch.ones(2), torch.zeros(2, dtype=torch.long)
+    batch: Any = {"x": x, "y": y} if kind is dict else kind([x, y])
+    same = send_to_device(batch, torch.device("cpu"))
+    moved = send_to_device(batch, "meta")
+    values = (lambda b: list(b.values())) if kind is dict else list
+    assert type(same) is kind and type(moved) is kind
+    assert all(a is b for a, b in zip(values(same), [x, y])), "already there: no copy"
+    assert [t.device.type for t in values(moved)] == ["meta", "meta"]
+    assert [t.dtype for t in values(moved)] == [torch.float32, torch.int64]
+
+
 class EveryOther(Sampler[int]):
     def __init__(self, length: int) -> None:
         self.length = length

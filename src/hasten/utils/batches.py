@@ -108,21 +108,24 @@ def send_to_device(
     keys named in ``skip_keys`` (a key or a list of keys, at any depth) stay where they are.
     """
     target = _as_device(device)
-    if skip_keys is None and type(tensor) is dict:  # the usual batch: a flat dict of tensors
+    to_cpu = target.type == "cpu"  # `is_cpu` is far cheaper than building and comparing a device
+    kind = type(tensor)
+    if skip_keys is None and kind is dict:  # the usual batch: a flat dict of tensors
         moved = {}
         for key, value in tensor.items():
             if type(value) is not _Tensor:
                 break
-            moved[key] = value if value.device == target else value.to(target, non_blocking=non_blocking)
+            there = value.is_cpu if to_cpu else value.device == target
+            moved[key] = value if there else value.to(target, non_blocking=non_blocking)
         else:
             return moved
-    kind = type(tensor)
     if kind is list or kind is tuple:  # the other usual batch: a flat list or tuple of tensors
         items = []
         for value in tensor:
             if type(value) is not _Tensor:
                 break
-            items.append(value if value.device == target else value.to(target, non_blocking=non_blocking))
+            there = value.is_cpu if to_cpu else value.device == target
+            items.append(value if there else value.to(target, non_blocking=non_blocking))
         else:
             return items if kind is list else tuple(items)
     if skip_keys is None:
