@@ -213,6 +213,21 @@ def test_user_samplers_and_batch_samplers_are_sharded() -> None:
     assert get_sampler(as_sampler) is whole.sampler
 
 
+def test_unbatched_loaders_keep_their_samples_and_order() -> None:
+    torch.manual_seed(0)
+    reference = [x.item() for x in DataLoader(torch.arange(6.0), batch_size=None, shuffle=True)]
+    torch.manual_seed(0)
+    loader = prepare_data_loader(DataLoader(torch.arange(6.0), batch_size=None, shuffle=True))
+    assert [x.item() for x in loader] == reference, "no batching added, the shuffle kept"
+    assert isinstance(loader.get_sampler(), torch.utils.data.RandomSampler)
+    seedable = prepare_data_loader(
+        DataLoader(torch.arange(6.0), batch_size=None, shuffle=True), use_seedable_sampler=True
+    )
+    assert isinstance(seedable.get_sampler(), SeedableRandomSampler) and len(list(seedable)) == 6
+    with pytest.raises(ValueError, match=r"batch_size=None over a map-style dataset has no batches to share"):
+        prepare_data_loader(DataLoader(torch.arange(6.0), batch_size=None), num_processes=2, process_index=0)
+
+
 def test_get_sampler_sees_through_the_shard_and_empty_epochs_count() -> None:
     loader = prepare_data_loader(DataLoader(list(range(6)), shuffle=True), num_processes=2, process_index=0)
     assert isinstance(loader.get_sampler(), torch.utils.data.RandomSampler)

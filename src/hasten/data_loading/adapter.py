@@ -66,9 +66,12 @@ def loader_kwargs(dataloader: Any) -> dict[str, Any]:
 
 
 def get_sampler(dataloader: Any) -> Any:
-    """The index sampler of ``dataloader`` (under its batch sampler), ``None`` when there is none."""
+    """The index sampler of ``dataloader`` (under its batch sampler, or its sampler itself when it
+    does not batch), ``None`` when there is none."""
     if isinstance(dataloader.sampler, BatchSampler):
         return getattr(dataloader.sampler, "sampler", None)
+    if dataloader.batch_sampler is None:
+        return dataloader.sampler
     return getattr(dataloader.batch_sampler, "sampler", None)
 
 

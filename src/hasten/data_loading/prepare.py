@@ -169,7 +169,14 @@ def prepare_data_loader(
         sampler = _seedable(sampler, data_seed)
     synchronized_generator = None
     sharded = num_processes != 1 or distributed_type == DistributedType.MEGATRON_LM
+    unbatched = not iterable and index_source is None  # batch_size=None: every sample is a batch
     if sharded and not dispatch_batches:
+        if unbatched:
+            raise ValueError(
+                "prepare_data_loader: a DataLoader with batch_size=None over a map-style dataset has no "
+                f"batches to share between num_processes={num_processes} ranks. Give it a batch_size, a "
+                "batch_sampler, or a BatchSampler as its sampler (or use dispatch_batches=True)."
+            )
         if iterable:
             generator = getattr(dataset, "generator", None)
             synchronized_generator = generator if isinstance(generator, torch.Generator) else None
@@ -205,6 +212,8 @@ def prepare_data_loader(
     elif sampler_is_batch_sampler:
         kwargs["sampler"] = index_source
         kwargs["batch_size"] = dataloader.batch_size
+    elif unbatched:
+        kwargs.update(sampler=sampler, batch_size=None)
     else:
         kwargs["batch_sampler"] = index_source
 
@@ -233,6 +242,6 @@ def prepare_data_loader(
             torch_device_mesh=torch_device_mesh,
             **kwargs,
         )
-    if isinstance(sampler, SeedableRandomSampler):
+    if isinstance(sampler, SeedableRandomSampler) and not unbatched:
         prepared.set_sampler(sampler)
     return prepared  # type: ignore[return-value]
