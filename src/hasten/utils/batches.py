@@ -95,6 +95,9 @@ def _check_usable(device: torch.device, given: Any) -> None:
         _USABLE.add(device)
 
 
+_CPU = torch.device("cpu")
+
+
 def _has_to(node: Any) -> bool:
     return hasattr(node, "to")
 
@@ -108,7 +111,7 @@ def send_to_device(
     keys named in ``skip_keys`` (a key or a list of keys, at any depth) stay where they are.
     """
     target = _as_device(device)
-    to_cpu = target.type == "cpu"  # `is_cpu` is far cheaper than building and comparing a device
+    to_cpu = target == _CPU  # then `is_cpu` answers: far cheaper than building and comparing devices
     kind = type(tensor)
     if skip_keys is None and kind is dict:  # the usual batch: a flat dict of tensors
         moved = {}
