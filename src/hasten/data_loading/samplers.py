@@ -128,7 +128,8 @@ def batches_drawn_at_once(batch_sampler: Any) -> Iterator[list[int]] | None:
         return None
     sampler, size, drop_last = batch_sampler.sampler, batch_sampler.batch_size, batch_sampler.drop_last
     if type(sampler) is SequentialSampler:
-        chunks: Iterator[list[int]] = iter([list(range(len(sampler.data_source)))])
+        length = len(sampler.data_source)
+        chunks: Iterator[list[int]] = (list(range(i, min(i + size, length))) for i in range(0, length, size))
     elif isinstance(sampler, RandomSampler) and type(sampler) in (RandomSampler, SeedableRandomSampler):
         if sampler.replacement:
             return None
