@@ -323,7 +323,8 @@ class SkipBatchSampler(_Wrapper):
         self.drop_last: bool = bool(getattr(batch_sampler, "drop_last", False))
 
     def __iter__(self) -> Iterator[list[Any]]:
-        iterator = iter(self.batch_sampler)
+        fast = batches_drawn_at_once(self.batch_sampler)
+        iterator = iter(self.batch_sampler) if fast is None else fast
         for _ in range(self.skip_batches):
             if next(iterator, None) is None:
                 return
