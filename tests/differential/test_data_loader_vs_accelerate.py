@@ -178,6 +178,18 @@ def test_state_mixin_flags_match() -> None:
     assert seen[1] == seen[0]
 
 
+def test_every_public_name_of_accelerates_module_is_here() -> None:
+    """All of accelerate.data_loader's public classes and functions but XLA's loader wrapper."""
+    public = {
+        name
+        for name, value in vars(theirs).items()
+        if not name.startswith("_")
+        and (inspect.isclass(value) or inspect.isfunction(value))
+        and getattr(value, "__module__", "") == theirs.__name__
+    }
+    assert public - {"MpDeviceLoaderWrapper"} <= set(ours.__all__)
+
+
 @pytest.mark.parametrize(
     "name",
     [

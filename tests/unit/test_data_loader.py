@@ -474,3 +474,32 @@ def test_bare_adapter_iterates_and_saves() -> None:
     iterator = iter(stateful)
     next(iterator)
     assert stateful.state_dict()["_num_yielded"] == 1
+
+
+def test_total_batch_size_needs_a_batch_size() -> None:
+    class Uneven:
+        def __iter__(self) -> Iterator[list[int]]:
+            return iter([[0], [1, 2]])
+
+        def __len__(self) -> int:
+            return 2
+
+    shard = prepare_data_loader(
+        DataLoader(list(range(3)), batch_sampler=Uneven()), num_processes=2, process_index=0
+    )
+    with pytest.raises(TypeError, match=r"total_batch_size: the batch sampler has no batch_size"):
+        shard.total_batch_size
+    assert shard.remainder == -1 and [b.tolist() for b in shard] == [[0]] and shard.remainder == -1
+    dispatcher = DataLoaderDispatcher(list(range(3)), batch_sampler=Uneven())
+    with pytest.raises(TypeError, match=r"total_batch_size: the loader has no batch_size"):
+        dispatcher.total_batch_size
+
+
+def test_an_old_torchdata_is_named_with_the_upgrade(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hasten.data_loading.adapter as adapter
+
+    monkeypatch.setattr(adapter, "is_torchdata_stateful_dataloader_available", lambda: False)
+    with pytest.raises(
+        ImportError, match=r"needs torchdata >= 0.8.0 .* Upgrade it with: pip install -U torchdata"
+    ):
+        prepare_data_loader(DataLoader(list(range(4))), use_stateful_dataloader=True)
