@@ -31,6 +31,7 @@ from hasten.big_modeling import (
     init_on_device,
     load_checkpoint_and_dispatch,
 )
+from hasten.data_loader import skip_first_batches
 from hasten.inference import (
     prepare_pippy,
 )
@@ -98,5 +99,6 @@ __all__ = [
     "load_checkpoint_in_model",
     "notebook_launcher",
     "prepare_pippy",
+    "skip_first_batches",
     "synchronize_rng_states",
 ]

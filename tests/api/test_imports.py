@@ -76,6 +76,7 @@ LAYERS: dict[str, int] = {
     "hasten.layerwise_casting": 6,
     "hasten.accelerator": 7,
     "hasten.data_loader": 7,
+    "hasten.data_loading": 7,
     "hasten.optimizer": 7,
     "hasten.scheduler": 7,
     "hasten.checkpointing": 7,

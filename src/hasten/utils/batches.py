@@ -95,6 +95,45 @@ def _check_usable(device: torch.device, given: Any) -> None:
         _USABLE.add(device)
 
 
+_CPU = torch.device("cpu")
+NOT_FLAT = object()  # what move_flat_batch returns for a batch that is not flat
+
+
+def resolve_device(device: Device) -> torch.device:
+    """``device`` as a ``torch.device``, checked to exist on this machine (as :func:`send_to_device`
+    checks it)."""
+    return _as_device(device)
+
+
+def move_flat_batch(batch: Any, target: torch.device, non_blocking: bool = False) -> Any:
+    """A flat dict, list or tuple of tensors with every tensor on ``target`` (those already there
+    are kept), or :data:`NOT_FLAT` for any other batch.
+
+    The fast path of :func:`send_to_device`, for a device already resolved: prepared data loaders
+    call it once per batch.
+    """
+    kind = type(batch)
+    if kind is dict:  # the usual batch: a flat dict of tensors
+        values: Any = batch.values()
+    elif kind is list or kind is tuple:  # the other usual batch: a flat list or tuple of tensors
+        values = batch
+    else:
+        return NOT_FLAT
+    for value in values:  # checked before anything moves: no copy is made and then thrown away
+        if type(value) is not _Tensor:
+            return NOT_FLAT
+    to_cpu = target == _CPU  # then `is_cpu` answers: far cheaper than building and comparing devices
+    moved = [
+        value
+        if (value.is_cpu if to_cpu else value.device == target)
+        else value.to(target, non_blocking=non_blocking)
+        for value in values
+    ]
+    if kind is dict:
+        return dict(zip(batch, moved))
+    return moved if kind is list else tuple(moved)
+
+
 def _has_to(node: Any) -> bool:
     return hasattr(node, "to")
 
@@ -108,15 +147,10 @@ def send_to_device(
     keys named in ``skip_keys`` (a key or a list of keys, at any depth) stay where they are.
     """
     target = _as_device(device)
-    if skip_keys is None and type(tensor) is dict:  # the usual batch: a flat dict of tensors
-        moved = {}
-        for key, value in tensor.items():
-            if type(value) is not _Tensor:
-                break
-            moved[key] = value if value.device == target else value.to(target, non_blocking=non_blocking)
-        else:
-            return moved
     if skip_keys is None:
+        moved = move_flat_batch(tensor, target, non_blocking)
+        if moved is not NOT_FLAT:
+            return moved
         skip: frozenset[Any] = frozenset()
     elif isinstance(skip_keys, str):
         skip = frozenset([skip_keys])

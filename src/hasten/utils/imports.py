@@ -20,6 +20,7 @@ from functools import cache
 from typing import Any, TypeVar
 
 import torch
+from packaging.version import Version
 
 # Import name -> distribution name, where they differ.
 _DISTRIBUTIONS = {
@@ -190,6 +191,19 @@ def is_megatron_lm_available() -> bool:
     return _is_package_available("megatron")
 
 
+def is_torchdata_available() -> bool:
+    """Whether torchdata is installed."""
+    return _is_package_available("torchdata")
+
+
+def is_torchdata_stateful_dataloader_available() -> bool:
+    """Whether torchdata's ``StatefulDataLoader`` is available (torchdata >= 0.8.0)."""
+    version = package_version("torchdata")
+    if version is None:
+        return False
+    return version == "unknown" or Version(version).release >= (0, 8, 0)
+
+
 def is_ipex_available() -> bool:
     """Whether Intel Extension for PyTorch is installed."""
     return _is_package_available("intel_extension_for_pytorch")
@@ -310,16 +324,6 @@ def is_bitsandbytes_multi_backend_available() -> bool:
 def is_numpy_available(min_version: str = "1.25.0") -> bool:
     """Whether numpy ``min_version`` or newer is installed."""
     return _version_at_least("numpy", min_version)
-
-
-def is_torchdata_available() -> bool:
-    """Whether torchdata is installed."""
-    return _is_package_available("torchdata")
-
-
-def is_torchdata_stateful_dataloader_available() -> bool:
-    """Whether torchdata's ``StatefulDataLoader`` (torchdata 0.8.0 and newer) is installed."""
-    return _version_at_least("torchdata", "0.8.0")
 
 
 def _simple_probe(module: str, what: str) -> Callable[[], bool]:
