@@ -68,6 +68,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(
         [
             "hasten.accelerator",
+            "hasten.engines",
             "hasten.data_loader",
             "hasten.optimizer",
             "hasten.scheduler",

@@ -1,0 +1,12 @@
+"""The private pieces behind :class:`hasten.accelerator.Accelerator` (layer 7).
+
+- :mod:`hasten.engines.connector` resolves the constructor's arguments once into a frozen
+  :class:`~hasten.engines.connector.Settings` and picks one engine and one precision;
+- :mod:`hasten.engines.base` is the engine interface (its docstring is the contract);
+- :mod:`hasten.engines.single` and :mod:`hasten.engines.ddp` are the engines built so far;
+- :mod:`hasten.engines.precision` is mixed precision (autocast, the gradient scaler);
+- :mod:`hasten.engines.accumulation` is the ``accumulate`` context;
+- :mod:`hasten.engines.outputs` gathers for metrics and writes models to disk.
+
+Nothing here is public: import the ``Accelerator`` from :mod:`hasten.accelerator`.
+"""

@@ -1,0 +1,133 @@
+"""One small seeded training run, written three ways: raw torch by hand, and through an
+``Accelerator`` (hasten's or Accelerate's, the library being the only difference).
+
+Used by the equivalence tests on 1, 2 and 4 ranks. Every run returns the loss of each batch
+(as seen on this rank) and the final weights, so runs can be compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional
+
+ROWS, FEATURES, HIDDEN, CLASSES, BATCH = 96, 8, 16, 3, 4
+
+
+def dataset() -> torch.utils.data.TensorDataset:
+    generator = torch.Generator().manual_seed(1234)
+    features = torch.randn(ROWS, FEATURES, generator=generator)
+    labels = torch.randint(0, CLASSES, (ROWS,), generator=generator)
+    return torch.utils.data.TensorDataset(features, labels)
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(FEATURES, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES))
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def raw_loader(world: int, rank: int) -> torch.utils.data.DataLoader[Any]:
+    """Batches of this rank's samples: ``DistributedSampler`` on several ranks, in order."""
+    data = dataset()
+    sampler = (
+        torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
+        if world > 1
+        else None
+    )
+    return torch.utils.data.DataLoader(data, batch_size=BATCH, sampler=sampler)
+
+
+def _optimizer(parameters: Any) -> tuple[torch.optim.Optimizer, Any]:
+    optimizer = torch.optim.AdamW(parameters, lr=0.05)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+    return optimizer, scheduler
+
+
+def raw_run(steps: int = 1, precision: str = "no", epochs: int = 2) -> tuple[list[float], dict[str, Any]]:
+    """The loop written by hand: DDP when several ranks, ``no_sync`` while accumulating, the scheduler
+    stepped once per process per optimizer step (as a single-process schedule expects)."""
+    world, rank = _world()
+    net = model()
+    ddp = nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    optimizer, scheduler = _optimizer(ddp.parameters())
+    loader = raw_loader(world, rank)
+    losses, count = [], 0
+    for epoch in range(epochs):
+        for x, y in loader:
+            count += 1
+            sync = count % steps == 0
+            context = ddp.no_sync() if world > 1 and not sync else _Null()
+            with context:
+                if precision == "bf16":
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        out = ddp(x)
+                    out = out.float()
+                else:
+                    out = ddp(x)
+                loss = functional.cross_entropy(out, y)
+                (loss / steps if steps > 1 else loss).backward()
+            if sync:
+                torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
+                optimizer.step()
+                for _ in range(world):
+                    scheduler.step()
+                optimizer.zero_grad()
+            losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def library_run(
+    library: str, steps: int = 1, precision: str = "no", epochs: int = 2, prepare_loader: bool = False
+) -> tuple[list[float], dict[str, Any]]:
+    """The same loop through ``library``'s ``Accelerator`` (``"hasten"`` or ``"accelerate"``).
+
+    Without ``prepare_loader`` the data comes from :func:`raw_loader` on both sides, so only
+    the Accelerator's training mechanics are compared.
+    """
+    lib = importlib.import_module(library)
+    accelerator = lib.Accelerator(cpu=True, gradient_accumulation_steps=steps, mixed_precision=precision)
+    net = model()
+    optimizer, scheduler = _optimizer(net.parameters())
+    if prepare_loader:
+        loader = torch.utils.data.DataLoader(dataset(), batch_size=BATCH)
+        net, optimizer, scheduler, loader = accelerator.prepare(net, optimizer, scheduler, loader)
+    else:
+        loader = raw_loader(accelerator.num_processes, accelerator.process_index)
+        net, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
+    losses = []
+    for epoch in range(epochs):
+        for x, y in loader:
+            with accelerator.accumulate(net):
+                loss = functional.cross_entropy(net(x), y)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(net.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            losses.append(loss.item())
+    weights = accelerator.get_state_dict(net)
+    return losses, {k: v.detach().clone() for k, v in weights.items()}
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: Any) -> None:
+        return None
+
+
+def same_run(a: tuple[list[float], dict[str, Any]], b: tuple[list[float], dict[str, Any]]) -> bool:
+    """Bit-for-bit the same losses and final weights."""
+    return a[0] == b[0] and a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
