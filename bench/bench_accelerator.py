@@ -203,7 +203,8 @@ def _report(world: int, results: dict[str, dict[str, list[float]]]) -> None:
         shares = [f"{over_ours[i] / over_theirs[i]:.2f}" if over_theirs[i] > 0 else "n/a" for i in range(2)]
         print(
             f"| {scenario} | {_us(raw[0])} / {_us(raw[1])} | {_us(theirs[0])} / {_us(theirs[1])} | "
-            f"{_us(ours[0])} / {_us(ours[1])} | {over_theirs[0] * 1e6:+.0f} / {over_theirs[1] * 1e6:+.0f} µs | "
+            f"{_us(ours[0])} / {_us(ours[1])} | {over_theirs[0] * 1e6:+.0f} / {over_theirs[1] * 1e6:+.0f} "
+            "µs | "
             f"{over_ours[0] * 1e6:+.0f} / {over_ours[1] * 1e6:+.0f} µs | {shares[0]}, {shares[1]} |"
         )
     print()
@@ -288,7 +289,8 @@ def _startup(repeats: int) -> None:
             totals.append(total)
             prepares.append(prepare)
         print(
-            f"| {library} | {statistics.median(totals) * 1e3:.0f} ms | {statistics.median(prepares) * 1e3:.2f} ms |"
+            f"| {library} | {statistics.median(totals) * 1e3:.0f} ms | "
+            f"{statistics.median(prepares) * 1e3:.2f} ms |"
         )
     print()
 

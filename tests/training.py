@@ -62,7 +62,7 @@ def raw_run(steps: int = 1, precision: str = "no", epochs: int = 2) -> tuple[lis
     optimizer, scheduler = _optimizer(ddp.parameters())
     loader = raw_loader(world, rank)
     losses, count = [], 0
-    for epoch in range(epochs):
+    for _ in range(epochs):
         for x, y in loader:
             count += 1
             sync = count % steps == 0
@@ -105,7 +105,7 @@ def library_run(
         loader = raw_loader(accelerator.num_processes, accelerator.process_index)
         net, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
     losses = []
-    for epoch in range(epochs):
+    for _ in range(epochs):
         for x, y in loader:
             with accelerator.accumulate(net):
                 loss = functional.cross_entropy(net(x), y)

@@ -267,7 +267,7 @@ def test_shared_names_match_accelerate(facade: str, name: str) -> None:
     )
 
 
-# Training modules whose paths match Accelerate's: `from accelerate.X import Y` becomes `from hasten.X import Y`.
+# Training modules at Accelerate's paths: `from accelerate.X import Y` becomes `from hasten.X import Y`.
 TRAINING_MODULES = {
     "hasten.accelerator": ["Accelerator"],
     "hasten.optimizer": ["AcceleratedOptimizer"],

@@ -90,11 +90,13 @@ def test_arguments_win_over_the_environment() -> None:
 
 
 def test_bad_accumulation_steps_from_the_environment_name_the_variable() -> None:
-    with patch_environment(ACCELERATE_GRADIENT_ACCUMULATION_STEPS="zero"):
-        with pytest.raises(
+    with (
+        patch_environment(ACCELERATE_GRADIENT_ACCUMULATION_STEPS="zero"),
+        pytest.raises(
             ConfigurationError, match="environment variable ACCELERATE_GRADIENT_ACCUMULATION_STEPS"
-        ):
-            Accelerator()
+        ),
+    ):
+        Accelerator()
 
 
 @pytest.mark.parametrize("steps", [0, -2, 1.5, "four"])
@@ -199,7 +201,7 @@ def test_kwargs_handlers_land_on_their_attributes() -> None:
 
 
 def test_fp16_on_cpu_refuses_like_accelerate() -> None:
-    with pytest.raises(ConfigurationError, match="mixed_precision='fp16' needs one of the devices .* 'cpu'"):
+    with pytest.raises(ConfigurationError, match=r"mixed_precision='fp16' needs one of the devices .* 'cpu'"):
         Accelerator(mixed_precision="fp16")
 
 

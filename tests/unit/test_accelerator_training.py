@@ -61,9 +61,9 @@ def test_prepare_refuses_what_it_does_not_know() -> None:
     ):
         accelerator.prepare(nn.Linear(2, 2), {"lr": 0.1})
     assert accelerator._models == []  # nothing was prepared
-    with pytest.raises(TypeError, match="prepare_model takes a torch.nn.Module, got str"):
+    with pytest.raises(TypeError, match=r"prepare_model takes a torch\.nn\.Module, got str"):
         accelerator.prepare_model("model")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="prepare_optimizer takes a torch.optim.Optimizer, got list"):
+    with pytest.raises(TypeError, match=r"prepare_optimizer takes a torch\.optim\.Optimizer, got list"):
         accelerator.prepare_optimizer([])  # type: ignore[arg-type]
 
 
@@ -90,7 +90,7 @@ def test_optimizer_state_follows_the_model_to_the_device() -> None:
 def test_prepared_twice_is_refused() -> None:
     accelerator = Accelerator(dynamo_backend="eager")
     model, optimizer, scheduler = _parts()
-    compiled, wrapped = accelerator.prepare(model, optimizer)
+    compiled, _ = accelerator.prepare(model, optimizer)
     assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
     with pytest.raises(ConfigurationError, match="Sequential was prepared already, as a OptimizedModule"):
         accelerator.prepare(model)
@@ -197,7 +197,7 @@ def test_compile_through_the_dynamo_plugin_and_unwrap() -> None:
     assert accelerator.unwrap_model(compiled) is compiled
     assert accelerator.unwrap_model(compiled, keep_torch_compile=False) is model
     assert list(accelerator.get_state_dict(compiled)) == ["0.weight", "0.bias"]  # no `_orig_mod.` prefix
-    assert list(accelerator.get_state_dict(compiled, unwrap=False))[0] == "_orig_mod.0.weight"
+    assert next(iter(accelerator.get_state_dict(compiled, unwrap=False))) == "_orig_mod.0.weight"
 
 
 def test_regional_compilation_compiles_each_repeated_block() -> None:
