@@ -69,6 +69,7 @@ LAYERS: dict[str, int] = {
         [
             "hasten.accelerator",
             "hasten.data_loader",
+            "hasten.data_loading",
             "hasten.optimizer",
             "hasten.scheduler",
             "hasten.checkpointing",
