@@ -11,6 +11,7 @@ iterator and fetch the first batch (see :mod:`hasten.data_loading.progress`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -137,7 +138,10 @@ class DataLoaderAdapter:
     ) -> None:
         self.use_stateful_dataloader = use_stateful_dataloader
         loader_class = _stateful_loader_class() if use_stateful_dataloader else DataLoader
-        self.base_dataloader: Any = loader_class(dataset, batch_sampler=batch_sampler, **kwargs)
+        with warnings.catch_warnings():
+            # torchdata 0.11 calls torch.set_vital, which torch >= 2.9 deprecates: not the user's to fix
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+            self.base_dataloader: Any = loader_class(dataset, batch_sampler=batch_sampler, **kwargs)
         self._progress = Progress()
         self._sampler_offset = 0  # batches a SkipBatchSampler leaves out (they count as yielded)
 
@@ -176,7 +180,7 @@ class DataLoaderAdapter:
                     progress.loader_state = self._snapshot(finished=False)
                 upcoming = next(inner, END)
                 if upcoming is END:
-                    self.end_of_dataloader = True
+                    self.end_of_dataloader = progress.last_batch_out = True
                     if stateful:
                         progress.loader_state = self._snapshot(finished=True)
                 progress.batches_yielded += 1
@@ -312,12 +316,16 @@ class DataLoaderAdapter:
             raise ValueError(f"{owner}.load_state_dict: expected a dict, got {type(state_dict).__name__}.")
         if self.use_stateful_dataloader:
             loader_state = {k: v for k, v in state_dict.items() if k not in _PROGRESS_KEYS}
-            self.base_dataloader.load_state_dict(loader_state)
-            self._progress.loader_state = loader_state or None
+            finished = bool(loader_state.get("_iterator_finished", False))
+            # A finished epoch's state would make torchdata create two iterators (two base-seed
+            # draws) for the next one; the next epoch starts afresh without it.
+            self.base_dataloader.load_state_dict({} if finished else loader_state)
+            self._progress.loader_state = None if finished else (loader_state or None)
             if "iteration" not in state_dict:  # written by Accelerate: torchdata's keys only
-                finished = bool(loader_state.get("_iterator_finished", True))
                 self._progress.replay = bool(loader_state) and not finished
-                self._progress.batches_yielded = int(loader_state.get("_num_yielded", 0) or 0)
+                self._progress.batches_yielded = (
+                    0 if finished else int(loader_state.get("_num_yielded", 0) or 0)
+                )
                 return
         load_progress_state(
             self._progress,

@@ -218,7 +218,7 @@ class DataLoaderDispatcher(DataLoaderAdapter, DataLoaderStateMixin):
                 part = slice(rank * per_rank, (rank + 1) * per_rank)
                 batch = self.slice_fn(batch, part, process_index=rank, num_processes=world)
                 if last:
-                    self.end_of_dataloader = True
+                    self.end_of_dataloader = progress.last_batch_out = True
                     self.remainder = observed
                 if state_after is not None:
                     progress.loader_state = state_after

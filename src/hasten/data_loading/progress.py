@@ -39,6 +39,7 @@ class Progress:
     replay: bool = False  # the next epoch start replays a restored epoch
     loader_state: dict[str, Any] | None = None  # the latest torchdata snapshot (stateful loaders)
     in_epoch: bool = False
+    last_batch_out: bool = False  # the epoch in progress has handed out its last batch
 
     def start(self, generators: dict[str, torch.Generator], position: int = 0) -> bool:
         """Begin an epoch at batch ``position``; record what fixes its order unless it replays a
@@ -53,6 +54,7 @@ class Progress:
             self.epoch_generators = {role: g.get_state() for role, g in generators.items()}
         self.batches_yielded = position
         self.in_epoch = True
+        self.last_batch_out = False
         return replay
 
     def abandon(self) -> None:
@@ -114,9 +116,16 @@ def restore_global_rng_streams(streams: tuple[torch.Tensor, Any]) -> None:
 def progress_state(
     progress: Progress, sampler: Any, generators: dict[str, torch.Generator]
 ) -> dict[str, Any]:
-    """The plain-data state of ``progress`` (ints, dicts and tensors only)."""
-    state: dict[str, Any] = {"iteration": progress.iteration, "batches_yielded": progress.batches_yielded}
-    if progress.batches_yielded > 0 or progress.replay:  # an epoch in progress: its start fixes its order
+    """The plain-data state of ``progress`` (ints, dicts and tensors only).
+
+    Once the last batch of an epoch is out, every draw of that epoch has
+    been made, so the state is the one between epochs: the next iteration, from batch 0.
+    """
+    if progress.in_epoch and progress.last_batch_out:
+        state: dict[str, Any] = {"iteration": progress.iteration + 1, "batches_yielded": 0}
+    else:
+        state = {"iteration": progress.iteration, "batches_yielded": progress.batches_yielded}
+    if state["batches_yielded"] > 0 or progress.replay:  # an epoch in progress: its start fixes its order
         state["generators"] = {role: s.clone() for role, s in progress.epoch_generators.items()}
         if progress.epoch_rng is not None:
             state["rng_state"] = progress.epoch_rng.clone()
