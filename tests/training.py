@@ -36,9 +36,14 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
-def raw_loader(world: int, rank: int) -> torch.utils.data.DataLoader[Any]:
-    """Batches of this rank's samples: ``DistributedSampler`` on several ranks, in order."""
+def raw_loader(world: int, rank: int, whole_batches: bool = False) -> torch.utils.data.DataLoader[Any]:
+    """Batches of this rank's samples, in order: ``DistributedSampler`` on several ranks, or with
+    ``whole_batches`` every ``world``-th batch of the whole dataset starting at ``rank`` (how a
+    prepared loader shards; the dataset divides evenly, so nothing is repeated)."""
     data = dataset()
+    if whole_batches:
+        batches = list(torch.utils.data.BatchSampler(range(ROWS), BATCH, drop_last=False))
+        return torch.utils.data.DataLoader(data, batch_sampler=batches[rank::world])
     sampler = (
         torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
         if world > 1
@@ -53,19 +58,25 @@ def _optimizer(parameters: Any) -> tuple[torch.optim.Optimizer, Any]:
     return optimizer, scheduler
 
 
-def raw_run(steps: int = 1, precision: str = "no", epochs: int = 2) -> tuple[list[float], dict[str, Any]]:
+def raw_run(
+    steps: int = 1, precision: str = "no", epochs: int = 2, whole_batches: bool = False
+) -> tuple[list[float], dict[str, Any]]:
     """The loop written by hand: DDP when several ranks, ``no_sync`` while accumulating, the scheduler
-    stepped once per process per optimizer step (as a single-process schedule expects)."""
+    stepped once per process per optimizer step (as a single-process schedule expects). With
+    ``whole_batches`` the data is sharded as a prepared loader shards it, and the last batch of
+    each epoch completes an accumulation, as a prepared loader makes it."""
     world, rank = _world()
     net = model()
     ddp = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     optimizer, scheduler = _optimizer(ddp.parameters())
-    loader = raw_loader(world, rank)
+    loader = raw_loader(world, rank, whole_batches)
     losses, count = [], 0
     for _ in range(epochs):
-        for x, y in loader:
+        for batch, (x, y) in enumerate(loader, start=1):
             count += 1
-            sync = count % steps == 0
+            end = whole_batches and batch == len(loader)  # a prepared loader syncs at its end
+            sync = count % steps == 0 or end
+            count = 0 if end else count
             context = ddp.no_sync() if world > 1 and not sync else _Null()
             with context:
                 if precision == "bf16":
@@ -100,7 +111,7 @@ def library_run(
     optimizer, scheduler = _optimizer(net.parameters())
     if prepare_loader:
         loader = torch.utils.data.DataLoader(dataset(), batch_size=BATCH)
-        net, optimizer, scheduler, loader = accelerator.prepare(net, optimizer, scheduler, loader)
+        loader, net, optimizer, scheduler = accelerator.prepare(loader, net, optimizer, scheduler)
     else:
         loader = raw_loader(accelerator.num_processes, accelerator.process_index)
         net, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)

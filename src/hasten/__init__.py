@@ -32,6 +32,7 @@ from hasten.big_modeling import (
     init_on_device,
     load_checkpoint_and_dispatch,
 )
+from hasten.data_loader import skip_first_batches
 from hasten.launchers import (
     debug_launcher,
     notebook_launcher,
@@ -78,5 +79,6 @@ __all__ = [
     "load_checkpoint_and_dispatch",
     "load_checkpoint_in_model",
     "notebook_launcher",
+    "skip_first_batches",
     "synchronize_rng_states",
 ]

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from hasten.data_loader import prepare_data_loader, skip_first_batches
 from hasten.engines.accumulation import Accumulate
 from hasten.engines.connector import connect
 from hasten.engines.ddp import trigger_sync_in_backward
@@ -409,6 +410,46 @@ class Accelerator(ProcessMixin):
         wrapped._is_accelerate_prepared = True  # type: ignore[attr-defined]
         self._schedulers.append(wrapped)
         return wrapped
+
+    def prepare_data_loader(
+        self,
+        data_loader: torch.utils.data.DataLoader[Any],
+        device_placement: bool | None = None,
+        slice_fn_for_dispatch: Callable[..., Any] | None = None,
+    ) -> torch.utils.data.DataLoader[Any]:
+        """Shard ``data_loader`` for this process (``hasten.data_loader.prepare_data_loader`` with the
+        ``Accelerator``'s data-loader configuration); its batches land on :attr:`device` when
+        ``device_placement``."""
+        if getattr(data_loader, "_is_accelerate_prepared", False):
+            if not any(prepared is data_loader for prepared in self._dataloaders):
+                self._dataloaders.append(data_loader)
+            return data_loader
+        config = self.dataloader_config
+        prepared = prepare_data_loader(
+            data_loader,
+            self.device,
+            num_processes=self.num_processes,
+            process_index=self.process_index,
+            split_batches=config.split_batches,
+            put_on_device=self.device_placement if device_placement is None else device_placement,
+            rng_types=list(self.rng_types),
+            dispatch_batches=config.dispatch_batches,
+            even_batches=config.even_batches,
+            slice_fn_for_dispatch=slice_fn_for_dispatch,
+            use_seedable_sampler=config.use_seedable_sampler,
+            data_seed=config.data_seed,
+            non_blocking=config.non_blocking,
+            use_stateful_dataloader=config.use_stateful_dataloader,
+        )
+        prepared._is_accelerate_prepared = True
+        self._dataloaders.append(prepared)
+        return prepared
+
+    def skip_first_batches(
+        self, dataloader: torch.utils.data.DataLoader[Any], num_batches: int = 0
+    ) -> torch.utils.data.DataLoader[Any]:
+        """A loader that leaves out the first ``num_batches`` of ``dataloader`` (to resume an epoch)."""
+        return skip_first_batches(dataloader, num_batches=num_batches)
 
     # --- the training step --------------------------------------------------------------------
 

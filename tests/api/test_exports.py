@@ -151,9 +151,7 @@ API_TOP = {
 
 # Names not built yet, by the issue that builds them. Remove a name when it lands: the test fails
 # both when a name outside this set is missing and when a name inside it already exists.
-PENDING: dict[str, set[str]] = {
-    "no issue yet (the Accelerator and its data loaders)": {"skip_first_batches"},
-}
+PENDING: dict[str, set[str]] = {}
 _PENDING = set().union(*PENDING.values())
 
 # Where hasten's signature differs from Accelerate's on purpose: name -> the reason.
@@ -301,8 +299,6 @@ LATER_MEMBERS = {
     "register_for_checkpointing": "issue 17 (checkpoints)",
     "register_load_state_pre_hook": "issue 17 (checkpoints)",
     "register_save_state_pre_hook": "issue 17 (checkpoints)",
-    "prepare_data_loader": "issue 15 (data loaders), wired when it lands",
-    "skip_first_batches": "issue 15 (data loaders), wired when it lands",
     "deepspeed_ulysses_dl_adapter": "the DeepSpeed engine (later issue)",
     "lomo_backward": "LOMO optimizers are not supported (docs/design.md)",
     "print_lr": "gone from torch's schedulers since 2.x; nothing to delegate to",

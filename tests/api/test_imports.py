@@ -70,6 +70,7 @@ LAYERS: dict[str, int] = {
             "hasten.accelerator",
             "hasten.engines",
             "hasten.data_loader",
+            "hasten.data_loading",
             "hasten.optimizer",
             "hasten.scheduler",
             "hasten.checkpointing",

@@ -27,23 +27,28 @@ def _reset_both() -> None:
     GradientState._reset_state()
 
 
-def _both(steps: int, precision: str) -> tuple[bool, list[float]]:
-    theirs = library_run("accelerate", steps, precision)
+def _both(steps: int, precision: str, prepare_loader: bool) -> tuple[bool, list[float]]:
+    theirs = library_run("accelerate", steps, precision, prepare_loader=prepare_loader)
     _reset_both()
-    ours = library_run("hasten", steps, precision)
+    ours = library_run("hasten", steps, precision, prepare_loader=prepare_loader)
     _reset_both()
     return same_run(theirs, ours), ours[0][:3]
 
 
-@pytest.mark.parametrize(("steps", "precision"), [(1, "no"), (4, "no"), (4, "bf16")])
-def test_one_process_same_as_accelerate(steps: int, precision: str) -> None:
-    same, _ = _both(steps, precision)
+CASES = [(1, "no", False), (4, "no", True), (4, "bf16", False), (3, "bf16", True)]
+
+
+@pytest.mark.parametrize(("steps", "precision", "prepare_loader"), CASES)
+def test_one_process_same_as_accelerate(steps: int, precision: str, prepare_loader: bool) -> None:
+    same, _ = _both(steps, precision, prepare_loader)
     assert same
 
 
-@pytest.mark.parametrize(("steps", "precision"), [(1, "no"), (4, "bf16")])
-def test_two_processes_same_as_accelerate(ranks2: Any, steps: int, precision: str) -> None:
-    results = ranks2.run(_both, steps, precision)
+@pytest.mark.parametrize(("steps", "precision", "prepare_loader"), CASES)
+def test_two_processes_same_as_accelerate(
+    ranks2: Any, steps: int, precision: str, prepare_loader: bool
+) -> None:
+    results = ranks2.run(_both, steps, precision, prepare_loader)
     assert all(same for same, _ in results), results
 
 

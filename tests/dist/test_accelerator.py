@@ -291,3 +291,55 @@ def _compiled_unwrap() -> list[str]:
 
 def test_unwrapping_a_compiled_ddp_model_leaves_it_whole(ranks2: Any) -> None:
     assert ranks2.run(_compiled_unwrap) == [["DistributedDataParallel", "OptimizedModule", "Linear"]] * 2
+
+
+def _equivalent_with_prepared_loaders(steps: int) -> bool:
+    raw = raw_run(steps, whole_batches=True)
+    _reset()
+    return same_run(raw, library_run("hasten", steps, prepare_loader=True))
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_prepared_loaders_shard_and_sync_at_their_end_like_the_loop_by_hand(
+    pool: str, request: pytest.FixtureRequest
+) -> None:
+    assert all(request.getfixturevalue(pool).run(_equivalent_with_prepared_loaders, 4))  # 6 batches on 4 ranks
+
+
+def _metrics(rows: int) -> tuple[list[int], list[str]]:
+    from hasten import Accelerator
+
+    accelerator = Accelerator()
+    data = torch.utils.data.TensorDataset(torch.arange(rows))
+    loader = accelerator.prepare(torch.utils.data.DataLoader(data, batch_size=2))
+    seen: list[int] = []
+    names: list[str] = []
+    for (batch,) in loader:
+        seen += accelerator.gather_for_metrics(batch).tolist()
+        names += accelerator.gather_for_metrics([f"row {int(i)}" for i in batch])
+    return seen, names
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_gather_for_metrics_drops_the_repeated_samples(pool: str, request: pytest.FixtureRequest) -> None:
+    for seen, names in request.getfixturevalue(pool).run(_metrics, 9):
+        assert sorted(seen) == list(range(9)) and len(seen) == 9
+        assert sorted(names) == sorted(f"row {i}" for i in range(9))
+
+
+def _uneven_loaders() -> tuple[int, bool]:
+    accelerator, model, optimizer = _ddp_parts()
+    data = torch.utils.data.TensorDataset(torch.ones(6, 4))
+    ddp, optimizer, loader = accelerator.prepare(model, optimizer, torch.utils.data.DataLoader(data, batch_size=2))
+    batches = 0
+    with accelerator.join_uneven_inputs([ddp], even_batches=False):
+        for (x,) in loader:
+            accelerator.backward(ddp(x).sum())
+            optimizer.step()
+            optimizer.zero_grad()
+            batches += 1
+    return batches, loader.batch_sampler.even_batches
+
+
+def test_join_with_prepared_loaders_of_uneven_length(ranks2: Any) -> None:
+    assert ranks2.run(_uneven_loaders, timeout=60) == [(2, True), (1, True)]

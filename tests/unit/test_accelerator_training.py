@@ -333,3 +333,25 @@ def test_with_statement_exceptions_leave_no_sync_state_behind() -> None:
         raise KeyError("inside")
     with accelerator.accumulate(model):
         assert accelerator.sync_gradients
+
+
+def test_accumulation_syncs_at_the_end_of_a_prepared_loader() -> None:
+    accelerator = Accelerator(gradient_accumulation_steps=4)
+    model, optimizer, _ = _parts()
+    data = torch.utils.data.TensorDataset(torch.ones(10, 4))
+    loader, model, optimizer = accelerator.prepare(
+        torch.utils.data.DataLoader(data, batch_size=1), model, optimizer
+    )
+    assert accelerator._dataloaders == [loader] and accelerator.prepare(loader) is loader
+    pattern = []
+    for _ in range(2):
+        for (x,) in loader:
+            with accelerator.accumulate(model):
+                accelerator.backward(model(x).sum())
+                pattern.append(accelerator.sync_gradients)
+    assert pattern == [False, False, False, True, False, False, False, True, False, True] * 2
+    assert [int(x.sum()) for (x,) in accelerator.skip_first_batches(loader, 8)] == [4, 4]
+
+
+def test_equivalence_with_a_prepared_loader_on_one_process() -> None:
+    assert same_run(raw_run(4, whole_batches=True), library_run("hasten", 4, prepare_loader=True))

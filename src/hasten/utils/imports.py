@@ -15,6 +15,7 @@ import importlib.util
 from functools import cache
 
 import torch
+from packaging.version import Version
 
 # Import name -> distribution name, where they differ.
 _DISTRIBUTIONS = {
@@ -172,6 +173,19 @@ def is_msamp_available() -> bool:
 def is_megatron_lm_available() -> bool:
     """Whether Megatron-LM (``megatron``) is installed."""
     return _is_package_available("megatron")
+
+
+def is_torchdata_available() -> bool:
+    """Whether torchdata is installed."""
+    return _is_package_available("torchdata")
+
+
+def is_torchdata_stateful_dataloader_available() -> bool:
+    """Whether torchdata's ``StatefulDataLoader`` is available (torchdata >= 0.8.0)."""
+    version = package_version("torchdata")
+    if version is None:
+        return False
+    return version == "unknown" or Version(version).release >= (0, 8, 0)
 
 
 def is_ipex_available() -> bool:

@@ -166,7 +166,10 @@ def extract_model_from_parallel(
             forward = model.forward
             while hasattr(forward, "__wrapped__") and forward != original:
                 forward = forward.__wrapped__
-            if getattr(forward, "__self__", None) is model and forward.__func__ is type(model).forward:
+            if (
+                getattr(forward, "__self__", None) is model
+                and getattr(forward, "__func__", None) is type(model).forward
+            ):
                 del model.forward  # the class's own forward again, with no self-reference left behind
             else:
                 model.forward = forward.__get__(model) if not hasattr(forward, "__self__") else forward
