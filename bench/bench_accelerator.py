@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import socket
 import statistics
 import subprocess
@@ -51,17 +50,18 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, CLASSES))
 
 
-Epoch = Callable[[int], list[float]]
+Epoch = Callable[[int], list[tuple[float, float]]]
 
 
-def _timed(batches: Any, step: Callable[[Any], None]) -> list[float]:
+def _timed(batches: Any, step: Callable[[Any], None]) -> list[tuple[float, float]]:
+    """Wall-clock and this thread's CPU time of each batch (fetching it included)."""
     times = []
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.thread_time()
     for batch in batches:
         step(batch)
-        now = time.perf_counter()
-        times.append(now - start)
-        start = now
+        now_wall, now_cpu = time.perf_counter(), time.thread_time()
+        times.append((now_wall - wall, now_cpu - cpu))
+        wall, cpu = now_wall, now_cpu
     return times
 
 
@@ -130,13 +130,7 @@ def _library(name: str, scenario: str) -> Epoch:
     loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=not evaluation)
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    if name == "hasten" and importlib.util.find_spec("hasten.data_loader") is None:  # TEMPORARY
-        if accelerator.num_processes > 1:
-            sampler = torch.utils.data.DistributedSampler(dataset, shuffle=not evaluation, seed=0)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, sampler=sampler)
-        model, optimizer = accelerator.prepare(model, optimizer)
-    else:
-        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     accumulate = scenario == "accumulate 4"
 
     def train(batch: Any) -> None:
@@ -180,33 +174,35 @@ def _reset_states() -> None:
     GradientState._reset_state()
 
 
-def _stats(times: list[float]) -> tuple[float, float, float]:
-    ordered = sorted(times)
-    return statistics.median(ordered), ordered[len(ordered) // 10], statistics.fmean(ordered)
+def _stats(times: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """Median and 10th percentile of the wall-clock time, median of the CPU time, per batch."""
+    wall = sorted(t[0] for t in times)
+    return statistics.median(wall), wall[len(wall) // 10], statistics.median(t[1] for t in times)
 
 
 def _us(seconds: float) -> str:
-    return f"{seconds * 1e6:.0f} µs"
+    return f"{seconds * 1e6:.0f}"
 
 
-def _report(world: int, results: dict[str, dict[str, list[float]]]) -> None:
-    print(f"### {world} process{'es (gloo)' if world > 1 else ''}\n")
+def _share(ours: float, theirs: float) -> str:
+    return f"{ours / theirs:.2f}" if theirs > 0 else "n/a"
+
+
+def _report(world: int, results: dict[str, dict[str, list[tuple[float, float]]]]) -> None:
+    print(f"### {world} process{'es (gloo)' if world > 1 else ''}: µs per batch\n")
     print(
-        "| scenario | raw median / p10 | Accelerate median / p10 | hasten median / p10 | Accelerate overhead "
-        "median / p10 | hasten overhead median / p10 | hasten overhead / Accelerate's (median, p10) |"
+        "| scenario | raw: median / p10 / CPU | Accelerate | hasten | Accelerate's overhead | hasten's overhead "
+        "| hasten's overhead / Accelerate's |"
     )
     print("|---|---|---|---|---|---|---|")
     for scenario, runs in results.items():
         raw, theirs, ours = (_stats(runs[name]) for name in ("raw", "accelerate", "hasten"))
-        over_theirs = [theirs[i] - raw[i] for i in range(2)]
-        over_ours = [ours[i] - raw[i] for i in range(2)]
-        shares = [f"{over_ours[i] / over_theirs[i]:.2f}" if over_theirs[i] > 0 else "n/a" for i in range(2)]
-        print(
-            f"| {scenario} | {_us(raw[0])} / {_us(raw[1])} | {_us(theirs[0])} / {_us(theirs[1])} | "
-            f"{_us(ours[0])} / {_us(ours[1])} | {over_theirs[0] * 1e6:+.0f} / {over_theirs[1] * 1e6:+.0f} "
-            "µs | "
-            f"{over_ours[0] * 1e6:+.0f} / {over_ours[1] * 1e6:+.0f} µs | {shares[0]}, {shares[1]} |"
-        )
+        over_theirs = [theirs[i] - raw[i] for i in range(3)]
+        over_ours = [ours[i] - raw[i] for i in range(3)]
+        cells = [" / ".join(_us(value) for value in stats) for stats in (raw, theirs, ours)]
+        overheads = [" / ".join(f"{value * 1e6:+.0f}" for value in over) for over in (over_theirs, over_ours)]
+        shares = " / ".join(_share(over_ours[i], over_theirs[i]) for i in range(3))
+        print(f"| {scenario} | {' | '.join(cells)} | {' | '.join(overheads)} | {shares} |")
     print()
 
 
@@ -230,13 +226,13 @@ def _run(rank: int, world: int, port: int, epochs: int, scenarios: list[str]) ->
     from hasten.state import PartialState
 
     PartialState()  # forms the gloo group both libraries adopt
-    results: dict[str, dict[str, list[float]]] = {}
+    results: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for scenario in scenarios:
         _reset_states()
         contenders: dict[str, Epoch] = {"raw": _raw(scenario, world)}
         for name in LIBRARIES:
             contenders[name] = _library(name, scenario)
-        runs: dict[str, list[float]] = {name: [] for name in contenders}
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
         order = list(contenders)
         for name in order:  # warm-up epoch
             contenders[name](0)

@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 def _all_tensors(data: Any) -> bool:
-    if type(data) is torch.Tensor:
+    kind = type(data)
+    if kind is torch.Tensor or (kind in (tuple, list) and all(type(item) is torch.Tensor for item in data)):
         return True
     try:
         tree_leaves(data, strict=True, caller="gather_for_metrics")
@@ -30,16 +31,21 @@ def _all_tensors(data: Any) -> bool:
     return True
 
 
-def gather_for_metrics(input_data: Any, use_gather_object: bool, gradient_state: GradientState) -> Any:
+def gather_for_metrics(
+    input_data: Any, use_gather_object: bool, gradient_state: GradientState, distributed: bool
+) -> Any:
     """Gather ``input_data`` from every process, without the samples the last batch repeated.
 
     Tensors are gathered with ``gather``; anything else (or everything, with
     ``use_gather_object``) with ``gather_object``. On the last batch of a data loader that
     repeated samples to give every process a full batch, only the first ``remainder`` gathered
-    samples are kept.
+    samples are kept. On one process nothing travels and nothing is inspected before that.
     """
-    objects = use_gather_object or not _all_tensors(input_data)
-    data = gather_object(input_data) if objects else gather(input_data)
+    objects = None
+    data = input_data
+    if distributed:
+        objects = use_gather_object or not _all_tensors(input_data)
+        data = gather_object(input_data) if objects else gather(input_data)
     if not gradient_state.end_of_dataloader:
         return data
     remainder = gradient_state.remainder
@@ -48,6 +54,8 @@ def gather_for_metrics(input_data: Any, use_gather_object: bool, gradient_state:
         return data
     if remainder == 0:
         return data
+    if objects is None:
+        objects = use_gather_object or not _all_tensors(input_data)
     if objects:
         return data[:remainder]
     return tree_map(lambda tensor: tensor[:remainder], data, caller="gather_for_metrics")

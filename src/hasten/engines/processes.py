@@ -178,7 +178,9 @@ class ProcessMixin:
         """Gather predictions or labels for metrics, dropping the samples the last batch repeated to
         even out the processes. Non-tensors (or all, with ``use_gather_object``) go through
         ``gather_object``."""
-        return gather_for_metrics(input_data, use_gather_object, self.gradient_state)
+        return gather_for_metrics(
+            input_data, use_gather_object, self.gradient_state, self._settings.use_distributed
+        )
 
     def reduce(self, tensor: Any, reduction: str = "sum", scale: float = 1.0) -> Any:
         """``hasten.utils.reduce``, summing by default."""
