@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -205,31 +206,52 @@ class Reply:
     payload: torch.Tensor | None  # the inlined bytes (a view into the received buffer), None when too big
 
 
-def _write_envelope(op: int, words: list[int], payload: torch.Tensor | None) -> torch.Tensor:
+def _host_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """The bytes of a contiguous tensor as a host numpy array (a view on the CPU, a copy otherwise)."""
+    flat = tensor if tensor.ndim == 1 else tensor.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    return (flat if flat.device.type == "cpu" else flat.cpu()).numpy()
+
+
+Packed = tuple[Sequence[torch.Tensor], Sequence[int], int]
+"""Leaves to pack into the envelope: the tensors, their byte offsets and the packed size."""
+
+
+def _write_envelope(op: int, words: list[int], payload: torch.Tensor | Packed | None) -> torch.Tensor:
+    """The envelope, built in host memory with numpy (a few cheap array operations instead of many
+    small tensor operations: this runs before every checked collective)."""
     header_words = _HEADER_WORDS + len(words)
     fits_words = header_words <= ENVELOPE_BYTES // 8
     start = align(8 * header_words)
-    size = -1 if payload is None else payload.numel()
+    size = -1 if payload is None else payload.numel() if isinstance(payload, torch.Tensor) else payload[2]
     if payload is not None and not (fits_words and start + size <= ENVELOPE_BYTES):
         size = -2 - size  # too big to travel inline; the size still tells the others how big
-    envelope = torch.zeros(ENVELOPE_BYTES, dtype=torch.uint8)
+    buffer = np.zeros(ENVELOPE_BYTES, dtype=np.uint8)
     head = [op, len(words), size] + (words if fits_words else [])
-    envelope[: 8 * len(head)].view(torch.int64).copy_(torch.tensor(head, dtype=torch.int64))
-    if payload is not None and size >= 0:
-        envelope[start : start + size].copy_(payload)
-    return envelope
+    buffer[: 8 * len(head)].view(np.int64)[:] = head
+    if isinstance(payload, torch.Tensor) and size >= 0:
+        buffer[start : start + size] = _host_bytes(payload)
+    elif payload is not None and size >= 0:
+        leaves, offsets, _ = payload
+        for offset, leaf in zip(offsets, leaves):
+            if leaf.numel():
+                data = _host_bytes(leaf)
+                buffer[start + offset : start + offset + data.size] = data
+    return torch.from_numpy(buffer)
 
 
 def _read_envelopes(
     received: torch.Tensor, own_words: list[int], world: int, device: torch.device
 ) -> list[Reply]:
     rows = received.view(world, ENVELOPE_BYTES)
-    host = rows if rows.device.type == "cpu" else rows.cpu()
-    heads = host[:, : 8 * _HEADER_WORDS].contiguous().view(torch.int64).tolist()
+    host = (rows if rows.device.type == "cpu" else rows.cpu()).numpy()
+    words = host.view(np.int64)
+    heads = words[:, :_HEADER_WORDS].tolist()
     lengths = [length for _, length, _ in heads]
     if all(_HEADER_WORDS + length <= ENVELOPE_BYTES // 8 for length in lengths):
         signatures = [
-            host[rank, 8 * _HEADER_WORDS : 8 * (_HEADER_WORDS + length)].view(torch.int64).tolist()
+            words[rank, _HEADER_WORDS : _HEADER_WORDS + length].tolist()
             for rank, length in enumerate(lengths)
         ]
     else:  # some signature did not fit (thousands of leaves): exchange them all, padded to the longest
@@ -239,25 +261,35 @@ def _read_envelopes(
         all_gather_into(gathered, mine.to(device))
         table = gathered.view(world, -1).cpu()
         signatures = [table[rank, :length].tolist() for rank, length in enumerate(lengths)]
+    on_host = rows.device.type == "cpu"
     replies = []
     for rank, (op, length, size) in enumerate(heads):
-        start = align(8 * (_HEADER_WORDS + length))
-        payload = rows[rank, start : start + size] if size >= 0 else None
+        payload = None
+        if size >= 0:
+            start = align(8 * (_HEADER_WORDS + length))
+            payload = (
+                torch.from_numpy(host[rank, start : start + size])
+                if on_host
+                else rows[rank, start : start + size]
+            )
         replies.append(Reply(Call.decode(op, signatures[rank]), size if size >= -1 else -2 - size, payload))
     return replies
 
 
-def exchange(call: Call, payload: torch.Tensor | None = None) -> list[Reply]:
+def exchange(call: Call, payload: torch.Tensor | Packed | None = None) -> list[Reply]:
     """All-gather each rank's envelope (``call`` and, if it fits, ``payload``); return every rank's reply.
 
     Args:
         call: what this rank is doing.
-        payload: a 1-D uint8 tensor to send along when it fits in the envelope.
+        payload: a 1-D uint8 tensor to send along when it fits in the envelope, or leaves to pack
+            straight into it (``(leaves, offsets, size)`` from :func:`packed_offsets`).
     """
     state = PartialState()
     device = comm_device(state)
     words = call.encode()
-    envelope = _write_envelope(call.op, words, payload).to(device)
+    envelope = _write_envelope(call.op, words, payload)
+    if device.type != "cpu":
+        envelope = envelope.to(device)
     received = torch.empty(state.num_processes * ENVELOPE_BYTES, dtype=torch.uint8, device=device)
     all_gather_into(received, envelope)
     return _read_envelopes(received, words, state.num_processes, device)
