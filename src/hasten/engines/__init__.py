@@ -6,7 +6,8 @@
 - :mod:`hasten.engines.single` and :mod:`hasten.engines.ddp` are the engines built so far;
 - :mod:`hasten.engines.precision` is mixed precision (autocast, the gradient scaler);
 - :mod:`hasten.engines.accumulation` is the ``accumulate`` context;
-- :mod:`hasten.engines.outputs` gathers for metrics and writes models to disk.
+- :mod:`hasten.engines.outputs` gathers for metrics and writes models to disk;
+- :mod:`hasten.engines.processes` is the facade's process layout, collectives and helpers (a mixin).
 
 Nothing here is public: import the ``Accelerator`` from :mod:`hasten.accelerator`.
 """

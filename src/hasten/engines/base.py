@@ -43,6 +43,14 @@ Whole model:
     ``unwrap(model, keep_fp32_wrapper, keep_torch_compile) -> nn.Module``
     ``release()``: drop what the engine holds (DeepSpeed destroys its engine), for ``free_memory``.
 
+Adding an engine: subclass :class:`Engine` (or ``SingleDeviceEngine``) in its own module here,
+map its ``DistributedType`` to it in ``connector.ENGINES``, drop it from
+``connector._refuse_engines_not_built``, and extend ``connector.connect`` for its plugin
+(passed on to ``AcceleratorState``). Everything the ``Accelerator`` keeps about prepared
+objects (``_models``, ``_optimizers``, ``_schedulers``, ``_dataloaders``) is filled by the
+``prepare_*`` methods an engine calls back, so checkpointing sees every engine's objects the
+same way.
+
 Class attributes say what the engine decides for itself: ``places_models`` (``False`` when
 the engine places the parameters, as FSDP2 does), ``custom_placement`` (``False`` when a
 per-object ``device_placement`` cannot be honoured, as with DeepSpeed) and ``casts_itself``

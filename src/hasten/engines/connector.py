@@ -9,7 +9,7 @@ the per-step methods need is then decided, so they never look again.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -339,7 +339,3 @@ def connect(
     )
     return Connection(state, gradient_state, settings, engine_class(settings, precision), precision)
 
-
-def handler_names() -> list[str]:
-    """The attribute names of :class:`Handlers` (for the ``Accelerator``'s ``*_handler`` attributes)."""
-    return [field.name for field in fields(Handlers)]
