@@ -291,10 +291,6 @@ class Accelerator(ProcessMixin):
         """
         if device_placement is None:
             placements: list[bool | None] = [None] * len(args)
-        elif not self._engine.custom_placement:
-            raise ConfigurationError(
-                f"device_placement cannot be chosen per object with the {self._engine.name} engine."
-            )
         elif not isinstance(device_placement, (list, tuple)) or len(device_placement) != len(args):
             raise ConfigurationError(
                 f"device_placement={device_placement!r} must be a list of {len(args)} bools, one per object "

@@ -343,3 +343,23 @@ def _uneven_loaders() -> tuple[int, bool]:
 
 def test_join_with_prepared_loaders_of_uneven_length(ranks2: Any) -> None:
     assert ranks2.run(_uneven_loaders, timeout=60) == [(2, True), (1, True)]
+
+
+def _sharded_model() -> str:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    from hasten.utils.errors import ConfigurationError
+
+    accelerator, model, _ = _ddp_parts()
+    mesh = init_device_mesh("cpu", (accelerator.num_processes,))
+    model.weight = nn.Parameter(distribute_tensor(model.weight.detach(), mesh, [Replicate()]))
+    try:
+        accelerator.prepare(model)
+    except ConfigurationError as error:
+        return str(error)
+    return ""
+
+
+def test_ddp_refuses_a_model_with_dtensor_parameters(ranks2: Any) -> None:
+    assert all("Linear holds DTensor parameters" in message for message in ranks2.run(_sharded_model))

@@ -210,3 +210,28 @@ def test_one_cycle_stops_at_its_total_steps() -> None:
         optimizer.step()
         wrapped.step()  # OneCycleLR raises past its total; the wrapper stops first
     assert scheduler._step_count == 4
+
+
+def test_fp16_precision_scales_the_loss_and_unscales_before_clipping() -> None:
+    """The fp16 path with a real gradient scaler (torch's CPU GradScaler; fp16 itself needs an
+    accelerator, so the precision is built for a CUDA device that this test never computes on)."""
+    from hasten.engines.precision import Precision
+    from hasten.utils import DistributedType, GradScalerKwargs, PrecisionType
+
+    precision = Precision(
+        PrecisionType.FP16,
+        torch.device("cuda", 0),
+        DistributedType.NO,
+        scaler_handler=GradScalerKwargs(init_scale=1024.0),
+    )
+    assert precision.native_amp and precision.scaler is not None
+    model = _model()
+    twin = _model()
+    optimizer = AcceleratedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), scaler=precision.scaler)
+    precision.backward(model(torch.ones(4, 3)).sum())
+    twin(torch.ones(4, 3)).sum().backward()
+    assert torch.equal(model.weight.grad, twin.weight.grad * 1024)
+    precision.unscale([optimizer])
+    assert torch.equal(model.weight.grad, twin.weight.grad)
+    optimizer.step()
+    assert not optimizer.step_was_skipped

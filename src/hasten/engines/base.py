@@ -52,10 +52,9 @@ objects (``_models``, ``_optimizers``, ``_schedulers``, ``_dataloaders``) is fil
 same way.
 
 Class attributes say what the engine decides for itself: ``places_models`` (``False`` when
-the engine places the parameters, as FSDP2 does), ``custom_placement`` (``False`` when a
-per-object ``device_placement`` cannot be honoured, as with DeepSpeed) and ``casts_itself``
-(``True`` when the engine does mixed precision, as DeepSpeed does: the precision then wraps
-nothing).
+the engine places the parameters, as FSDP2 does) and ``casts_itself`` (``True`` when the
+engine does mixed precision, as DeepSpeed does: the precision then wraps nothing). An engine
+that cannot honour a per-object ``device_placement`` (DeepSpeed) refuses it in its ``prepare``.
 """
 
 from __future__ import annotations
@@ -129,7 +128,6 @@ class Engine(abc.ABC):
 
     name: ClassVar[str]
     places_models: ClassVar[bool] = True
-    custom_placement: ClassVar[bool] = True
     casts_itself: ClassVar[bool] = False
 
     def __init__(self, settings: Settings, precision: Precision) -> None:

@@ -20,12 +20,10 @@ from hasten.utils.amp import get_grad_scaler, get_mixed_precision_context_manage
 from hasten.utils.dataclasses.enums import DistributedType, PrecisionType
 from hasten.utils.dataclasses.kwargs import AutocastKwargs, GradScalerKwargs
 from hasten.utils.errors import ConfigurationError
-from hasten.utils.imports import is_bf16_available
 from hasten.utils.precision import convert_outputs_to_fp32
 
-# Devices whose autocast runs fp16 (with a gradient scaler), and those that run bf16 without asking.
+# Devices whose autocast runs fp16 (with a gradient scaler).
 _FP16_DEVICES = ("cuda", "xpu", "npu", "mlu", "musa", "hpu", "sdaa", "mps")
-_BF16_DEVICES = ("cpu", "xpu", "hpu")
 _NULL = contextlib.nullcontext()
 
 
@@ -57,8 +55,8 @@ class Precision:
         scaler_handler: what to change in the gradient scaler (fp16).
 
     Raises:
-        ConfigurationError: fp16 on a device without fp16 autocast (the CPU), bf16 where bf16
-            is not supported, or fp8 (no FP8 engine runs without NVIDIA GPUs).
+        ConfigurationError: fp16 on a device without fp16 autocast (the CPU), or fp8 (no FP8
+            engine runs without NVIDIA GPUs). bf16 on a GPU without it fails in ``torch.autocast``.
     """
 
     def __init__(
@@ -90,11 +88,6 @@ class Precision:
                 )
             kwargs = {} if scaler_handler is None else scaler_handler.to_kwargs()
             self.scaler = get_grad_scaler(distributed_type, **kwargs)
-        elif device.type not in _BF16_DEVICES and not is_bf16_available(True):
-            raise ConfigurationError(
-                f"mixed_precision='bf16' is not supported on this {device.type!r} device. Use "
-                "mixed_precision='fp16' (or 'no')."
-            )
         self.native_amp = True
 
     def autocast(
