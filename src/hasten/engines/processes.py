@@ -84,17 +84,17 @@ class ProcessMixin:
     @property
     def is_main_process(self) -> bool:
         """Whether this is global rank 0."""
-        return self._settings.process_index == 0
+        return self.state.is_main_process
 
     @property
     def is_local_main_process(self) -> bool:
         """Whether this is rank 0 on its machine."""
-        return self._settings.local_process_index == 0
+        return self.state.is_local_main_process
 
     @property
     def is_last_process(self) -> bool:
         """Whether this is the highest global rank."""
-        return self._settings.process_index == self._settings.num_processes - 1
+        return self.state.is_last_process
 
     @property
     def mixed_precision(self) -> str:
