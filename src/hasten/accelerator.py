@@ -90,8 +90,7 @@ class Accelerator(ProcessMixin):
         if split_batches is not _UNSET:
             raise ConfigurationError(
                 f"split_batches={split_batches!r}: the Accelerator no longer takes it (Accelerate 1.x "
-                "accepts "
-                "and ignores it). Pass dataloader_config=DataLoaderConfiguration(split_batches=...)."
+                "accepts and ignores it). Pass dataloader_config=DataLoaderConfiguration(split_batches=...)."
             )
         if project_config is None:
             project_config = ProjectConfiguration(
@@ -320,8 +319,8 @@ class Accelerator(ProcessMixin):
             if self._engine.unwrap(prepared, True, False) is model:
                 raise ConfigurationError(
                     f"This {type(model).__qualname__} was prepared already, as a "
-                    f"{type(prepared).__qualname__}; "
-                    "use the object prepare() returned instead of preparing the model again."
+                    f"{type(prepared).__qualname__}; use the object prepare() returned instead of preparing "
+                    "the model again."
                 )
         if getattr(model, "_is_accelerate_prepared", False):  # prepared by another Accelerator
             self._models.append(model)
@@ -329,9 +328,8 @@ class Accelerator(ProcessMixin):
         dispatched = self.verify_device_map(model)
         if dispatched and self.use_distributed and not self._settings.bypass_device_map:
             raise ConfigurationError(
-                f"{type(model).__qualname__} was dispatched across devices (device_map='auto'), which "
-                "cannot be "
-                "trained on several processes. Run one process, or load the model whole on each process."
+                f"{type(model).__qualname__} was dispatched across devices (device_map='auto'), which cannot "
+                "be trained on several processes. Run one process, or load the model whole on each process."
             )
         if device_placement is None:
             device_placement = self.device_placement and self._engine.places_models
@@ -396,9 +394,8 @@ class Accelerator(ProcessMixin):
         if optimizer is None:
             raise ConfigurationError(
                 f"The {type(scheduler).__qualname__} steps a {type(inner).__qualname__} that this "
-                "Accelerator has "
-                "not prepared. Prepare the optimizer in the same call or before: "
-                "`model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)`."
+                "Accelerator has not prepared. Prepare the optimizer in the same call or before: `model, "
+                "optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)`."
             )
         wrapped = self._engine.wrap_scheduler(
             scheduler, [optimizer], self.step_scheduler_with_optimizer, self.split_batches

@@ -118,8 +118,8 @@ def refuse_unknown(objects: Sequence[Any]) -> None:
         if kind_of(obj) is None:
             raise TypeError(
                 f"prepare: argument {position} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
-                f"the Accelerator does not know how to prepare. It prepares {_KNOWN}; use other objects "
-                "as they are, without passing them to prepare()."
+                f"the Accelerator does not know how to prepare. It prepares {_KNOWN}; use other objects as "
+                "they are, without passing them to prepare()."
             )
 
 

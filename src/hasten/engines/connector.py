@@ -146,8 +146,7 @@ def sort_handlers(kwargs_handlers: Sequence[Any] | None) -> Handlers:
         if name in found:
             raise ConfigurationError(
                 f"kwargs_handlers holds two {type(handler).__name__} objects ({found[name]!r} and "
-                f"{handler!r}); "
-                "pass one, with every setting in it."
+                f"{handler!r}); pass one, with every setting in it."
             )
         found[name] = handler
     return Handlers(**found)  # type: ignore[arg-type]
@@ -190,10 +189,8 @@ def _refuse_engines_not_built(
     if megatron_lm_plugin is not None or parse_flag_from_env("ACCELERATE_USE_MEGATRON_LM"):
         raise ConfigurationError(
             "Megatron-LM was requested (megatron_lm_plugin or ACCELERATE_USE_MEGATRON_LM), but hasten does "
-            "not "
-            "run Megatron-LM: it needs NVIDIA GPUs and Apex and cannot be installed here. Use DDP (the "
-            "default "
-            "on several processes) instead."
+            "not run Megatron-LM: it needs NVIDIA GPUs and Apex and cannot be installed here. Use DDP (the "
+            "default on several processes) instead."
         )
     if parallel is not None or parse_flag_from_env("ACCELERATE_USE_PARALLELISM_CONFIG"):
         raise ConfigurationError(
@@ -208,8 +205,7 @@ def _refuse_engines_not_built(
         if wanted is not None or parse_flag_from_env(variable):
             raise ConfigurationError(
                 f"The {engine} engine was requested (a plugin or {variable}), but it is not built into "
-                "hasten "
-                "yet. Use DDP (the default on several processes) for now."
+                "hasten yet. Use DDP (the default on several processes) for now."
             )
 
 
@@ -245,8 +241,8 @@ def _refuse_conflicts(state: AcceleratorState, dynamo: TorchDynamoPlugin, dynamo
     if dynamo_given and live is not None and live != dynamo:
         raise ConfigurationError(
             f"This process's AcceleratorState compiles with {live!r}; a second Accelerator asked for "
-            f"{dynamo!r}. "
-            "An Accelerator shares the state of the first one: pass the same dynamo settings (or none)."
+            f"{dynamo!r}. An Accelerator shares the state of the first one: pass the same dynamo settings "
+            "(or none)."
         )
 
 
@@ -280,8 +276,8 @@ def connect(
     handlers = sort_handlers(kwargs_handlers)
     if handlers.fp8_recipe is not None:
         raise ConfigurationError(
-            "kwargs_handlers holds an FP8RecipeKwargs, but FP8 training needs TransformerEngine or MS-AMP on "
-            "NVIDIA GPUs, which hasten does not drive. Drop it (and use mixed_precision='bf16')."
+            "kwargs_handlers holds an FP8RecipeKwargs, but FP8 training needs TransformerEngine or MS-AMP "
+            "on NVIDIA GPUs, which hasten does not drive. Drop it (and use mixed_precision='bf16')."
         )
     dynamo = _dynamo(dynamo_backend, dynamo_plugin)
     _require_type(fsdp_plugin, FullyShardedDataParallelPlugin, "fsdp_plugin")
@@ -338,4 +334,3 @@ def connect(
         ),
     )
     return Connection(state, gradient_state, settings, engine_class(settings, precision), precision)
-

@@ -76,9 +76,9 @@ def check_saveable(model: nn.Module, save_directory: PathLike) -> None:
     empty = [name for name, parameter in model.named_parameters() if parameter.device.type == "meta"]
     if empty:
         raise ValueError(
-            f"save_model: {len(empty)} parameters of {type(model).__qualname__} are on the meta device "
-            f"(e.g. {empty[:3]}), so there are no weights to save. Load or materialise them first "
-            "(e.g. load_checkpoint_in_model, or model.to_empty(device=...) and initialise)."
+            f"save_model: {len(empty)} parameters of {type(model).__qualname__} are on the meta device (e.g. "
+            f"{empty[:3]}), so there are no weights to save. Load or materialise them first (e.g. "
+            "load_checkpoint_in_model, or model.to_empty(device=...) and initialise)."
         )
 
 

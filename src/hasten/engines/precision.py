@@ -74,8 +74,8 @@ class Precision:
         self.native_amp = False
         if mode == PrecisionType.FP8:
             raise ConfigurationError(
-                "mixed_precision='fp8' needs TransformerEngine, MS-AMP or torchao FP8 on NVIDIA GPUs, "
-                f"and this process computes on {device.type!r}. Use mixed_precision='bf16' instead."
+                "mixed_precision='fp8' needs TransformerEngine, MS-AMP or torchao FP8 on NVIDIA GPUs, and "
+                f"this process computes on {device.type!r}. Use mixed_precision='bf16' instead."
             )
         if engine_casts or mode == PrecisionType.NO:
             return
@@ -83,8 +83,7 @@ class Precision:
             if device.type not in _FP16_DEVICES:
                 raise ConfigurationError(
                     f"mixed_precision='fp16' needs one of the devices {list(_FP16_DEVICES)}, but this "
-                    "process "
-                    f"computes on {device.type!r}. Use mixed_precision='bf16' there (or 'no')."
+                    f"process computes on {device.type!r}. Use mixed_precision='bf16' there (or 'no')."
                 )
             kwargs = {} if scaler_handler is None else scaler_handler.to_kwargs()
             self.scaler = get_grad_scaler(distributed_type, **kwargs)

@@ -268,8 +268,7 @@ class ProcessMixin:
             if not isinstance(joinable, Joinable):
                 raise TypeError(
                     f"join_uneven_inputs: joinables[{position}] is a {type(joinable).__qualname__}, not a "
-                    "Joinable; "
-                    "pass the models prepare() wrapped in DistributedDataParallel."
+                    "Joinable; pass the models prepare() wrapped in DistributedDataParallel."
                 )
         overridden = []
         if even_batches is not None:
