@@ -241,43 +241,70 @@ def _write_envelope(op: int, words: list[int], payload: torch.Tensor | Packed | 
     return torch.from_numpy(buffer)
 
 
-def _read_envelopes(
-    received: torch.Tensor, own_words: list[int], world: int, device: torch.device
-) -> list[Reply]:
-    rows = received.view(world, ENVELOPE_BYTES)
-    host = (rows if rows.device.type == "cpu" else rows.cpu()).numpy()
-    words = host.view(np.int64)
-    heads = words[:, :_HEADER_WORDS].tolist()
-    lengths = [length for _, length, _ in heads]
-    if all(_HEADER_WORDS + length <= ENVELOPE_BYTES // 8 for length in lengths):
-        signatures = [
-            words[rank, _HEADER_WORDS : _HEADER_WORDS + length].tolist()
-            for rank, length in enumerate(lengths)
-        ]
-    else:  # some signature did not fit (thousands of leaves): exchange them all, padded to the longest
-        mine = torch.zeros(max(lengths), dtype=torch.int64)
-        mine[: len(own_words)] = torch.tensor(own_words, dtype=torch.int64)
-        gathered = torch.empty(world * mine.numel(), dtype=torch.int64, device=device)
-        all_gather_into(gathered, mine.to(device))
-        table = gathered.view(world, -1).cpu()
-        signatures = [table[rank, :length].tolist() for rank, length in enumerate(lengths)]
-    on_host = rows.device.type == "cpu"
-    replies = []
-    for rank, (op, length, size) in enumerate(heads):
-        payload = None
-        if size >= 0:
-            start = align(8 * (_HEADER_WORDS + length))
-            payload = (
-                torch.from_numpy(host[rank, start : start + size])
-                if on_host
-                else rows[rank, start : start + size]
+class Exchanged:
+    """Every rank's envelope after one exchange, decoded only as far as the caller needs.
+
+    When every rank sent the same call (the common case) :attr:`uniform` holds and the payloads
+    can be read as one block; :meth:`replies` decodes each rank's :class:`Reply` for the checks.
+    """
+
+    def __init__(
+        self, received: torch.Tensor, own_words: list[int], world: int, device: torch.device
+    ) -> None:
+        self.rows = received.view(world, ENVELOPE_BYTES)
+        self.host: np.ndarray | None = self.rows.numpy() if self.rows.device.type == "cpu" else None
+        words = (self.host if self.host is not None else self.rows.cpu().numpy()).view(np.int64)
+        self.heads: list[list[int]] = words[:, :_HEADER_WORDS].tolist()
+        lengths = [length for _, length, _ in self.heads]
+        if all(_HEADER_WORDS + length <= ENVELOPE_BYTES // 8 for length in lengths):
+            self.signatures: list[list[int]] = [
+                words[rank, _HEADER_WORDS : _HEADER_WORDS + length].tolist()
+                for rank, length in enumerate(lengths)
+            ]
+        else:  # some signature did not fit (thousands of leaves): exchange them all, padded to the longest
+            mine = torch.zeros(max(lengths), dtype=torch.int64)
+            mine[: len(own_words)] = torch.tensor(own_words, dtype=torch.int64)
+            gathered = torch.empty(world * mine.numel(), dtype=torch.int64, device=device)
+            all_gather_into(gathered, mine.to(device))
+            table = gathered.view(world, -1).cpu()
+            self.signatures = [table[rank, :length].tolist() for rank, length in enumerate(lengths)]
+        first_head, first_signature = self.heads[0], self.signatures[0]
+        self.uniform = all(head == first_head for head in self.heads) and all(
+            signature == first_signature for signature in self.signatures
+        )
+
+    def _start(self, rank: int) -> int:
+        return align(8 * (_HEADER_WORDS + self.heads[rank][1]))
+
+    def block(self) -> np.ndarray | torch.Tensor | None:
+        """Every rank's inlined payload as one world x bytes block (a numpy view on the CPU), when the
+        exchange is uniform and the payloads travelled inline; ``None`` otherwise."""
+        size = self.heads[0][2]
+        if not self.uniform or size < 0:
+            return None
+        start = self._start(0)
+        return (self.host if self.host is not None else self.rows)[:, start : start + size]
+
+    def replies(self) -> list[Reply]:
+        """Each rank's :class:`Reply`, in rank order."""
+        replies = []
+        for rank, (op, _, size) in enumerate(self.heads):
+            payload = None
+            if size >= 0:
+                start = self._start(rank)
+                payload = (
+                    torch.from_numpy(self.host[rank, start : start + size])
+                    if self.host is not None
+                    else self.rows[rank, start : start + size]
+                )
+            replies.append(
+                Reply(Call.decode(op, self.signatures[rank]), size if size >= -1 else -2 - size, payload)
             )
-        replies.append(Reply(Call.decode(op, signatures[rank]), size if size >= -1 else -2 - size, payload))
-    return replies
+        return replies
 
 
-def exchange(call: Call, payload: torch.Tensor | Packed | None = None) -> list[Reply]:
-    """All-gather each rank's envelope (``call`` and, if it fits, ``payload``); return every rank's reply.
+def exchange_envelopes(call: Call, payload: torch.Tensor | Packed | None = None) -> Exchanged:
+    """All-gather each rank's envelope (``call`` and, if it fits, ``payload``).
 
     Args:
         call: what this rank is doing.
@@ -292,7 +319,12 @@ def exchange(call: Call, payload: torch.Tensor | Packed | None = None) -> list[R
         envelope = envelope.to(device)
     received = torch.empty(state.num_processes * ENVELOPE_BYTES, dtype=torch.uint8, device=device)
     all_gather_into(received, envelope)
-    return _read_envelopes(received, words, state.num_processes, device)
+    return Exchanged(received, words, state.num_processes, device)
+
+
+def exchange(call: Call, payload: torch.Tensor | Packed | None = None) -> list[Reply]:
+    """:func:`exchange_envelopes`, decoded into every rank's :class:`Reply`."""
+    return exchange_envelopes(call, payload).replies()
 
 
 # --- checking that the calls fit together -------------------------------------------------------
