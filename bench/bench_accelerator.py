@@ -191,7 +191,8 @@ def _share(ours: float, theirs: float) -> str:
 def _report(world: int, results: dict[str, dict[str, list[tuple[float, float]]]]) -> None:
     print(f"### {world} process{'es (gloo)' if world > 1 else ''}: µs per batch\n")
     print(
-        "| scenario | raw: median / p10 / CPU | Accelerate | hasten | Accelerate's overhead | hasten's overhead "
+        "| scenario | raw: median / p10 / CPU | Accelerate | hasten | Accelerate's overhead | hasten's "
+        "overhead "
         "| hasten's overhead / Accelerate's |"
     )
     print("|---|---|---|---|---|---|---|")

@@ -14,7 +14,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import Timing, measure, table
+from timing import best_interleaved, table
 
 import hasten.utils as hasten
 from hasten.utils.environment import patch_environment
@@ -49,15 +49,7 @@ def main() -> None:
     rows = []
     with patch_environment(**LAUNCH_ENV):
         for (name, ours), (_, theirs) in zip(cases(hasten), cases(accelerate)):
-            timings: list[Timing] = []
-            for _ in range(3):  # interleave the contenders; keep each one's best median
-                timings_round = [measure("hasten", ours, repeat=5), measure("accelerate", theirs, repeat=5)]
-                timings = (
-                    timings_round
-                    if not timings
-                    else [min(a, b, key=lambda t: t.median) for a, b in zip(timings, timings_round)]
-                )
-            rows.append((name, timings))
+            rows.append((name, best_interleaved([("hasten", ours), ("accelerate", theirs)])))
     print(table("Kwargs handlers and plugins (pure Python, one process)", rows))
 
 

@@ -50,6 +50,20 @@ def measure(
     return Timing(name, min(rounds), statistics.median(rounds))
 
 
+def best_interleaved(
+    contenders: Sequence[tuple[str, Callable[[], Any]]], rounds: int = 3, repeat: int = 5
+) -> list[Timing]:
+    """Measure the contenders one after the other, ``rounds`` times; keep each one's best median.
+
+    Interleaving spreads the load of a shared machine over every contender alike.
+    """
+    best: list[Timing] = []
+    for _ in range(rounds):
+        timings = [measure(name, function, repeat=repeat) for name, function in contenders]
+        best = timings if not best else [min(a, b, key=lambda t: t.median) for a, b in zip(best, timings)]
+    return best
+
+
 def fmt_seconds(seconds: float) -> str:
     """A duration with a unit that keeps three significant digits."""
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):

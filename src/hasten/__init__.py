@@ -37,8 +37,18 @@ from hasten.launchers import (
     debug_launcher,
     notebook_launcher,
 )
+from hasten.utils.dataclasses.configs import (
+    DataLoaderConfiguration,
+)
+from hasten.utils.dataclasses.enums import (
+    DDPCommunicationHookType,
+    DistributedType,
+)
 from hasten.utils.device_map import (
     infer_auto_device_map,
+)
+from hasten.utils.imports import (
+    is_rich_available,
 )
 from hasten.utils.loading import (
     load_checkpoint_in_model,
@@ -54,8 +64,11 @@ __all__ = [
     "Accelerator",
     "AcceleratorState",
     "AutocastKwargs",
+    "DDPCommunicationHookType",
+    "DataLoaderConfiguration",
     "DeepSpeedPlugin",
     "DistributedDataParallelKwargs",
+    "DistributedType",
     "FP8RecipeKwargs",
     "FullyShardedDataParallelPlugin",
     "GradScalerKwargs",
@@ -76,6 +89,7 @@ __all__ = [
     "infer_auto_device_map",
     "init_empty_weights",
     "init_on_device",
+    "is_rich_available",
     "load_checkpoint_and_dispatch",
     "load_checkpoint_in_model",
     "notebook_launcher",

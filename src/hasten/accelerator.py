@@ -27,6 +27,7 @@ from hasten.engines.ddp import trigger_sync_in_backward
 from hasten.engines.outputs import check_saveable, write_model
 from hasten.engines.processes import ProcessMixin
 from hasten.scheduler import AcceleratedScheduler
+from hasten.utils.compilation import is_compiled_module
 from hasten.utils.dataclasses.configs import DataLoaderConfiguration, ProjectConfiguration
 from hasten.utils.dataclasses.kwargs import AutocastKwargs, ProfileKwargs
 from hasten.utils.dataclasses.plugins.dynamo import TorchDynamoPlugin
@@ -334,7 +335,7 @@ class Accelerator(ProcessMixin):
         if device_placement is None:
             device_placement = self.device_placement and self._engine.places_models
         model = self._engine.wrap_model(model, device_placement and not dispatched, evaluation_mode)
-        if self._settings.compiles and not isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        if self._settings.compiles and not is_compiled_module(model):
             model = self._settings.dynamo_plugin.compile(model)
         model._is_accelerate_prepared = True  # type: ignore[assignment]
         self._models.append(model)

@@ -27,6 +27,7 @@ from hasten.hooks import (
     attach_align_device_hook,
     attach_align_device_hook_on_blocks,
 )
+from hasten.layerwise_casting import attach_layerwise_casting_hooks  # noqa: F401  (Accelerate's path)
 from hasten.utils.device import accelerator_type, device_for_local_process
 from hasten.utils.device_map import check_device_map, infer_auto_device_map
 from hasten.utils.environment import parse_flag_from_env

@@ -26,6 +26,7 @@ from hasten.utils.batches import find_device, send_to_device
 from hasten.utils.device import device_for_local_process
 from hasten.utils.modeling import named_module_tensors, set_module_tensor_to_device
 from hasten.utils.offload import PrefixedDataset
+from hasten.utils.reexport import lazy_reexports
 from hasten.utils.typing import Device
 
 # Attributes dispatch_model sets on a model to refuse moves; removing hooks removes them too.
@@ -550,3 +551,10 @@ class UserCpuOffloadHook:
 
 def _default_execution_device() -> torch.device:
     return device_for_local_process(0)
+
+
+# Accelerate keeps this hook in `accelerate.hooks`; hasten keeps it with layerwise casting, which imports
+# this module, so the name is resolved on first access.
+__getattr__, __dir__ = lazy_reexports(
+    __name__, globals(), {"hasten.layerwise_casting": "LayerwiseCastingHook"}
+)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -12,12 +11,7 @@ import torch.multiprocessing as torch_mp
 
 from hasten.utils.dataclasses.enums import PrecisionType
 from hasten.utils.environment import patch_environment
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from hasten.utils.ports import get_free_port
 
 
 def _debug_worker(
@@ -47,7 +41,7 @@ def debug_launcher(function: Callable[..., Any], args: tuple[Any, ...] = (), num
         raise ValueError(f"debug_launcher: num_processes={num_processes} must be at least 1")
     torch_mp.start_processes(
         _debug_worker,
-        args=(function, args, num_processes, _free_port()),
+        args=(function, args, num_processes, get_free_port()),
         nprocs=num_processes,
         start_method="fork",
     )
@@ -107,3 +101,17 @@ def notebook_launcher(
         for key in set(os.environ) - set(before):
             del os.environ[key]
         os.environ.update(before)
+
+
+def test_launch() -> None:
+    """Check that this process can form its ``PartialState`` (what a launched test script calls first).
+
+    Raises whatever forming the state raises: an inconsistent launch environment, or peers that
+    never arrive.
+    """
+    from hasten.state import PartialState
+
+    PartialState()
+
+
+test_launch.__test__ = False  # type: ignore[attr-defined]  # a launcher helper, not a pytest test

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from hasten.state import PartialState
+from hasten.utils.errors import ConfigurationError
 
 
 class MultiProcessAdapter(logging.LoggerAdapter[logging.Logger]):
@@ -61,10 +62,29 @@ _warned_once: set[str] = set()
 
 
 def get_logger(name: str, log_level: str | None = None) -> MultiProcessAdapter:
-    """A process-aware logger for ``name``; ``log_level`` (or ``ACCELERATE_LOG_LEVEL``) sets its level."""
+    """A process-aware logger for ``name``; ``log_level`` (or ``ACCELERATE_LOG_LEVEL``) sets its level.
+
+    Raises:
+        ConfigurationError: the level (or the variable) is not a logging level; the message says which.
+    """
+    where = "log_level"
     if log_level is None:
-        log_level = os.environ.get("ACCELERATE_LOG_LEVEL")
+        log_level, where = (
+            os.environ.get("ACCELERATE_LOG_LEVEL") or None,
+            "environment variable ACCELERATE_LOG_LEVEL",
+        )
     logger = logging.getLogger(name)
     if log_level is not None:
-        logger.setLevel(log_level.upper())
+        logger.setLevel(_level(log_level, where))
     return MultiProcessAdapter(logger, {})
+
+
+def _level(value: Any, where: str) -> int:
+    """The logging level named by ``value`` (a level name in any case, or a level number)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    level = logging.getLevelName(value.strip().upper()) if isinstance(value, str) else None
+    if not isinstance(level, int):
+        names = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+        raise ConfigurationError(f"{where}={value!r} is not a logging level; use one of {names}.")
+    return level

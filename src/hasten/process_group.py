@@ -11,12 +11,14 @@ import atexit
 import contextlib
 import datetime
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from hasten.utils.constants import launch_variables
 from hasten.utils.dataclasses.enums import DistributedType
 from hasten.utils.device import device_for_local_process
 from hasten.utils.environment import parse_flag_from_env
@@ -25,6 +27,7 @@ from hasten.utils.process_env import LaunchEnvironment
 
 logger = logging.getLogger(__name__)
 
+_LAUNCH = launch_variables("PartialState")  # field -> the variable `hasten launch` writes
 _BACKEND_FOR_DEVICE = {"cuda": "nccl", "xpu": "xccl", "npu": "hccl", "cpu": "gloo", "mps": "gloo"}
 _DISTRIBUTED_TYPE_FOR_DEVICE = {
     "cuda": DistributedType.MULTI_GPU,
@@ -52,6 +55,10 @@ class ProcessState:
     fork_launched: bool
     timeout: datetime.timedelta
     """How long collectives wait for every rank (the process group's timeout)."""
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+    """What the state holds for each process-group argument a later ``PartialState(...)`` may pass
+    (normalised): the group's ``backend``, ``timeout`` and ``init_method``, and every other argument
+    the group was formed with (for a single process: the arguments the first state was given)."""
 
 
 def _timeout(value: Any) -> datetime.timedelta | None:
@@ -75,8 +82,19 @@ def _choose_backend(requested: str | None, device: torch.device) -> str:
     return backend
 
 
-def _join_process_group(launch: LaunchEnvironment, backend: str, kwargs: dict[str, Any]) -> None:
-    timeout = _timeout(kwargs.pop("timeout", None))
+def _normalised(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The process-group arguments with ``backend`` lower-cased and ``timeout`` as a ``timedelta``."""
+    arguments = dict(kwargs)
+    if arguments.get("backend") is not None:
+        arguments["backend"] = str(arguments["backend"]).lower()
+    if arguments.get("timeout") is not None:
+        arguments["timeout"] = _timeout(arguments["timeout"])
+    return {name: value for name, value in arguments.items() if value is not None}
+
+
+def _join_process_group(launch: LaunchEnvironment, backend: str, kwargs: dict[str, Any]) -> str | None:
+    """Form the default group; returns the ``init_method`` used (``None`` when joined through a store)."""
+    timeout = kwargs.pop("timeout", None)
     address = launch.init_method
     init_method = kwargs.pop("init_method", None)
     extra: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
@@ -92,7 +110,7 @@ def _join_process_group(launch: LaunchEnvironment, backend: str, kwargs: dict[st
             timeout=timeout or datetime.timedelta(minutes=30),
         )
         kwargs["store"] = dist.PrefixStore(f"hasten/attempt_{launch.elastic_attempt}", client)
-    elif init_method is None:
+    elif init_method is None and "store" not in kwargs:
         init_method = address
     try:
         dist.init_process_group(
@@ -117,15 +135,16 @@ def _join_process_group(launch: LaunchEnvironment, backend: str, kwargs: dict[st
             "MASTER_PORT, check that rank 0 is reachable from every machine, or give slow starters more time "
             f"with InitProcessGroupKwargs(timeout=...). Underlying error: {str(error).splitlines()[0]}"
         ) from error
+    return init_method
 
 
-def _group_timeout() -> datetime.timedelta:
-    """The live default group's timeout (read from its CPU backend; torch's default when hidden)."""
+def _group_timeout() -> datetime.timedelta | None:
+    """The live default group's timeout (read from its CPU backend; ``None`` when torch hides it)."""
     try:
         timeout = dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout  # type: ignore[union-attr]
     except (AttributeError, RuntimeError):
-        return dist.default_pg_timeout
-    return timeout if isinstance(timeout, datetime.timedelta) else dist.default_pg_timeout
+        return None
+    return timeout if isinstance(timeout, datetime.timedelta) else None
 
 
 def _adopt_process_group(launch: LaunchEnvironment) -> tuple[int, int, int]:
@@ -134,53 +153,114 @@ def _adopt_process_group(launch: LaunchEnvironment) -> tuple[int, int, int]:
     return rank, world_size, local_rank
 
 
+def _show(value: Any) -> str:
+    if isinstance(value, datetime.timedelta):
+        return f"{value.total_seconds():g} s"
+    return repr(value)
+
+
+def same_value(requested: Any, held: Any) -> bool:
+    """Whether a setting asked for again equals the one held (identical, or ``==``)."""
+    try:
+        return requested is held or bool(requested == held)
+    except Exception:  # objects whose == does not give a truth value (tensors, ...)
+        return False
+
+
+def conflicting_arguments(state: ProcessState, cpu: bool, kwargs: Mapping[str, Any]) -> list[str]:
+    """What a later ``PartialState(cpu, **kwargs)`` asks that the live ``state`` does not hold, one line each.
+
+    ``cpu=True`` conflicts with a state that computes on an accelerator. An argument the state
+    holds (see :attr:`ProcessState.arguments`) must be equal to it. With a process group, an
+    argument the group was formed without conflicts too; with none (a single process), there is
+    nothing it could have changed.
+    """
+    problems = []
+    if cpu and state.device.type != "cpu":
+        problems.append(f"cpu=True, but the state computes on {str(state.device)!r}")
+    for name, value in _normalised(kwargs).items():
+        if name in state.arguments:
+            if not same_value(value, state.arguments[name]):
+                problems.append(
+                    f"{name}={kwargs[name]!r}, but the state holds {_show(state.arguments[name])}"
+                )
+        elif state.backend is not None:
+            problems.append(f"{name}={kwargs[name]!r}, but the process group was formed without it")
+    return problems
+
+
+def refuse_changes(cls_name: str, problems: list[str]) -> None:
+    """Raise, listing ``problems``, when a later state constructor asks what the live state cannot change."""
+    if problems:
+        raise ConfigurationError(
+            f"{cls_name}(...) asks for settings this process's live state cannot change:\n- "
+            + "\n- ".join(problems)
+            + "\nPass them the first time the state is created (the first `PartialState` or `Accelerator`), "
+            "or reset the state (and destroy the process group) first."
+        )
+
+
 def create_process_state(cpu: bool, kwargs: dict[str, Any]) -> ProcessState:
-    """Read the launch environment and join (or adopt) the process group it describes."""
-    cpu = cpu or parse_flag_from_env("ACCELERATE_USE_CPU")
+    """Read the launch environment and join (or adopt) the process group it describes.
+
+    Raises:
+        ConfigurationError: an argument is invalid, or contradicts the process group that already exists.
+    """
+    cpu = cpu or parse_flag_from_env(_LAUNCH["cpu"])
     launch = LaunchEnvironment.from_environ()
-    requested_backend = kwargs.pop("backend", None)
+    requested = _normalised(kwargs)
     already = dist.is_available() and dist.is_initialized()
     wants_group = already or launch.is_distributed or (launch.launched and launch.master_addr is not None)
-    if not wants_group:
-        if kwargs or requested_backend:
-            logger.debug("Single process: process-group arguments %s ignored.", sorted(kwargs))
-        return ProcessState(
-            launch=launch,
-            distributed_type=DistributedType.NO,
-            backend=None,
-            device=device_for_local_process(0, cpu),
-            num_processes=1,
-            process_index=0,
-            local_process_index=0,
-            cpu=cpu,
-            debug=parse_flag_from_env("ACCELERATE_DEBUG_MODE"),
-            fork_launched=parse_flag_from_env("FORK_LAUNCHED"),
-            timeout=dist.default_pg_timeout,
-        )
+    backend: str | None = None
+    arguments = dict(requested)
+    rank, world_size, local_rank = 0, 1, 0
     if already:
         rank, world_size, local_rank = _adopt_process_group(launch)
-        device = device_for_local_process(local_rank, cpu)
         backend = str(dist.get_backend())
-    else:
+        arguments = {"backend": backend}
+    elif wants_group:
         rank, world_size, local_rank = launch.rank, launch.world_size, launch.local_rank
         device = device_for_local_process(local_rank, cpu)
-        backend = _choose_backend(requested_backend, device)
+        backend = _choose_backend(requested.get("backend"), device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        _join_process_group(launch, backend, kwargs)
-    return ProcessState(
+        options = {name: value for name, value in requested.items() if name != "backend"}
+        init_method = _join_process_group(launch, backend, options)
+        arguments["backend"] = backend
+        if init_method is not None:
+            arguments["init_method"] = init_method
+    elif requested:
+        logger.debug("Single process: process-group arguments %s ignored.", sorted(requested))
+    timeout = (_group_timeout() if wants_group else None) or requested.get("timeout")
+    if timeout is not None:
+        arguments["timeout"] = timeout
+    device = device_for_local_process(local_rank, cpu)
+    distributed_type = (
+        _DISTRIBUTED_TYPE_FOR_DEVICE.get(device.type, DistributedType.MULTI_CPU)
+        if wants_group
+        else DistributedType.NO
+    )
+    state = ProcessState(
         launch=launch,
-        distributed_type=_DISTRIBUTED_TYPE_FOR_DEVICE.get(device.type, DistributedType.MULTI_CPU),
+        distributed_type=distributed_type,
         backend=backend,
         device=device,
         num_processes=world_size,
         process_index=rank,
         local_process_index=local_rank,
         cpu=cpu,
-        debug=parse_flag_from_env("ACCELERATE_DEBUG_MODE"),
+        debug=parse_flag_from_env(_LAUNCH["debug"]),
         fork_launched=parse_flag_from_env("FORK_LAUNCHED"),
-        timeout=_group_timeout(),
+        timeout=timeout or dist.default_pg_timeout,
+        arguments=arguments,
     )
+    if already and (problems := conflicting_arguments(state, False, kwargs)):
+        raise ConfigurationError(
+            "PartialState(...) adopts the process group this process already joined, which it cannot "
+            "change:\n- " + "\n- ".join(problems) + "\nDrop these arguments, or pass them where the group "
+            "is created."
+        )
+    return state
 
 
 def _destroy_at_exit() -> None:

@@ -17,21 +17,31 @@ from __future__ import annotations
 import contextlib
 import datetime
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from hasten.process_group import ProcessState, create_process_state
+from hasten.process_group import (
+    ProcessState,
+    conflicting_arguments,
+    create_process_state,
+    refuse_changes,
+    same_value,
+)
+from hasten.utils.batches import split_for_process
+from hasten.utils.constants import launch_variables
 from hasten.utils.dataclasses.enums import DistributedType, PrecisionType
 from hasten.utils.environment import parse_choice_from_env, parse_flag_from_env
-from hasten.utils.errors import ConfigurationError, RendezvousTimeoutError
+from hasten.utils.errors import RendezvousTimeoutError, StateResetError
+from hasten.utils.shared_dict import ThreadLocalSharedDict  # noqa: F401  (Accelerate's path)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _do_nothing(*args: Any, **kwargs: Any) -> None:
+def do_nothing(*args: Any, **kwargs: Any) -> None:
+    """Take any arguments and do nothing (what ``on_main_process`` gives the other processes)."""
     return None
 
 
@@ -44,8 +54,12 @@ class PartialState:
             ``backend`` (default ``gloo`` on CPU, ``nccl`` on CUDA), ``init_method`` and ``timeout``
             (a ``timedelta`` or seconds), as :class:`InitProcessGroupKwargs` produces them.
 
+    Every ``PartialState()`` in a process shares the first one's state; a later one whose
+    arguments differ from what that state holds raises (see :func:`conflicting_arguments`).
+
     Raises:
         ValueError: the launch environment is inconsistent (checked before any network call).
+        ConfigurationError: an argument differs from what the live state holds.
         RendezvousTimeoutError: the other processes did not all arrive within the timeout.
     """
 
@@ -55,15 +69,7 @@ class PartialState:
         if PartialState._shared is None:
             PartialState._shared = create_process_state(cpu, dict(kwargs))
             return
-        backend = kwargs.get("backend")
-        live = PartialState._shared.backend
-        if backend is not None and live is not None and backend.lower() != live:
-            raise ConfigurationError(
-                f"backend={backend!r} was requested, but this process already joined a {live!r} process "
-                "group. "
-                "Pass the backend the first time the state is created (or reset it and destroy the group "
-                "first)."
-            )
+        refuse_changes(type(self).__name__, conflicting_arguments(PartialState._shared, cpu, kwargs))
 
     @classmethod
     def _reset_state(cls) -> None:
@@ -74,7 +80,7 @@ class PartialState:
     @property
     def _state(self) -> ProcessState:
         if PartialState._shared is None:
-            raise RuntimeError("The process state was reset; create `PartialState()` again before using it.")
+            raise StateResetError("The process state was reset; create `PartialState()` again.")
         return PartialState._shared
 
     def __repr__(self) -> str:
@@ -130,8 +136,12 @@ class PartialState:
 
     @property
     def debug(self) -> bool:
-        """Whether ``ACCELERATE_DEBUG_MODE`` asked collectives to check their inputs first."""
+        """Whether collectives check inputs across ranks first (``ACCELERATE_DEBUG_MODE``); settable."""
         return self._state.debug
+
+    @debug.setter
+    def debug(self, value: bool) -> None:
+        PartialState._shared = replace(self._state, debug=bool(value))
 
     @property
     def timeout(self) -> datetime.timedelta:
@@ -211,7 +221,7 @@ class PartialState:
     def _only_if(self, runs_here: bool, function: F | None) -> F:
         if function is None:
             raise TypeError("Pass the function to decorate (use these as `@state.on_main_process`).")
-        return function if runs_here else _do_nothing  # type: ignore[return-value]
+        return function if runs_here else do_nothing  # type: ignore[return-value]
 
     def on_main_process(self, function: F | None = None) -> F:
         """Decorator: the function runs on the main process and does nothing elsewhere."""
@@ -272,7 +282,7 @@ class PartialState:
         if self.num_processes == 1:
             yield inputs
             return
-        yield _split_for_process(inputs, self.process_index, self.num_processes, apply_padding)
+        yield split_for_process(inputs, self.process_index, self.num_processes, apply_padding)
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -287,41 +297,6 @@ class PartialState:
         """Destroy ``group`` (the default group when ``None``) if it exists."""
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group(group)
-
-
-def _split_bounds(length: int, process_index: int, num_processes: int) -> tuple[int, int, int]:
-    per_process, extras = divmod(length, num_processes)
-    start = process_index * per_process + min(process_index, extras)
-    end = start + per_process + (1 if process_index < extras else 0)
-    return start, end, per_process + (1 if extras else 0)
-
-
-def _split_for_process(inputs: Any, process_index: int, num_processes: int, apply_padding: bool) -> Any:
-    if isinstance(inputs, dict):
-        lengths = {key: len(value) for key, value in inputs.items()}
-        if len(set(lengths.values())) > 1:
-            raise ValueError(
-                "split_between_processes needs every value of the dict to have the same length; got "
-                f"{lengths}."
-            )
-        return {
-            key: _split_for_process(value, process_index, num_processes, apply_padding)
-            for key, value in inputs.items()
-        }
-    if not isinstance(inputs, (list, tuple, torch.Tensor)):
-        raise TypeError(
-            "split_between_processes takes a list, tuple, tensor or dict of those; got "
-            f"{type(inputs).__name__}."
-        )
-    start, end, padded_length = _split_bounds(len(inputs), process_index, num_processes)
-    missing = padded_length - (end - start)
-    if not apply_padding or missing <= 0 or len(inputs) == 0:
-        return inputs[start:end]
-    last = end - 1 if end > start else len(inputs) - 1  # pad with this share's last item (or the very last)
-    if isinstance(inputs, torch.Tensor):
-        return torch.cat([inputs[start:end], inputs[last : last + 1].expand(missing, *inputs.shape[1:])])
-    padded = list(inputs[start:end]) + [inputs[last]] * missing
-    return padded if isinstance(inputs, list) else tuple(padded)
 
 
 class _HasToKwargs(Protocol):
@@ -339,22 +314,41 @@ class _AcceleratorStateData:
     megatron_lm_plugin: Any = None
     parallelism_config: Any = None
 
+    def conflicts(self, mixed_precision: str | None, plugins: dict[str, Any]) -> list[str]:
+        """What a later ``AcceleratorState(...)`` asks that differs from this record, one line each."""
+        problems = []
+        precision = (
+            None if mixed_precision is None else PrecisionType.parse(mixed_precision, "mixed_precision")
+        )
+        if precision is not None and precision != self.mixed_precision:
+            held = self.mixed_precision.value
+            problems.append(f"mixed_precision={mixed_precision!r}, but the state holds {held!r}")
+        for name, value in plugins.items():
+            held = getattr(self, name)
+            if value is not None and not same_value(value, held):
+                holds = "was created without one" if held is None else "holds a different one"
+                given = f"{name.replace('plugins', 'plugin')}=<{type(value).__name__}>"
+                problems.append(f"{given}, but the state {holds}")
+        return problems
+
+
+_LAUNCH = launch_variables("AcceleratorState")  # field -> the variable `hasten launch` writes
+
 
 def _resolve_mixed_precision(mixed_precision: str | None) -> PrecisionType:
     if mixed_precision is not None:
         return PrecisionType.parse(mixed_precision, "mixed_precision")
-    return PrecisionType.parse(
-        parse_choice_from_env("ACCELERATE_MIXED_PRECISION", "no"), "ACCELERATE_MIXED_PRECISION"
-    )
+    variable = _LAUNCH["mixed_precision"]
+    return PrecisionType.parse(parse_choice_from_env(variable, "no"), f"environment variable {variable}")
 
 
 def _engine_distributed_type(
     base: DistributedType, deepspeed: Any, fsdp: Any, megatron: Any
 ) -> DistributedType:
     """The engine's type when a plugin or ``ACCELERATE_USE_*`` asks for one (also on a single process)."""
-    if deepspeed is not None or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+    if deepspeed is not None or parse_flag_from_env(_LAUNCH["deepspeed_plugin"]):
         return DistributedType.DEEPSPEED
-    if fsdp is not None or parse_flag_from_env("ACCELERATE_USE_FSDP"):
+    if fsdp is not None or parse_flag_from_env(_LAUNCH["fsdp_plugin"]):
         return DistributedType.FSDP
     if megatron is not None or parse_flag_from_env("ACCELERATE_USE_MEGATRON_LM"):
         return DistributedType.MEGATRON_LM
@@ -364,13 +358,14 @@ def _engine_distributed_type(
 class AcceleratorState(PartialState):
     """:class:`PartialState` plus the training set-up: mixed precision and engine plugins.
 
-    Everything :class:`PartialState` offers is available here too. ``distributed_type``
-    becomes ``DEEPSPEED``, ``FSDP`` or ``MEGATRON_LM`` when the matching plugin is given
-    or ``ACCELERATE_USE_*`` asks for it.
+    Everything :class:`PartialState` offers is available here too. ``distributed_type`` becomes
+    ``DEEPSPEED``, ``FSDP`` or ``MEGATRON_LM`` when the matching plugin is given or ``ACCELERATE_USE_*``
+    asks for it. A later ``AcceleratorState(...)`` shares the live state; an argument that differs from
+    what it holds (``mixed_precision``, a plugin, ``cpu`` or a process-group argument) raises.
 
     Raises:
-        ValueError: ``mixed_precision`` is not one of ``no``, ``fp16``, ``bf16``, ``fp8``, or
-            differs from the one the live state was created with.
+        ConfigurationError: ``mixed_precision`` is not one of ``no``, ``fp16``, ``bf16``, ``fp8``, or
+            an argument differs from what the live state was created with.
     """
 
     _accelerator: ClassVar[_AcceleratorStateData | None] = None
@@ -388,37 +383,31 @@ class AcceleratorState(PartialState):
         _from_accelerator: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(cpu, **kwargs)
-        live = AcceleratorState._accelerator
-        if live is not None:
-            if (
-                mixed_precision is not None
-                and PrecisionType.parse(mixed_precision, "mixed_precision") != live.mixed_precision
-            ):
-                raise ValueError(
-                    f"mixed_precision={mixed_precision!r} differs from the {live.mixed_precision.value!r} "
-                    "this "
-                    "process's AcceleratorState was created with; it cannot change once set. Pass it the "
-                    "first "
-                    "time (to `Accelerator(mixed_precision=...)`), or reset the state in tests."
-                )
-            return
         deepspeed_plugins: dict[str, Any] | None
         if isinstance(deepspeed_plugin, dict):
             deepspeed_plugins = deepspeed_plugin
         else:
             deepspeed_plugins = None if deepspeed_plugin is None else {"default": deepspeed_plugin}
+        plugins = {
+            "dynamo_plugin": dynamo_plugin,
+            "deepspeed_plugins": deepspeed_plugins,
+            "fsdp_plugin": fsdp_plugin,
+            "torch_tp_plugin": torch_tp_plugin,
+            "megatron_lm_plugin": megatron_lm_plugin,
+            "parallelism_config": parallelism_config,
+        }
+        live = AcceleratorState._accelerator
+        if live is not None and PartialState._shared is not None:
+            problems = conflicting_arguments(PartialState._shared, cpu, kwargs)
+            refuse_changes(type(self).__name__, problems + live.conflicts(mixed_precision, plugins))
+            return
+        super().__init__(cpu, **kwargs)
         AcceleratorState._accelerator = _AcceleratorStateData(
             mixed_precision=_resolve_mixed_precision(mixed_precision),
             distributed_type=_engine_distributed_type(
                 super().distributed_type, deepspeed_plugins, fsdp_plugin, megatron_lm_plugin
             ),
-            dynamo_plugin=dynamo_plugin,
-            deepspeed_plugins=deepspeed_plugins,
-            fsdp_plugin=fsdp_plugin,
-            torch_tp_plugin=torch_tp_plugin,
-            megatron_lm_plugin=megatron_lm_plugin,
-            parallelism_config=parallelism_config,
+            **plugins,
         )
 
     @classmethod
@@ -431,9 +420,7 @@ class AcceleratorState(PartialState):
     @property
     def _data(self) -> _AcceleratorStateData:
         if AcceleratorState._accelerator is None:
-            raise RuntimeError(
-                "The accelerator state was reset; create `AcceleratorState()` again before using it."
-            )
+            raise StateResetError("The accelerator state was reset; create `AcceleratorState()` again.")
         return AcceleratorState._accelerator
 
     @property
@@ -521,9 +508,7 @@ class GradientState:
     @property
     def _data(self) -> _GradientStateData:
         if GradientState._shared is None:
-            raise RuntimeError(
-                "The gradient state was reset; create `GradientState()` again before using it."
-            )
+            raise StateResetError("The gradient state was reset; create `GradientState()` again.")
         return GradientState._shared
 
     @property
@@ -612,3 +597,8 @@ class GradientState:
             f"Sync Gradients: {self.sync_gradients}\nAt end of current dataloader: {self.end_of_dataloader}\n"
             f"Extra samples added: {self.remainder}\nGradient accumulation plugin: {self.plugin_kwargs}\n"
         )
+
+
+def is_initialized() -> bool:
+    """Whether this process's ``AcceleratorState`` exists (an ``Accelerator`` was created)."""
+    return AcceleratorState._accelerator is not None

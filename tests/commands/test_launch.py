@@ -83,7 +83,7 @@ def test_launch_runs_the_script_on_n_processes(tmp_path: Path, processes: int) -
     assert report["env"] == {
         "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4",
         "ACCELERATE_MIXED_PRECISION": "bf16",
-        "ACCELERATE_USE_CPU": "True",
+        "ACCELERATE_USE_CPU": "true",
     }
 
 
@@ -225,7 +225,7 @@ ACCELERATE_CONFIGS = {
 EXPECTED = {
     "fsdp.yaml": {
         "ACCELERATE_MIXED_PRECISION": "bf16",
-        "ACCELERATE_USE_CPU": "True",
+        "ACCELERATE_USE_CPU": "true",
         "ACCELERATE_USE_FSDP": "true",
         "FSDP_VERSION": "2",
         "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",

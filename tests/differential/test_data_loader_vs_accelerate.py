@@ -26,7 +26,6 @@ theirs = pytest.importorskip("accelerate.data_loader")
 def _accelerate_state() -> Any:
     """Accelerate's RNG synchronisation needs its AcceleratorState; forget it afterwards."""
     from accelerate.state import AcceleratorState
-
     from accelerate.utils import TorchDynamoPlugin
 
     AcceleratorState(_from_accelerator=True, dynamo_plugin=TorchDynamoPlugin())

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
+import threading
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from hasten.state import AcceleratorState, GradientState, PartialState
+from hasten.state import (
+    AcceleratorState,
+    GradientState,
+    PartialState,
+    ThreadLocalSharedDict,
+    do_nothing,
+    is_initialized,
+)
+from hasten.utils import device as device_module
 from hasten.utils.dataclasses.enums import DistributedType
+from hasten.utils.dataclasses.plugins.dynamo import TorchDynamoPlugin
+from hasten.utils.dataclasses.plugins.fsdp import FullyShardedDataParallelPlugin
 from hasten.utils.environment import patch_environment
 from hasten.utils.errors import ConfigurationError
 from tests.ranks import free_port
@@ -119,9 +132,7 @@ def test_a_launch_of_one_process_forms_a_group_of_one() -> None:
         assert dist.is_initialized() and state.backend == "gloo"
         assert state.distributed_type is DistributedType.MULTI_CPU
         assert state.num_processes == 1 and not state.use_distributed
-        with pytest.raises(
-            ConfigurationError, match=r"backend='mpi' was requested, but this process already joined a 'gloo'"
-        ):
+        with pytest.raises(ConfigurationError, match=r"backend='mpi', but the state holds 'gloo'"):
             PartialState(backend="mpi")
         state.destroy_process_group()
     assert not dist.is_initialized()
@@ -139,9 +150,7 @@ def test_accelerator_state_precision_from_argument_and_environment() -> None:
 def test_accelerator_state_cannot_change_precision() -> None:
     AcceleratorState(mixed_precision="bf16")
     assert AcceleratorState(mixed_precision="bf16").mixed_precision == "bf16"
-    with pytest.raises(
-        ValueError, match=r"mixed_precision='fp16' differs from the 'bf16' this process's AcceleratorState"
-    ):
+    with pytest.raises(ValueError, match=r"mixed_precision='fp16', but the state holds 'bf16'"):
         AcceleratorState(mixed_precision="fp16")
 
 
@@ -184,6 +193,95 @@ def test_accelerator_state_reset_keeps_or_drops_the_partial_state() -> None:
         AcceleratorState.__new__(AcceleratorState).mixed_precision
 
 
+# --- a later state asking for other settings -----------------------------------------------------
+
+_CHANGE = r"asks for settings this process's live state cannot change:\n- "
+
+
+def test_a_later_state_with_other_group_arguments_names_each() -> None:
+    port = free_port()
+    with patch_environment(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)):
+        PartialState(timeout=10)
+        PartialState(timeout=datetime.timedelta(seconds=10), backend="GLOO")  # the same settings
+        PartialState(init_method=f"tcp://127.0.0.1:{port}")  # the address the group was formed at
+        with pytest.raises(ConfigurationError, match=_CHANGE + r"timeout=20, but the state holds 10 s\n"):
+            PartialState(timeout=20)
+        with pytest.raises(
+            ConfigurationError,
+            match=r"- init_method='tcp://10.0.0.1:1', but the state holds 'tcp://127.0.0.1:",
+        ):
+            PartialState(init_method="tcp://10.0.0.1:1")
+        with pytest.raises(
+            ConfigurationError, match=r"- group_name='x', but the process group was formed without it"
+        ):
+            PartialState(group_name="x")
+        with pytest.raises(
+            ConfigurationError, match=r"- timeout=1, but the state holds 10 s\n- backend='mpi'"
+        ):
+            AcceleratorState(timeout=1, backend="mpi")  # every difference, and through AcceleratorState too
+        with pytest.raises(ConfigurationError, match=r"timeout='soon' must be a datetime.timedelta"):
+            PartialState(timeout="soon")
+        PartialState().destroy_process_group()
+
+
+def test_a_single_process_compares_only_what_it_was_given() -> None:
+    PartialState()
+    PartialState(timeout=5, backend="gloo")  # no group: nothing these could have changed
+    PartialState._reset_state()
+    assert PartialState(timeout=5).timeout == datetime.timedelta(seconds=5)
+    with pytest.raises(ConfigurationError, match=_CHANGE + r"timeout=6, but the state holds 5 s"):
+        PartialState(timeout=6)
+
+
+def test_adopting_a_group_checks_its_backend_and_timeout(tmp_path: Path) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp_path / 'store'}",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    with pytest.raises(
+        ConfigurationError, match=r"adopts the process group .*\n- timeout=5, but the state holds 30 s"
+    ):
+        PartialState(timeout=5)
+    assert PartialState(timeout=30, backend="gloo").backend == "gloo"
+
+
+def test_cpu_true_conflicts_with_a_state_on_an_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device_module, "accelerator_type", lambda: "mps")  # an accelerator, simulated
+    assert PartialState().device == torch.device("mps")
+    PartialState(cpu=False)
+    with pytest.raises(ConfigurationError, match=_CHANGE + r"cpu=True, but the state computes on 'mps'"):
+        PartialState(cpu=True)
+    with pytest.raises(ConfigurationError, match=r"cpu=True, but the state computes on 'mps'"):
+        AcceleratorState(cpu=True)
+    PartialState._reset_state()
+    assert PartialState(cpu=True).device == torch.device("cpu")
+    PartialState(cpu=True)
+
+
+def test_a_later_accelerator_state_with_other_plugins_names_each() -> None:
+    dynamo = TorchDynamoPlugin(backend="inductor")
+    AcceleratorState(mixed_precision="bf16", dynamo_plugin=dynamo)
+    AcceleratorState(dynamo_plugin=TorchDynamoPlugin(backend="inductor"), mixed_precision="bf16")  # equal
+    with pytest.raises(
+        ConfigurationError,
+        match=_CHANGE + r"mixed_precision='no', but the state holds 'bf16'\n"
+        r"- dynamo_plugin=<TorchDynamoPlugin>, but the state holds a different one\n"
+        r"- fsdp_plugin=<FullyShardedDataParallelPlugin>, but the state was created without one",
+    ):
+        AcceleratorState(
+            mixed_precision="no",
+            dynamo_plugin=TorchDynamoPlugin(),
+            fsdp_plugin=FullyShardedDataParallelPlugin(),
+        )
+    with pytest.raises(
+        ConfigurationError, match=r"deepspeed_plugin=<dict>, but the state was created without one"
+    ):
+        AcceleratorState(deepspeed_plugin={"a": object()})
+
+
 class _Plugin:
     def to_kwargs(self) -> dict[str, object]:
         return {"num_steps": 4, "adjust_scheduler": True, "sync_with_dataloader": False}
@@ -215,3 +313,57 @@ def test_gradient_state() -> None:
     GradientState._reset_state()
     with pytest.raises(RuntimeError, match=r"The gradient state was reset"):
         state.num_steps
+
+
+def test_after_a_reset_attributes_raise_attribute_error_so_getattr_defaults_work() -> None:
+    partial, accelerator, gradient = PartialState(), AcceleratorState(), GradientState()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    for state, name in [(partial, "device"), (accelerator, "mixed_precision"), (gradient, "num_steps")]:
+        with pytest.raises(AttributeError, match="was reset; create"):
+            getattr(state, name)
+        assert getattr(state, name, "default") == "default"
+        assert not hasattr(state, name)
+
+
+def test_debug_is_settable_for_every_instance() -> None:
+    state = PartialState()
+    assert not state.debug
+    state.debug = True
+    assert PartialState().debug and state.num_processes == 1
+    PartialState().debug = False
+    assert not state.debug
+
+
+def test_module_helpers_is_initialized_and_do_nothing() -> None:
+    assert not is_initialized()
+    AcceleratorState()
+    assert is_initialized()
+    AcceleratorState._reset_state()
+    assert not is_initialized()
+    assert do_nothing(1, key=2) is None
+
+
+def test_thread_local_shared_dict_gives_each_thread_its_own_dict() -> None:
+    class Holder:
+        shared = ThreadLocalSharedDict()
+
+    Holder.shared["main"] = 1
+    holder = Holder()
+    assert holder.shared is Holder.shared
+    seen: dict[str, object] = {}
+
+    def other_thread() -> None:
+        seen["before"] = dict(Holder().shared)
+        Holder().shared["other"] = 2
+        seen["after"] = dict(Holder.shared)
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    worker.join()
+    assert seen == {"before": {}, "after": {"other": 2}}
+    assert Holder.shared == {"main": 1}
+    holder.shared = {"replaced": True}
+    assert Holder.shared == {"replaced": True}
+    with pytest.raises(TypeError, match="ThreadLocalSharedDict holds a dict, not list"):
+        holder.shared = []  # type: ignore[assignment]

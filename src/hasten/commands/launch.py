@@ -16,68 +16,26 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hasten.utils.config_file import default_config_file, load_config_file
+from hasten.commands.launch_config import boolean, settings_from_config_file
+from hasten.utils.config_file import default_config_file
+from hasten.utils.constants import (
+    FSDP_AUTO_WRAP_POLICY,
+    FSDP_BACKWARD_PREFETCH,
+    FSDP_SHARDING_STRATEGY,
+    FSDP_STATE_DICT_TYPE,
+    LAUNCH_VARIABLES,
+    TORCH_DYNAMO_MODES,
+)
 from hasten.utils.dataclasses.enums import DynamoBackend, PrecisionType
 
-FSDP_STRATEGIES = [
-    "FULL_SHARD",
-    "SHARD_GRAD_OP",
-    "NO_SHARD",
-    "HYBRID_SHARD",
-    "HYBRID_SHARD_ZERO2",
-    "1",
-    "2",
-    "3",
-    "4",
-    "5",
-]
-FSDP_WRAP_POLICIES = ["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"]
-FSDP_PREFETCH = ["BACKWARD_PRE", "BACKWARD_POST", "NO_PREFETCH"]
-FSDP_STATE_DICTS = ["FULL_STATE_DICT", "LOCAL_STATE_DICT", "SHARDED_STATE_DICT"]
-
-# flag -> environment variable, for flags passed through as they are (booleans lower-cased).
-FSDP_VARIABLES = {
-    "fsdp_version": "FSDP_VERSION",
-    "fsdp_sharding_strategy": "FSDP_SHARDING_STRATEGY",
-    "fsdp_reshard_after_forward": "FSDP_RESHARD_AFTER_FORWARD",
-    "fsdp_offload_params": "FSDP_OFFLOAD_PARAMS",
-    "fsdp_min_num_params": "FSDP_MIN_NUM_PARAMS",
-    "fsdp_auto_wrap_policy": "FSDP_AUTO_WRAP_POLICY",
-    "fsdp_transformer_layer_cls_to_wrap": "FSDP_TRANSFORMER_CLS_TO_WRAP",
-    "fsdp_backward_prefetch": "FSDP_BACKWARD_PREFETCH",
-    "fsdp_state_dict_type": "FSDP_STATE_DICT_TYPE",
-    "fsdp_forward_prefetch": "FSDP_FORWARD_PREFETCH",
-    "fsdp_use_orig_params": "FSDP_USE_ORIG_PARAMS",
-    "fsdp_cpu_ram_efficient_loading": "FSDP_CPU_RAM_EFFICIENT_LOADING",
-    "fsdp_sync_module_states": "FSDP_SYNC_MODULE_STATES",
-    "fsdp_activation_checkpointing": "FSDP_ACTIVATION_CHECKPOINTING",
+# FSDP strategies by name, or by their number in that list (as Accelerate's launcher accepts them).
+_STRATEGIES = [*FSDP_SHARDING_STRATEGY, *(str(n) for n in range(1, len(FSDP_SHARDING_STRATEGY) + 1))]
+# The option that switches on each reader's variables (the others are always written).
+_SECTION = {
+    "FullyShardedDataParallelPlugin": "use_fsdp",
+    "DeepSpeedPlugin": "use_deepspeed",
+    "TorchDynamoPlugin": "dynamo_backend",
 }
-DEEPSPEED_VARIABLES = {
-    "zero_stage": "ACCELERATE_DEEPSPEED_ZERO_STAGE",
-    "deepspeed_config_file": "ACCELERATE_DEEPSPEED_CONFIG_FILE",
-    "offload_optimizer_device": "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE",
-    "offload_param_device": "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE",
-    "zero3_init_flag": "ACCELERATE_DEEPSPEED_ZERO3_INIT",
-    "zero3_save_16bit_model": "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL",
-    "gradient_clipping": "ACCELERATE_GRADIENT_CLIPPING",
-    "deepspeed_moe_layer_cls_names": "ACCELERATE_DEEPSPEED_MOE_LAYER_CLS_NAMES",
-}
-DYNAMO_VARIABLES = {
-    "dynamo_mode": "ACCELERATE_DYNAMO_MODE",
-    "dynamo_use_fullgraph": "ACCELERATE_DYNAMO_USE_FULLGRAPH",
-    "dynamo_use_dynamic": "ACCELERATE_DYNAMO_USE_DYNAMIC",
-    "dynamo_use_regional_compilation": "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION",
-}
-CONFIG_SECTIONS = ("fsdp_config", "deepspeed_config", "dynamo_config")
-
-
-def _flag(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "y", "on"):
-        return True
-    if lowered in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,16 +74,16 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     dynamo.add_argument(
         "--dynamo_backend", type=str.upper, choices=DynamoBackend.list(), help="compile backend"
     )
-    dynamo.add_argument("--dynamo_mode", choices=["default", "reduce-overhead", "max-autotune"])
+    dynamo.add_argument("--dynamo_mode", choices=TORCH_DYNAMO_MODES)
     for name in ("dynamo_use_fullgraph", "dynamo_use_dynamic", "dynamo_use_regional_compilation"):
-        dynamo.add_argument(f"--{name}", type=_flag, nargs="?", const=True)
+        dynamo.add_argument(f"--{name}", type=boolean, nargs="?", const=True)
     fsdp = parser.add_argument_group("FSDP")
     fsdp.add_argument("--use_fsdp", action="store_const", const=True, help="shard the model with FSDP")
     fsdp.add_argument("--fsdp_version", type=int, choices=[1, 2])
-    fsdp.add_argument("--fsdp_sharding_strategy", type=str.upper, choices=FSDP_STRATEGIES)
-    fsdp.add_argument("--fsdp_auto_wrap_policy", type=str.upper, choices=FSDP_WRAP_POLICIES)
-    fsdp.add_argument("--fsdp_backward_prefetch", type=str.upper, choices=FSDP_PREFETCH)
-    fsdp.add_argument("--fsdp_state_dict_type", type=str.upper, choices=FSDP_STATE_DICTS)
+    fsdp.add_argument("--fsdp_sharding_strategy", type=str.upper, choices=_STRATEGIES)
+    fsdp.add_argument("--fsdp_auto_wrap_policy", type=str.upper, choices=FSDP_AUTO_WRAP_POLICY)
+    fsdp.add_argument("--fsdp_backward_prefetch", type=str.upper, choices=FSDP_BACKWARD_PREFETCH)
+    fsdp.add_argument("--fsdp_state_dict_type", type=str.upper, choices=FSDP_STATE_DICT_TYPE)
     fsdp.add_argument("--fsdp_transformer_layer_cls_to_wrap", help="comma-separated class names to wrap")
     fsdp.add_argument("--fsdp_min_num_params", type=int)
     for name in (
@@ -136,8 +94,9 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
         "fsdp_cpu_ram_efficient_loading",
         "fsdp_sync_module_states",
         "fsdp_activation_checkpointing",
+        "fsdp_activation_checkpointing_offload",
     ):
-        fsdp.add_argument(f"--{name}", type=_flag, nargs="?", const=True)
+        fsdp.add_argument(f"--{name}", type=boolean, nargs="?", const=True)
     deepspeed = parser.add_argument_group("DeepSpeed")
     deepspeed.add_argument("--use_deepspeed", action="store_const", const=True, help="train with DeepSpeed")
     deepspeed.add_argument("--deepspeed_config_file", help="DeepSpeed JSON config")
@@ -147,7 +106,7 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     deepspeed.add_argument("--gradient_clipping", type=float)
     deepspeed.add_argument("--deepspeed_moe_layer_cls_names")
     for name in ("zero3_init_flag", "zero3_save_16bit_model"):
-        deepspeed.add_argument(f"--{name}", type=_flag, nargs="?", const=True)
+        deepspeed.add_argument(f"--{name}", type=boolean, nargs="?", const=True)
     parser.add_argument("training_script", help="the script (or module, or executable) to run")
     parser.add_argument("training_script_args", nargs=argparse.REMAINDER, help="its arguments")
 
@@ -157,19 +116,12 @@ def _from_config(args: argparse.Namespace) -> None:
     path = args.config_file
     if path is None and default_config_file().exists():
         path = default_config_file()
-    config: dict[str, Any] = load_config_file(path) if path is not None else {}
-    flat = {key: value for key, value in config.items() if key not in CONFIG_SECTIONS}
-    for section in CONFIG_SECTIONS:
-        if isinstance(config.get(section), dict):
-            flat.update(config[section])
-    if config.get("use_cpu"):
-        flat.setdefault("cpu", True)
-    distributed = str(config.get("distributed_type", "")).upper()
-    flat.setdefault("use_fsdp", distributed == "FSDP" or None)
-    flat.setdefault("use_deepspeed", distributed == "DEEPSPEED" or None)
-    for key, value in flat.items():
-        if getattr(args, key, None) is None and hasattr(args, key) and value is not None:
-            setattr(args, key, value)
+    if path is not None:
+        parser = argparse.ArgumentParser(add_help=False)
+        add_launch_arguments(parser)
+        for key, value in settings_from_config_file(path, parser).items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     defaults = {
         "num_processes": 1,
         "num_machines": 1,
@@ -214,41 +166,17 @@ def _text(value: Any) -> str:
 
 
 def launch_environment(args: argparse.Namespace) -> dict[str, str]:
-    """The variables the launched processes get (on top of the current environment)."""
-    env = {"ACCELERATE_MIXED_PRECISION": str(args.mixed_precision)}
-    if args.cpu:
-        env["ACCELERATE_USE_CPU"] = "True"
-    if args.debug:
-        env["ACCELERATE_DEBUG_MODE"] = "true"
-    if args.gradient_accumulation_steps is not None:
-        env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(args.gradient_accumulation_steps)
-    if args.dynamo_backend is not None:
-        env["ACCELERATE_DYNAMO_BACKEND"] = str(args.dynamo_backend).upper()
-        env.update(
-            {
-                var: _text(getattr(args, key))
-                for key, var in DYNAMO_VARIABLES.items()
-                if getattr(args, key) is not None
-            }
-        )
-    if args.use_fsdp:
-        env["ACCELERATE_USE_FSDP"] = "true"
-        env.update(
-            {
-                var: _text(getattr(args, key))
-                for key, var in FSDP_VARIABLES.items()
-                if getattr(args, key) is not None
-            }
-        )
-    if args.use_deepspeed:
-        env["ACCELERATE_USE_DEEPSPEED"] = "true"
-        env.update(
-            {
-                var: _text(getattr(args, key))
-                for key, var in DEEPSPEED_VARIABLES.items()
-                if getattr(args, key) is not None
-            }
-        )
+    """The variables the launched processes get (on top of the current environment).
+
+    Written from :data:`~hasten.utils.constants.LAUNCH_VARIABLES`: each option that is set, the
+    FSDP, DeepSpeed and dynamo ones only when that engine (or a compile backend) is chosen.
+    """
+    env = {}
+    for entry in LAUNCH_VARIABLES:
+        value = getattr(args, entry.option)
+        section = _SECTION.get(entry.reader)
+        if value is not None and (section is None or getattr(args, section)):
+            env[entry.variable] = _text(value)
     return env
 
 

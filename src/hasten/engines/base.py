@@ -69,6 +69,7 @@ from torch import nn
 
 from hasten.optimizer import AcceleratedOptimizer
 from hasten.scheduler import AcceleratedScheduler
+from hasten.utils.compilation import is_compiled_module
 from hasten.utils.parallel import extract_model_from_parallel
 
 if TYPE_CHECKING:
@@ -208,10 +209,9 @@ class Engine(abc.ABC):
         the prepared one keeps synchronising gradients.
         """
         bare = extract_model_from_parallel(model, keep_fp32_wrapper, keep_torch_compile=False)
-        compiled = getattr(model, "_orig_mod", None)
-        if not keep_torch_compile or compiled is None or not hasattr(model, "dynamo_ctx"):
+        if not keep_torch_compile or not is_compiled_module(model):
             return bare
-        if compiled is bare:
+        if model._orig_mod is bare:
             return model
         return type(model)(bare, model.dynamo_ctx)
 

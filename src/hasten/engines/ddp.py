@@ -12,12 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hasten.engines.single import SingleDeviceEngine
 from hasten.utils.errors import ConfigurationError
-
-
-def _has_dtensor(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(parameter, DTensor) for parameter in model.parameters())
+from hasten.utils.parallel import model_has_dtensor
 
 
 class DDPEngine(SingleDeviceEngine):
@@ -37,7 +32,7 @@ class DDPEngine(SingleDeviceEngine):
         model = super().wrap_model(model, device_placement, evaluation_mode)
         if evaluation_mode or not any(parameter.requires_grad for parameter in model.parameters()):
             return model
-        if _has_dtensor(model):
+        if model_has_dtensor(model):
             raise ConfigurationError(
                 f"{type(model).__qualname__} holds DTensor parameters, which DistributedDataParallel cannot "
                 "wrap (was it loaded with device_map='auto' or sharded already?). Load it whole on each "

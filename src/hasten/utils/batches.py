@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from hasten.utils.device import accelerator_count, accelerator_type, is_device_available
 from hasten.utils.errors import TreeNestingError
 from hasten.utils.tree import (
     MAX_NESTING,
@@ -46,11 +47,14 @@ def is_tensor_information(tensor_info: Any) -> bool:
     return isinstance(tensor_info, TensorInformation)
 
 
-_DEVICES: dict[Any, torch.device] = {}  # parsed device strings and indices
+_DEVICES: dict[Any, torch.device] = {}  # parsed device strings and indices, each checked to exist here
+_USABLE: set[torch.device] = {torch.device("cpu"), torch.device("meta")}  # devices checked to exist here
 
 
 def _as_device(device: Any) -> torch.device:
     if isinstance(device, torch.device):
+        if device not in _USABLE:
+            _check_usable(device, device)
         return device
     known = _DEVICES.get(device) if isinstance(device, str) else None
     if known is not None:
@@ -65,6 +69,8 @@ def _as_device(device: Any) -> torch.device:
                 f"send_to_device: device={device!r} cannot be used: {error} Pass a device this machine has, "
                 "such as 'cpu'."
             ) from None
+        if parsed not in _USABLE:
+            _check_usable(parsed, device)
         if isinstance(device, str) and len(_DEVICES) < 64:
             _DEVICES[device] = parsed
         return parsed
@@ -73,6 +79,20 @@ def _as_device(device: Any) -> torch.device:
         "'cuda:0', "
         "or an accelerator index."
     )
+
+
+def _check_usable(device: torch.device, given: Any) -> None:
+    """Refuse a device this machine lacks (torch would fail later with an assertion or a driver error)."""
+    if not is_device_available(device):
+        present = accelerator_type()
+        count = accelerator_count(present)
+        has = "only the CPU" if present == "cpu" else f"the CPU and {count} {present} device(s)"
+        raise ValueError(
+            f"send_to_device: device={given!r} is not available on this machine, which has {has}. "
+            "Pass a device it has, such as 'cpu' (or `PartialState().device`)."
+        )
+    if len(_USABLE) < 64:
+        _USABLE.add(device)
 
 
 def _has_to(node: Any) -> bool:
@@ -332,3 +352,52 @@ def find_device(data: Any) -> torch.device | None:
         else:
             stack.pop()
     return None
+
+
+def _split_bounds(length: int, process_index: int, num_processes: int) -> tuple[int, int, int]:
+    per_process, extras = divmod(length, num_processes)
+    start = process_index * per_process + min(process_index, extras)
+    end = start + per_process + (1 if process_index < extras else 0)
+    return start, end, per_process + (1 if extras else 0)
+
+
+def split_for_process(
+    inputs: Any, process_index: int, num_processes: int, apply_padding: bool = False
+) -> Any:
+    """The share of ``inputs`` (a list, tuple, tensor, or dict of those) that process ``process_index`` of
+    ``num_processes`` gets: contiguous, in rank order, sizes differing by at most one; with
+    ``apply_padding``, shorter shares are padded with their last item (what
+    ``PartialState.split_between_processes`` yields).
+
+    Raises:
+        ValueError: the values of a dict have different lengths.
+        TypeError: ``inputs`` is of another type.
+
+    >>> split_for_process([1, 2, 3, 4, 5], 1, 2), split_for_process([1, 2, 3], 1, 2, apply_padding=True)
+    ([4, 5], [3, 3])
+    """
+    if isinstance(inputs, dict):
+        lengths = {key: len(value) for key, value in inputs.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(
+                "split_between_processes needs every value of the dict to have the same length; got "
+                f"{lengths}."
+            )
+        return {
+            key: split_for_process(value, process_index, num_processes, apply_padding)
+            for key, value in inputs.items()
+        }
+    if not isinstance(inputs, (list, tuple, torch.Tensor)):
+        raise TypeError(
+            "split_between_processes takes a list, tuple, tensor or dict of those; got "
+            f"{type(inputs).__name__}."
+        )
+    start, end, padded_length = _split_bounds(len(inputs), process_index, num_processes)
+    missing = padded_length - (end - start)
+    if not apply_padding or missing <= 0 or len(inputs) == 0:
+        return inputs[start:end]
+    last = end - 1 if end > start else len(inputs) - 1  # pad with this share's last item (or the very last)
+    if isinstance(inputs, torch.Tensor):
+        return torch.cat([inputs[start:end], inputs[last : last + 1].expand(missing, *inputs.shape[1:])])
+    padded = list(inputs[start:end]) + [inputs[last]] * missing
+    return padded if isinstance(inputs, list) else tuple(padded)

@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from hasten.big_modeling import dispatch_model, init_empty_weights
+from hasten.utils.attributes import recursive_getattr
 from hasten.utils.dataclasses.configs import BnbQuantizationConfig
 from hasten.utils.device_map import infer_auto_device_map
 from hasten.utils.imports import require
 from hasten.utils.loading import load_checkpoint_in_model
 from hasten.utils.memory_budget import get_balanced_memory
-from hasten.utils.modeling import DtypeLike, find_tied_parameters
+from hasten.utils.modeling import DtypeLike, find_tied_parameters, set_module_tensor_to_device
 from hasten.utils.typing import Device, PathLike
 
 logger = logging.getLogger(__name__)
@@ -192,13 +193,7 @@ def load_and_quantize_model(
     with init_empty_weights(include_buffers=False) if on_meta else contextlib.nullcontext():
         replace_with_bnb_layers(model, config, modules_to_not_convert=skip + keep_fp32)
     _cast_unquantized(model, config, keep_fp32)
-    placement = _device_map(model, config, device_map, max_memory, no_split_module_classes)
-    if "disk" in placement.values():
-        raise ValueError(
-            f"device_map sends {[k for k, v in placement.items() if v == 'disk']} to disk; quantized layers "
-            "cannot be "
-            "offloaded to disk. Give the CPU enough max_memory, or skip those modules from quantization"
-        )
+    placement = get_quantized_model_device_map(model, config, device_map, max_memory, no_split_module_classes)
     if on_meta:
         assert weights_location is not None
         load_checkpoint_in_model(
@@ -234,3 +229,77 @@ def _cast_unquantized(model: nn.Module, config: BnbQuantizationConfig, keep_fp32
                 module._parameters[key] = nn.Parameter(
                     parameter.data.to(target), requires_grad=parameter.requires_grad
                 )
+
+
+def get_quantized_model_device_map(
+    model: nn.Module,
+    bnb_quantization_config: BnbQuantizationConfig,
+    device_map: dict[str, Device] | str | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    no_split_module_classes: list[str] | None = None,
+) -> dict[str, Device]:
+    """Where each module of a model with bitsandbytes layers goes, the quantized weights counted at
+    their quantized size.
+
+    ``device_map`` may be a dict (checked), ``None`` (everything on the CPU, where bitsandbytes'
+    CPU backend runs; Accelerate requires a GPU) or a strategy: ``"auto"``, ``"balanced"``,
+    ``"balanced_low_0"``, ``"sequential"``.
+
+    Raises:
+        ValueError: an unknown strategy, or a map that sends a quantized layer to disk.
+    """
+    placement = _device_map(model, bnb_quantization_config, device_map, max_memory, no_split_module_classes)
+    if "disk" in placement.values():
+        raise ValueError(
+            f"device_map sends {[k for k, v in placement.items() if v == 'disk']} to disk; quantized layers "
+            "cannot be offloaded to disk. Give the CPU enough max_memory, or skip those modules from "
+            "quantization"
+        )
+    return placement
+
+
+def get_parameter_device(parameter: nn.Module) -> torch.device:
+    """The device of the first parameter of ``parameter`` (a module).
+
+    Raises:
+        ValueError: the module has no parameters.
+    """
+    first = next(parameter.parameters(), None)
+    if first is None:
+        raise ValueError(f"{type(parameter).__name__} has no parameters, so it has no parameter device.")
+    return first.device
+
+
+def quantize_and_offload_8bit(
+    model: nn.Module,
+    param: torch.Tensor,
+    param_name: str,
+    new_dtype: DtypeLike | None,
+    offload_folder: PathLike,
+    offload_index: dict[str, Any],
+    fp16_statistics: torch.Tensor | None,
+) -> None:
+    """Quantize the weight ``param_name`` of an 8-bit layer of ``model`` to int8 (unless it already is:
+    then ``fp16_statistics`` holds its scales) and write the weight and its scales (``...SCB``) to
+    ``offload_folder``, recorded in ``offload_index``; the model keeps a ``meta`` placeholder.
+
+    Weights are quantized on the CPU (bitsandbytes' CPU backend), so no GPU is needed.
+    """
+    from hasten.utils.offload import offload_weight
+
+    scales_name = param_name.replace("weight", "SCB")
+    if fp16_statistics is None:
+        set_module_tensor_to_device(model, param_name, "cpu", dtype=new_dtype, value=param)
+        owner = recursive_getattr(model, param_name.rpartition(".")[0]) if "." in param_name else model
+        leaf = param_name.rpartition(".")[2]
+        parameters: dict[str, Any] = owner._parameters
+        quantized = parameters[leaf].to("cpu")  # bitsandbytes' Int8Params quantize when moved
+        quantized.requires_grad = False
+        parameters[leaf] = quantized
+        offload_weight(quantized, param_name, offload_folder, index=offload_index)
+        if getattr(quantized, "SCB", None) is not None:
+            offload_weight(quantized.SCB, scales_name, offload_folder, index=offload_index)
+    else:
+        offload_weight(param, param_name, offload_folder, index=offload_index)
+        offload_weight(fp16_statistics, scales_name, offload_folder, index=offload_index)
+    set_module_tensor_to_device(model, param_name, "meta", dtype=new_dtype, value=torch.empty(*param.size()))

@@ -17,6 +17,7 @@ import yaml
 from hasten.utils.atomic import atomic_write
 from hasten.utils.dataclasses.enums import ComputeEnvironment, DistributedType, PrecisionType
 from hasten.utils.device import accelerator_count, accelerator_type
+from hasten.utils.errors import ConfigurationError
 from hasten.utils.typing import PathLike
 
 
@@ -98,10 +99,16 @@ def write_basic_config(mixed_precision: str = "no", save_location: PathLike | No
         The path written, or ``False`` when a file was already there (a warning says so).
 
     Raises:
-        ValueError: ``mixed_precision`` is not one of the accepted values.
+        ValueError: ``mixed_precision`` is not one of the accepted values, or ``save_location`` is a
+            directory.
     """
     config = basic_config(mixed_precision)
     path = Path(save_location) if save_location is not None else default_config_file()
+    if path.is_dir():
+        raise ConfigurationError(
+            f"save_location={str(save_location)!r} is a directory; pass the path of the file to write, "
+            f"such as {str(path / default_config_file().name)!r}."
+        )
     if path.exists():
         warnings.warn(
             f"A config file already exists at {path}; it was left unchanged. Delete it or pass another "

@@ -32,6 +32,23 @@ def accelerator_count(device_type: str | None = None) -> int:
     return int(module.device_count()) if module is not None else 0
 
 
+def is_device_available(device: torch.device) -> bool:
+    """Whether this process can put tensors on ``device``: its accelerator is present and, for an indexed
+    device, the index exists. Device types hasten does not probe (out-of-tree backends) count as present."""
+    probes = {
+        "cuda": is_cuda_available,
+        "xpu": is_xpu_available,
+        "npu": is_npu_available,
+        "mps": is_mps_available,
+    }
+    probe = probes.get(device.type)
+    if probe is None:
+        return True
+    if not probe():
+        return False
+    return device.index is None or device.type == "mps" or device.index < accelerator_count(device.type)
+
+
 def device_for_local_process(local_process_index: int, cpu: bool = False) -> torch.device:
     """The device a process with this local index should use (``cpu`` forces the CPU)."""
     kind = "cpu" if cpu else accelerator_type()
@@ -39,3 +56,15 @@ def device_for_local_process(local_process_index: int, cpu: bool = False) -> tor
         return torch.device(kind)
     count = accelerator_count(kind)
     return torch.device(kind, local_process_index % count if count else 0)
+
+
+def check_device_same(first_device: torch.device, second_device: torch.device) -> bool:
+    """Whether two devices are the same one, counting an accelerator without index as index 0
+    (``cuda`` and ``cuda:0`` are the same; torch's ``==`` says they differ)."""
+    if first_device.type != second_device.type:
+        return False
+
+    def indexed(device: torch.device) -> torch.device:
+        return torch.device(device.type, 0) if device.type != "cpu" and device.index is None else device
+
+    return indexed(first_device) == indexed(second_device)

@@ -526,7 +526,8 @@ def check_device_map(model: nn.Module, device_map: dict[str, Device]) -> None:
     unknown = [key for key in device_map if key and key not in modules and key not in tensors]
     if unknown:
         warnings.warn(
-            f"device_map keys {unknown} name no submodule of {type(model).__name__}; they are ignored",
+            f"The following device_map keys do not match any submodules in the model: {unknown}. They name "
+            f"no submodule, parameter or buffer of {type(model).__name__} and are ignored.",
             UserWarning,
             stacklevel=2,
         )
@@ -539,8 +540,9 @@ def check_device_map(model: nn.Module, device_map: dict[str, Device]) -> None:
     ]
     if uncovered:
         raise ValueError(
-            f"The device_map gives no device for {len(uncovered)} weight(s) of the model: {uncovered[:20]}"
-            f"{' ...' if len(uncovered) > 20 else ''}. Add an entry for each (or for a module containing it)."
+            "The device_map provided does not give any device for the following parameters: "
+            f"{uncovered}. Add an entry for each of these {len(uncovered)} weight(s) (or for a module "
+            "containing it)."
         )
 
 

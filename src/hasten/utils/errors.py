@@ -11,7 +11,9 @@
         ├── ConfigurationError               (also ValueError) a setting or argument has a bad value
         ├── TreeNestingError                 (also ValueError) a nested structure contains itself or is
         │                                    nested deeper than Python can recurse
-        └── CheckpointError                  (also ValueError) a checkpoint is missing, corrupt or unsafe
+        ├── CheckpointError                  (also ValueError) a checkpoint is missing, corrupt or unsafe
+        └── StateResetError                  (also AttributeError, RuntimeError) a shared state was read
+                                             after its reset
 
     UserWarning
     └── CannotPadNestedTensorWarning         a nested tensor was left unpadded (Accelerate's name)
@@ -54,3 +56,11 @@ class CheckpointError(HastenError, ValueError):
 
 class CannotPadNestedTensorWarning(UserWarning):
     """A nested tensor was passed to a padding operation and returned unpadded."""
+
+
+class StateResetError(HastenError, AttributeError, RuntimeError):
+    """A shared state (``PartialState``, ``AcceleratorState``, ``GradientState``) was read after its reset.
+
+    An ``AttributeError`` so that ``getattr(state, name, default)`` returns the default, as with
+    Accelerate (whose reset state has no attributes); a ``RuntimeError`` as hasten raised before.
+    """

@@ -90,6 +90,40 @@ def _check_signature(function: Callable[..., Any], args: tuple[Any, ...]) -> Non
         )
 
 
+def _batch_size(caller: str, name: str, value: Any) -> int:
+    """``value`` when it is an ``int`` of at least 1; otherwise a ``TypeError`` / ``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{caller}: {name}={value!r} must be an int of at least 1, not a {type(value).__name__}"
+        )
+    if value < 1:
+        raise ValueError(f"{caller}: {name}={value!r} must be at least 1")
+    return value
+
+
+def _none_fits(function: Callable[..., Any], starting_batch_size: int) -> RuntimeError:
+    # Accelerate's sentence first: code in the wild matches on it.
+    return RuntimeError(
+        f"No executable batch size found, reached zero. {function.__name__} ran out of memory at every batch "
+        f"size down to 1 (starting from {starting_batch_size}); the model itself may not fit"
+    )
+
+
+def _attempt(
+    function: Callable[..., T], size: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[bool, Any]:
+    """Run one trial: ``(True, result)``, or ``(False, None)`` after an out-of-memory error (memory freed)."""
+    try:
+        return True, function(size, *args, **kwargs)
+    except Exception as error:
+        if not should_reduce_batch_size(error):
+            raise
+        _forget(error)
+        del error
+        clear_device_cache()
+        return False, None
+
+
 def find_executable_batch_size(
     function: Callable[..., T] | None = None,
     starting_batch_size: int = 128,
@@ -99,11 +133,17 @@ def find_executable_batch_size(
 
     Use as ``@find_executable_batch_size`` or ``@find_executable_batch_size(starting_batch_size=512)``,
     or call it on a function. The batch size goes to 90% of itself (rounded down) after each
-    failure, or to ``reduce_batch_size_fn()``; reaching 0 raises ``RuntimeError``. Each failed
+    failure, or to ``reduce_batch_size_fn()``; reaching 0 raises ``RuntimeError`` (its message
+    starts with Accelerate's ``No executable batch size found, reached zero.``). Each failed
     trial frees its tensors by clearing the failed call's frames and the device cache (no full
     garbage collection). Later calls of the same wrapped function start from the last batch
     size that worked, not from ``starting_batch_size``.
+
+    Raises:
+        TypeError, ValueError: ``starting_batch_size`` is not an int of at least 1, or
+            ``reduce_batch_size_fn`` returns something other than a smaller int.
     """
+    _batch_size("find_executable_batch_size", "starting_batch_size", starting_batch_size)
     if function is None:
         return functools.partial(
             find_executable_batch_size,
@@ -112,32 +152,28 @@ def find_executable_batch_size(
         )
     batch_size = starting_batch_size
 
-    def shrink() -> int:
-        return int(batch_size * 0.9)
-
-    reduce = reduce_batch_size_fn if reduce_batch_size_fn is not None else shrink
+    def reduce() -> int:
+        if reduce_batch_size_fn is None:
+            return int(batch_size * 0.9)
+        smaller = reduce_batch_size_fn()
+        if isinstance(smaller, bool) or not isinstance(smaller, int) or smaller >= batch_size:
+            raise ValueError(
+                f"find_executable_batch_size: reduce_batch_size_fn() returned {smaller!r} after batch size "
+                f"{batch_size} ran out of memory; it must return a smaller int (0 or less to give up)"
+            )
+        return smaller
 
     @functools.wraps(function)
     def run(*args: Any, **kwargs: Any) -> T:
         nonlocal batch_size
         _check_signature(function, args)
         clear_device_cache()
-        while True:
-            if batch_size <= 0:
-                raise RuntimeError(
-                    f"find_executable_batch_size: {function.__name__} ran out of memory at every batch size "
-                    "down to 1 "
-                    f"(starting from {starting_batch_size}); the model itself may not fit"
-                )
-            try:
-                return function(batch_size, *args, **kwargs)
-            except Exception as error:
-                if not should_reduce_batch_size(error):
-                    raise
-                _forget(error)
-                del error
-                clear_device_cache()
-                batch_size = reduce()
+        while batch_size > 0:
+            fits, result = _attempt(function, batch_size, args, kwargs)
+            if fits:
+                return cast(T, result)
+            batch_size = reduce()
+        raise _none_fits(function, starting_batch_size)
 
     return run
 
@@ -155,7 +191,21 @@ def find_largest_executable_batch_size(
     backward pass), not a whole training loop; it returns what the call at the size found
     returned (kept from that trial, so nothing runs twice). Use
     :func:`find_executable_batch_size` when a trial is the whole job.
+
+    Raises:
+        TypeError, ValueError: a size is not an int of at least 1, or ``starting_batch_size`` is
+            above ``max_batch_size``.
     """
+    caller = "find_largest_executable_batch_size"
+    _batch_size(caller, "starting_batch_size", starting_batch_size)
+    if (
+        max_batch_size is not None
+        and _batch_size(caller, "max_batch_size", max_batch_size) < starting_batch_size
+    ):
+        raise ValueError(
+            f"{caller}: starting_batch_size={starting_batch_size} is above max_batch_size={max_batch_size}; "
+            "start at or below the limit"
+        )
     if function is None:
         return functools.partial(
             find_largest_executable_batch_size,
@@ -163,40 +213,27 @@ def find_largest_executable_batch_size(
             max_batch_size=max_batch_size,
         )
 
-    def attempt(size: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any]:
-        try:
-            return True, function(size, *args, **kwargs)
-        except Exception as error:
-            if not should_reduce_batch_size(error):
-                raise
-            _forget(error)
-            del error
-            clear_device_cache()
-            return False, None
-
     @functools.wraps(function)
     def run(*args: Any, **kwargs: Any) -> T:
         _check_signature(function, args)
-        fits, result = attempt(starting_batch_size, args, kwargs)
+        fits, result = _attempt(function, starting_batch_size, args, kwargs)
         good, bad, best = (starting_batch_size, None, result) if fits else (0, starting_batch_size, None)
         while fits and (max_batch_size is None or good < max_batch_size):
             size = good * 2 if max_batch_size is None else min(good * 2, max_batch_size)
-            fits, result = attempt(size, args, kwargs)
+            fits, result = _attempt(function, size, args, kwargs)
             if fits:
                 good, best = size, result
             else:
                 bad = size
         while not good and bad is not None and bad > 1:
             size = bad // 2
-            fits, result = attempt(size, args, kwargs)
+            fits, result = _attempt(function, size, args, kwargs)
             good, best, bad = (size, result, bad) if fits else (good, best, size)
         if not good:
-            raise RuntimeError(
-                f"find_largest_executable_batch_size: {function.__name__} does not fit even with batch size 1"
-            )
+            raise _none_fits(function, starting_batch_size)
         while bad is not None and bad - good > 1:
             size = (good + bad) // 2
-            fits, result = attempt(size, args, kwargs)
+            fits, result = _attempt(function, size, args, kwargs)
             good, best, bad = (size, result, bad) if fits else (good, best, size)
         return cast(T, best)
 

@@ -7,7 +7,7 @@ spreads a model evenly over the accelerators. ``infer_auto_device_map`` plans ag
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import psutil
 import torch
@@ -160,3 +160,17 @@ def get_balanced_memory(
         rest = sum(budget[index] for index in gpus[1:])
         budget[first] = int(min(max(0, total - rest), budget[first]))
     return budget
+
+
+def convert_bytes(size: float) -> str:
+    """``size`` bytes in the largest unit that keeps it at or above 1 (powers of 1024), e.g. ``"1.5 GB"``."""
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if abs(size) < 1024.0:
+            return f"{round(size, 2)} {unit}"
+        size /= 1024.0
+    return f"{round(size, 2)} PB"
+
+
+def get_module_leaves(module_sizes: Mapping[str, object]) -> list[str]:
+    """The names in ``module_sizes`` (as ``compute_module_sizes`` returns them) that have no child entry."""
+    return _leaf_names(module_sizes)

@@ -21,6 +21,7 @@ from torch import nn
 
 from hasten.utils.dataclasses.enums import CustomDtype
 from hasten.utils.memory import clear_device_cache
+from hasten.utils.reexport import lazy_reexports
 from hasten.utils.typing import Device
 
 DtypeLike = str | torch.dtype | CustomDtype
@@ -470,9 +471,9 @@ def set_module_tensor_to_device(
     if value is not None:
         if old.shape != value.shape and param_cls.__name__ != "Params4bit":
             raise ValueError(
-                f"tensor_name={tensor_name!r}: the value has shape {tuple(value.shape)} but the model "
-                "expects "
-                f"{tuple(old.shape)}; the checkpoint does not match this model"
+                f'Trying to set a tensor of shape {value.shape} in "{tensor_name}" (which has shape '
+                f"{old.shape}), this looks incorrect. The value does not fit the model's tensor: the "
+                "checkpoint (or value) does not match this model."
             )
         if dtype is None:
             value = value.to(old.dtype, non_blocking=non_blocking)
@@ -515,3 +516,50 @@ def _as_parameter(new: torch.Tensor, old: torch.Tensor, param_cls: type) -> nn.P
     if hf_initialized is not None:
         wrapped._is_hf_initialized = hf_initialized  # type: ignore[attr-defined]
     return wrapped
+
+
+def get_non_persistent_buffers(module: nn.Module, recurse: bool = False, fqns: bool = False) -> set[str]:
+    """The buffers of ``module`` left out of its ``state_dict``; with ``recurse``, its submodules' too
+    (by full name when ``fqns``, else by their own short names)."""
+    if recurse and fqns:
+        return non_persistent_buffer_names(module, recurse=True)
+    if recurse:
+        return {name for child in module.modules() for name in _non_persistent(child)}
+    return set(_non_persistent(module))
+
+
+def check_tied_parameters_in_config(model: nn.Module) -> bool:
+    """Whether a transformers model's configuration asks for tied weights (``tie_word_embeddings`` with
+    output embeddings, ``tie_encoder_decoder``, or a module that ties its own weights)."""
+    if "PreTrainedModel" not in {cls.__name__ for cls in type(model).__mro__}:
+        return False
+    config = getattr(model, "config", None)
+    if config is None:
+        return any(hasattr(module, "_tie_weights") for module in model.modules())
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    output_embeddings = getattr(model, "get_output_embeddings", lambda: None)()
+    return bool(
+        (getattr(text_config, "tie_word_embeddings", False) and output_embeddings is not None)
+        or (getattr(config, "is_encoder_decoder", False) and getattr(config, "tie_encoder_decoder", False))
+        or any(hasattr(module, "_tie_weights") for module in model.modules())
+    )
+
+
+# Accelerate's `accelerate.utils.modeling` also holds these; hasten keeps each with its concept.
+__getattr__, __dir__ = lazy_reexports(
+    __name__,
+    globals(),
+    {
+        "hasten.utils.device_map": "check_device_map check_tied_parameters_on_same_device clean_device_map "
+        "infer_auto_device_map",
+        "hasten.utils.device_map_search": "fallback_allocate get_module_size_with_ties",
+        "hasten.utils.memory_budget": "get_balanced_memory get_max_memory get_module_leaves",
+        "hasten.utils.loading": "load_checkpoint_in_model load_state_dict",
+        "hasten.utils.offload": "load_offloaded_weights",
+        "hasten.utils.amp": "get_grad_scaler get_mixed_precision_context_manager",
+        "hasten.utils.parallel": "id_tensor_storage is_peft_model",
+        "hasten.utils.device": "check_device_same",
+        "hasten.utils.onload": "align_module_device get_state_dict_from_offload "
+        "get_state_dict_offloaded_model has_offloaded_params",
+    },
+)

@@ -58,10 +58,12 @@ def _pci_bus_id(local_process_index: int) -> str | None:
     return f"{domain:04x}:{bus:02x}:{device:02x}.0"
 
 
-def cpus_of_accelerator(local_process_index: int, sysfs: Path = SYSFS) -> set[int] | None:
-    """The CPUs on the NUMA node of the local accelerator ``local_process_index``, if known."""
+def cpus_of_accelerator(local_process_index: int, sysfs: Path | None = None) -> set[int] | None:
+    """The CPUs on the NUMA node of the local accelerator ``local_process_index``, if known (read from
+    ``sysfs``, the module's ``SYSFS`` when ``None``)."""
     bus_id = _pci_bus_id(local_process_index)
     if bus_id is None:
         return None
+    sysfs = SYSFS if sysfs is None else sysfs
     node = numa_node_of_pci_device(bus_id, sysfs)
     return None if node is None else cpus_of_numa_node(node, sysfs)

@@ -51,6 +51,7 @@ from hasten.utils.exchange import (
     packed_offsets,
     view_leaf,
 )
+from hasten.utils.reexport import lazy_reexports
 from hasten.utils.tree import leaf_paths, tree_flatten
 
 Reduction = Literal["mean", "sum", "max", "none"]
@@ -583,3 +584,20 @@ def pad_input_tensors(tensor: Any, batch_size: int, num_processes: int, dim: int
 
     leaves, spec = tree_flatten(tensor, strict=True, caller="pad_input_tensors", argument="tensor")
     return spec.unflatten([pad(leaf) for leaf in leaves])
+
+
+# Accelerate's `accelerate.utils.operations` also holds the tree operations and checks around
+# collectives; hasten keeps them in their own modules.
+__getattr__, __dir__ = lazy_reexports(
+    __name__,
+    globals(),
+    {
+        "hasten.utils.batches": "concatenate find_batch_size find_device get_data_structure get_shape "
+        "ignorant_find_batch_size initialize_tensors is_tensor_information listify send_to_device "
+        "slice_tensors",
+        "hasten.utils.operation_checks": "GatheredParameters chained_operation gather_tensor_shape "
+        "verify_operation",
+        "hasten.utils.precision": "ConvertOutputsToFp32 convert_outputs_to_fp32 convert_to_fp32",
+        "hasten.utils.tree": "honor_type is_namedtuple is_torch_tensor is_torch_xpu_tensor recursively_apply",
+    },
+)

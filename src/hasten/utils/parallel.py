@@ -10,8 +10,9 @@ from __future__ import annotations
 import codecs
 import io
 import sys
+import warnings
 from collections.abc import Mapping
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from hasten.state import PartialState
 from hasten.utils.atomic import atomic_path
+from hasten.utils.compilation import is_compiled_module
 from hasten.utils.typing import PathLike
 
 FileLike = PathLike | IO[bytes]
@@ -29,19 +31,52 @@ def wait_for_everyone() -> None:
     PartialState().wait_for_everyone()
 
 
+def _split_aliases(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``state_dict`` with each aliased tensor kept once (under its first name), contiguous, and the
+    aliases dropped (alias -> the name kept).
+
+    An alias is the same view of the same storage (offset, shape, strides, dtype). Views that overlap
+    without being the same are saved as copies, since safetensors refuses tensors sharing memory.
+    """
+    first: dict[tuple[Any, ...], str] = {}
+    storages: set[tuple[torch.device, int]] = set()
+    result: dict[str, Any] = {}
+    dropped: dict[str, str] = {}
+    for name, value in state_dict.items():
+        if not isinstance(value, torch.Tensor) or value.device.type == "meta" or not value.numel():
+            result[name] = value
+            continue
+        storage = (value.device, value.untyped_storage().data_ptr())
+        view = (*storage, value.storage_offset(), tuple(value.shape), value.stride(), value.dtype)
+        if view in first:
+            dropped[name] = first[view]
+            continue
+        first[view] = name
+        result[name] = value.clone() if storage in storages else value.contiguous()
+        storages.add(storage)
+    return result, dropped
+
+
 def without_aliases(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """``state_dict`` with each shared tensor kept once, under its first name (safetensors refuses
     aliases)."""
-    seen: set[tuple[torch.device, int, int]] = set()
-    result = {}
-    for name, value in state_dict.items():
-        if isinstance(value, torch.Tensor) and value.device.type != "meta" and value.numel():
-            storage = value.untyped_storage()
-            key = (value.device, storage.data_ptr(), int(value.storage_offset()))
-            if key in seen:
-                continue
-            seen.add(key)
-        result[name] = value.contiguous() if isinstance(value, torch.Tensor) else value
+    return _split_aliases(state_dict)[0]
+
+
+def clean_state_dict_for_safetensors(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``state_dict`` ready for safetensors: each aliased tensor (tied weights) kept once, every tensor
+    contiguous. Warns naming the aliases it drops. ``state_dict`` itself is not changed.
+    """
+    result, dropped = _split_aliases(state_dict)
+    if dropped:
+        warnings.warn(
+            f"Removed shared tensor {set(dropped)} while saving. This should be OK, but check by verifying "
+            "that you don't receive any warning while reloading. Each is the same tensor as the one kept "
+            f"({', '.join(f'{alias} -> {kept}' for alias, kept in dropped.items())}); tie them again after "
+            "loading (e.g. `retie_parameters` or the model's `tie_weights()`).",
+            UserWarning,
+            stacklevel=2,
+        )
     return result
 
 
@@ -55,7 +90,7 @@ def _write(obj: Any, f: FileLike, safe_serialization: bool) -> None:
                 f"{type(obj).__name__}; "
                 "save other objects with safe_serialization=False"
             )
-        tensors = without_aliases(obj)
+        tensors = clean_state_dict_for_safetensors(obj)
         if isinstance(f, (io.IOBase, io.BufferedIOBase)) or hasattr(f, "write"):
             f.write(save(tensors, metadata={"format": "pt"}))
             return
@@ -123,12 +158,6 @@ def _wrapper_types() -> tuple[type, ...]:
     return tuple(wrappers)
 
 
-def _compiled(model: nn.Module) -> bool:
-    dynamo = getattr(torch, "_dynamo", None)
-    optimized = getattr(getattr(dynamo, "eval_frame", None), "OptimizedModule", None)
-    return optimized is not None and isinstance(model, optimized)
-
-
 def _unwrap_recursively(module: nn.Module, wrappers: tuple[type, ...]) -> nn.Module:
     while isinstance(module, wrappers) or (
         hasattr(module, "module") and isinstance(module.module, nn.Module)
@@ -153,9 +182,10 @@ def extract_model_from_parallel(
         recursive: also unwrap every submodule held as ``.module`` (e.g. per-layer FSDP on XLA).
     """
     wrappers = _wrapper_types()
-    compiled = model if _compiled(model) else None
-    if compiled is not None:
-        model = compiled._orig_mod  # type: ignore[assignment]
+    compiled = model if is_compiled_module(model) or "_orig_mod" in model.__dict__ else None
+    if compiled is not None:  # torch.compile's wrapper, or the copy compile_regions made
+        original = compiled.__dict__.get("_orig_mod")
+        model = cast(nn.Module, original if original is not None else compiled._orig_mod)
     while isinstance(model, wrappers):
         model = model.module  # type: ignore[assignment]
     if recursive:
@@ -174,6 +204,56 @@ def extract_model_from_parallel(
             else:
                 model.forward = forward.__get__(model) if not hasattr(forward, "__self__") else forward
     if keep_torch_compile and compiled is not None:
-        compiled._orig_mod = model
+        if "_orig_mod" in compiled.__dict__:
+            compiled.__dict__["_orig_mod"] = model
+        else:
+            compiled._orig_mod = model
         return compiled
     return model
+
+
+def model_has_dtensor(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a ``DTensor`` (tensor parallel or FSDP2 sharded)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(parameter, DTensor) for parameter in model.parameters())
+
+
+def get_model_tp_size(model: nn.Module) -> int | None:
+    """The tensor-parallel degree a transformers model was sharded with, or ``None`` when it was not.
+
+    transformers < 5 records it as ``model.tp_size``; transformers 5 in the ``distributed_config``
+    of the model's config (an object or a dict).
+    """
+    tp_size = getattr(model, "tp_size", None)
+    if tp_size is not None:
+        return int(tp_size)
+    distributed_config = getattr(getattr(model, "config", None), "distributed_config", None)
+    if isinstance(distributed_config, Mapping):
+        found = distributed_config.get("tp_size")
+    else:
+        found = getattr(distributed_config, "tp_size", None)
+    return None if found is None else int(found)
+
+
+def id_tensor_storage(tensor: torch.Tensor) -> tuple[torch.device, int, int]:
+    """(device, storage address, storage bytes): equal for tensors that share one storage.
+
+    All ``meta`` tensors report address 0. Storages whose lifetimes do not overlap may reuse an id.
+    """
+    try:
+        storage = tensor.untyped_storage()
+        return tensor.device, storage.data_ptr(), storage.nbytes()
+    except (NotImplementedError, RuntimeError):  # tensors without a storage (some wrapper subclasses)
+        return tensor.device, 0, tensor.nelement() * tensor.element_size()
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model``, once unwrapped from DDP / FSDP / DeepSpeed / compile, is a PEFT ``PeftModel``."""
+    from hasten.utils.imports import is_peft_available
+
+    if not is_peft_available():
+        return False
+    from peft import PeftModel
+
+    return isinstance(extract_model_from_parallel(model), PeftModel)

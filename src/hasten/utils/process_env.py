@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from hasten.utils.environment import int_variables
+
 _RANK = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 _WORLD_SIZE = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 _LOCAL_RANK = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
@@ -24,22 +26,10 @@ _LOCAL_WORLD_SIZE = (
 )
 
 
-def _first_int(env: Mapping[str, str], keys: tuple[str, ...]) -> tuple[str, int] | None:
-    for key in keys:
-        raw = env.get(key, "").strip()
-        if not raw:
-            continue
-        try:
-            return key, int(raw)
-        except ValueError:
-            raise ValueError(f"Environment variable {key}={raw!r} must be an integer.") from None
-    return None
-
-
 def _attempt(env: Mapping[str, str]) -> int | None:
     if not env.get("TORCHELASTIC_RUN_ID"):
         return None
-    found = _first_int(env, ("TORCHELASTIC_RESTART_COUNT",))
+    found = next(int_variables(("TORCHELASTIC_RESTART_COUNT",), env), None)
     return 0 if found is None else found[1]
 
 
@@ -88,10 +78,10 @@ class LaunchEnvironment:
                 (for instance ``RANK`` not below ``WORLD_SIZE``), naming the variables.
         """
         env = os.environ if env is None else env
-        rank = _first_int(env, _RANK)
-        world = _first_int(env, _WORLD_SIZE)
-        local_rank = _first_int(env, _LOCAL_RANK)
-        local_world = _first_int(env, _LOCAL_WORLD_SIZE)
+        rank = next(int_variables(_RANK, env), None)
+        world = next(int_variables(_WORLD_SIZE, env), None)
+        local_rank = next(int_variables(_LOCAL_RANK, env), None)
+        local_world = next(int_variables(_LOCAL_WORLD_SIZE, env), None)
         if (rank is None) != (world is None):
             present, missing = ("RANK", "WORLD_SIZE") if world is None else ("WORLD_SIZE", "RANK")
             raise ValueError(f"{present} is set but {missing} is not; a launcher must set both (or neither).")

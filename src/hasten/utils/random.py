@@ -15,6 +15,7 @@ from hasten.utils.device import accelerator_type
 from hasten.utils.imports import is_torch_xla_available
 from hasten.utils.operations import broadcast
 
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.manual_seed accepts
 _ACCELERATOR_RNGS = ("cuda", "xpu", "npu", "mlu", "musa", "sdaa", "hpu", "neuron")
 
 
@@ -22,7 +23,7 @@ def set_seed(seed: int, device_specific: bool = False, deterministic: bool = Fal
     """Seed Python's ``random``, NumPy, torch's CPU generator and every accelerator present.
 
     Args:
-        seed: the seed.
+        seed: the seed, an int from -2**63 to 2**64 - 1 (the range torch's generators take).
         device_specific: add the process index, so each rank draws different numbers
             (data augmentation) while runs stay reproducible.
         deterministic: also make torch use deterministic algorithms (slower; raises on
@@ -32,6 +33,12 @@ def set_seed(seed: int, device_specific: bool = False, deterministic: bool = Fal
         raise TypeError(f"set_seed: seed={seed!r} must be an int")
     if device_specific:
         seed += PartialState().process_index
+    if not _SEED_MIN <= seed <= _SEED_MAX:
+        added = " (with the process index added)" if device_specific else ""
+        raise ValueError(
+            f"set_seed: seed={seed!r}{added} is outside the range torch's generators take, "
+            f"{_SEED_MIN} to {_SEED_MAX} (2**64 - 1); pass a smaller seed, e.g. seed % 2**32."
+        )
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -47,9 +47,16 @@ def is_namedtuple(data: Any) -> bool:
 
 def honor_type(obj: Any, generator: Any) -> Any:
     """Build a container of ``obj``'s type (list, tuple, namedtuple, ...) from the items of ``generator``."""
-    if is_namedtuple(obj):
-        return type(obj)(*list(generator))
-    return type(obj)(generator)
+    try:
+        if is_namedtuple(obj):
+            return type(obj)(*list(generator))
+        return type(obj)(generator)
+    except TypeError as error:
+        raise TypeError(
+            f"Unsupported types ({type(obj)}) passed to `honor_type`. Only nested list/tuple/dicts of "
+            f"objects can be rebuilt: {type(obj).__qualname__} cannot be built from an iterable of its items "
+            f"({error})."
+        ) from error
 
 
 # --- rebuilding containers ----------------------------------------------------------------------
@@ -373,10 +380,13 @@ def _explain(
     if error.problem != "unsupported leaf":
         return TypeError(f"{caller}: {path} is a {error.problem}.")
     accepts = getattr(test, "__name__", repr(test))
+    # Accelerate's sentence first (callers match on it), then where the object is and what to do.
+    function = caller[caller.index("(") + 1 : -1] if caller.endswith(")") and "(" in caller else caller
     return TypeError(
-        f"{caller}: {path} is a {type(error.node).__qualname__} ({error.node!r:.60}), but only nested "
-        f"lists/tuples/dicts of objects accepted by `{accepts}` can be passed. Convert it to a tensor, or "
-        "remove it from the structure."
+        f"Unsupported types ({type(error.node)}) passed to `{function}`. Only nested list/tuple/dicts of "
+        f"objects that are valid for `{accepts}` should be passed. {caller}: {path} is a "
+        f"{type(error.node).__qualname__} ({error.node!r:.60}); convert it to a tensor, or remove it from "
+        "the structure."
     )
 
 
@@ -453,3 +463,25 @@ def recursively_apply(
         strict=error_on_other_type,
         caller=lambda: f"recursively_apply({getattr(func, '__name__', 'func')})",
     )
+
+
+def merge_dicts(source: dict[Any, Any], destination: dict[Any, Any]) -> dict[Any, Any]:
+    """Merge ``source`` into ``destination`` (changed in place and returned); nested dicts merge key by
+    key, any other value from ``source`` replaces the one in ``destination``."""
+    for key, value in source.items():
+        if isinstance(value, dict):
+            node = destination.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise TypeError(
+                    f"merge_dicts: destination[{key!r}] is a {type(node).__name__}, source[{key!r}] a dict; "
+                    "a dict can only be merged into a dict (replace the value first)."
+                )
+            merge_dicts(value, node)
+        else:
+            destination[key] = value
+    return destination
+
+
+def is_torch_xpu_tensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a tensor on an Intel XPU."""
+    return isinstance(tensor, torch.Tensor) and tensor.device.type == "xpu"

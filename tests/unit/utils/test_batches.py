@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+from hasten.utils import device as device_module
 from hasten.utils.batches import (
     TensorInformation,
     concatenate,
@@ -21,6 +22,7 @@ from hasten.utils.batches import (
     send_to_device,
     slice_tensors,
 )
+from hasten.utils.device import is_device_available
 from hasten.utils.errors import TreeNestingError
 from tests.unit.utils.test_tree import NeedsTwoArguments
 
@@ -99,6 +101,28 @@ def test_send_to_device_rejects_bad_devices_and_keys() -> None:
         send_to_device(torch.ones(1), [0])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"skip_keys=\[\['a'\]\] must be a key or a list of keys"):
         send_to_device({"a": torch.ones(1)}, "cpu", skip_keys=[["a"]])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda", 1), "mps", torch.device("xpu")])
+def test_send_to_device_refuses_an_accelerator_this_machine_lacks(device: Any) -> None:
+    if is_device_available(torch.device(device)):
+        pytest.skip(f"{device} is present here")
+    with pytest.raises(
+        ValueError,
+        match=r"send_to_device: device=.* is not available on this machine, which has only the CPU\. "
+        r"Pass a device it has, such as 'cpu'",
+    ):
+        send_to_device({"x": torch.ones(1), "y": [torch.ones(1)]}, device)
+
+
+def test_a_device_is_available_when_its_accelerator_and_index_exist(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device_module, "is_cuda_available", lambda: True)  # two GPUs, simulated
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert is_device_available(torch.device("cuda")) and is_device_available(torch.device("cuda", 1))
+    assert not is_device_available(torch.device("cuda", 2))
+    assert is_device_available(torch.device("cpu")) and is_device_available(torch.device("meta"))
+    monkeypatch.setattr(device_module, "is_cuda_available", lambda: False)
+    assert not is_device_available(torch.device("cuda", 0))
 
 
 def test_send_to_device_accepts_an_accelerator_index() -> None:

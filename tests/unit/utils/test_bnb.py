@@ -171,3 +171,57 @@ def test_a_missing_bitsandbytes_names_the_package_and_extra() -> None:
         in result.stderr
     )
     assert "pip install 'hasten[test]'" in result.stderr
+
+
+def test_get_quantized_model_device_map() -> None:
+    from hasten.utils.bnb import get_quantized_model_device_map
+
+    model = _source()
+    replace_with_bnb_layers(model, EIGHT, modules_to_not_convert=["head"])
+    assert get_quantized_model_device_map(model, EIGHT) == {"": "cpu"}
+    assert get_quantized_model_device_map(
+        model, EIGHT, {"up": "cpu", "down": "cpu", "norm": "cpu", "head": "cpu"}
+    )
+    assert get_quantized_model_device_map(model, EIGHT, "sequential", max_memory={"cpu": 10**9}) == {
+        "": "cpu"
+    }
+    with pytest.raises(ValueError, match=r"device_map='fastest' must be a dict or one of"):
+        get_quantized_model_device_map(model, EIGHT, "fastest")
+    with pytest.raises(
+        ValueError, match=r"device_map sends \['down'\] to disk; quantized layers cannot be offloaded"
+    ):
+        get_quantized_model_device_map(
+            model, EIGHT, {"up": "cpu", "down": "disk", "norm": "cpu", "head": "cpu"}
+        )
+
+
+def test_get_parameter_device() -> None:
+    from hasten.utils.bnb import get_parameter_device
+
+    assert get_parameter_device(nn.Linear(2, 2)) == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"ReLU has no parameters"):
+        get_parameter_device(nn.ReLU())
+
+
+def test_quantize_and_offload_8bit_writes_int8_weights_and_scales(tmp_path: Path) -> None:
+    from hasten.utils.bnb import quantize_and_offload_8bit
+    from hasten.utils.offload import load_offloaded_weight
+
+    model = _source()
+    weight = model.up.weight.detach().clone()
+    replace_with_bnb_layers(model, EIGHT)
+    index: dict[str, object] = {}
+    quantize_and_offload_8bit(model, weight, "up.weight", torch.float32, tmp_path, index, None)
+    assert index == {
+        "up.weight": {"dtype": "int8", "shape": [256, 64]},
+        "up.SCB": {"dtype": "float32", "shape": [256]},
+    }
+    assert model.up.weight.device.type == "meta"
+    quantized = load_offloaded_weight(tmp_path / "up.weight.dat", index["up.weight"])  # type: ignore[arg-type]
+    scales = load_offloaded_weight(tmp_path / "up.SCB.dat", index["up.SCB"])  # type: ignore[arg-type]
+    restored = quantized.float() * scales[:, None] / 127
+    assert (restored - weight).abs().max() <= scales.max() / 127  # within one quantization step
+    # Already quantized: the weight and its scales are written as given.
+    again: dict[str, object] = {}
+    quantize_and_offload_8bit(model, quantized, "up.weight", None, tmp_path / "again", again, scales)
+    assert again == index and model.up.weight.device.type == "meta"

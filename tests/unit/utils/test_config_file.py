@@ -52,6 +52,16 @@ def test_refuses_to_overwrite_and_says_so(tmp_path: Path) -> None:
     assert target.read_text() == "keep: me\n"
 
 
+def test_a_directory_is_not_a_file_to_write(tmp_path: Path) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"save_location='.*' is a directory; pass the path of the file to write, such as "
+        r"'.*default_config.yaml'",
+    ):
+        write_basic_config(save_location=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bad_precision(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"mixed_precision='fp32' is not valid; expected one of"):
         write_basic_config(mixed_precision="fp32", save_location=tmp_path / "c.yaml")

@@ -190,10 +190,12 @@ def test_clean_merges_uniform_subtrees_in_place_and_in_order() -> None:
 def test_check_device_map_lists_uncovered_weights_and_warns_on_unknown_keys() -> None:
     model = Net(depth=2)
     with pytest.raises(
-        ValueError, match=r"no device for 3 weight\(s\) of the model: \['blocks.1.position', "
+        ValueError,
+        match=r"^The device_map provided does not give any device for the following parameters: "
+        r"\['blocks.1.position', .*these 3 weight\(s\)",
     ):
         check_device_map(model, {"embed": 0, "head": 0, "blocks.0": 0, "blocks.1.mlp": 0})
-    with pytest.warns(UserWarning, match=r"keys \['nope'\] name no submodule of Net"):
+    with pytest.warns(UserWarning, match=r"do not match any submodules in the model: \['nope'\]"):
         check_device_map(model, {"": "cpu", "nope": 0})
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import unittest
+from pathlib import Path
 
 import pytest
+import torch
 
+from hasten.utils import environment, numa
 from hasten.utils.environment import (
     are_libraries_initialized,
     clear_environment,
@@ -19,6 +24,7 @@ from hasten.utils.environment import (
     set_numa_affinity,
     str_to_bool,
 )
+from tests.accelerators import simulate_gpus
 
 
 @pytest.mark.parametrize("text", ["y", "YES", "t", "True", "on", "1", " true "])
@@ -133,23 +139,142 @@ def test_convert_dict_to_env_variables() -> None:
 
 
 @pytest.mark.parametrize(
-    "env", [{"A=B": "1"}, {"A": "1\nB=2"}, {"": "x"}, {"A\n": "x"}, {"A": "x\rY=1"}, {"A": "\0"}]
+    ("env", "problem"),
+    [
+        ({"A=B": "1"}, "'=' in the key"),
+        ({"A": "1\nB=2"}, r"\['\\n'\]"),
+        ({"": "x"}, "an empty key or value"),
+        ({"A": ""}, "an empty key or value"),
+        ({"A\n": "x"}, r"\['\\n'\]"),
+        ({"A": "x\rY=1"}, r"\['\\r'\]"),
+        ({"A": "\0"}, r"\['\\x00'\]"),
+        ({"A": "<mything"}, r"\['<'\]"),
+        ({"A": "two words"}, r"\[' '\]"),
+        ({"A": "x;rm"}, r"\[';'\]"),
+    ],
 )
-def test_convert_dict_to_env_variables_refuses_injection(env: dict[str, str]) -> None:
-    with pytest.raises(
-        ValueError, match=r"Cannot write environment variable .* neither keys nor values may contain newlines"
+def test_convert_dict_to_env_variables_warns_about_and_skips_bad_entries(
+    env: dict[str, str], problem: str
+) -> None:
+    with pytest.warns(
+        UserWarning,
+        match=r"^WARNING: Skipping .* as it contains forbidden characters or missing "
+        rf"values \(.*{problem}",
     ):
-        convert_dict_to_env_variables(env)
+        lines = convert_dict_to_env_variables({"GOOD": "1", **env, "ALSO_GOOD": "2"})
+    assert lines == ["GOOD=1\n", "ALSO_GOOD=2\n"]
+
+
+def test_purge_accelerate_environment_on_unittest_classes_and_their_subclasses() -> None:
+    @purge_accelerate_environment
+    class Base(unittest.TestCase):
+        def test_base(self) -> None:
+            os.environ["ACCELERATE_HASTEN_BASE"] = "1"
+
+    class Child(Base):
+        def test_child(self) -> None:
+            os.environ["ACCELERATE_HASTEN_CHILD"] = "1"
+
+    class GrandChild(Child):
+        def test_grandchild(self) -> None:
+            os.environ["ACCELERATE_HASTEN_GRANDCHILD"] = "1"
+
+    for case, name in [
+        (Base, "test_base"),
+        (Child, "test_child"),
+        (GrandChild, "test_grandchild"),
+        (GrandChild, "test_base"),
+    ]:
+        result = unittest.TestResult()
+        case(name).run(result)
+        assert result.wasSuccessful(), result.errors
+    assert not [key for key in os.environ if key.startswith("ACCELERATE_HASTEN_")]
+
+
+def test_purge_accelerate_environment_on_pytest_classes_keeps_their_own_init_subclass() -> None:
+    seen = []
+
+    @purge_accelerate_environment
+    class Base:
+        def __init_subclass__(cls, **kwargs: object) -> None:
+            super().__init_subclass__(**kwargs)
+            seen.append(cls.__name__)
+
+        def test_base(self) -> None:
+            os.environ["ACCELERATE_HASTEN_BASE"] = "1"
+
+    class Child(Base):
+        def test_child(self) -> None:
+            os.environ["ACCELERATE_HASTEN_CHILD"] = "1"
+
+    Child().test_child()
+    Child().test_base()
+    assert seen == ["Child"]
+    assert not [key for key in os.environ if key.startswith("ACCELERATE_HASTEN_")]
+
+
+def test_purge_accelerate_environment_on_a_wrapped_function() -> None:
+    def outer(function):  # type: ignore[no-untyped-def]
+        @functools.wraps(function)
+        def wrapper(*args: object) -> object:
+            return function(*args)
+
+        return wrapper
+
+    @purge_accelerate_environment
+    @outer
+    def sets(value: str) -> str:
+        os.environ["ACCELERATE_HASTEN_WRAPPED"] = value
+        return value
+
+    assert sets("1") == "1"
+    assert "ACCELERATE_HASTEN_WRAPPED" not in os.environ
+    assert purge_accelerate_environment(sets) is sets  # not wrapped twice
 
 
 def test_are_libraries_initialized() -> None:
     assert are_libraries_initialized("torch", "hasten_no_such_library") == ["torch"]
 
 
-def test_numa_affinity_is_a_quiet_no_op_without_accelerators(caplog: pytest.LogCaptureFixture) -> None:
+def test_numa_affinity_is_a_quiet_no_op_without_accelerators(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(environment, "_numa_done", set())
     before = os.sched_getaffinity(0)
     with caplog.at_level("DEBUG", logger="hasten.utils.environment"):
         override_numa_affinity(0)
         set_numa_affinity(0, verbose=True)
     assert os.sched_getaffinity(0) == before
     assert "No NUMA information for local process 0" in caplog.text
+
+
+def _node_cpus(sysfs: Path, cpus: set[int]) -> None:
+    device = sysfs / "bus/pci/devices/0000:3b:00.0"
+    device.mkdir(parents=True, exist_ok=True)
+    (device / "numa_node").write_text("0\n")
+    (sysfs / "devices/system/node/node0").mkdir(parents=True, exist_ok=True)
+    (sysfs / "devices/system/node/node0/cpulist").write_text(",".join(map(str, sorted(cpus))))
+
+
+def test_numa_affinity_pins_to_the_node_of_the_accelerator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    simulate_gpus(monkeypatch, 1)  # one GPU on NUMA node 0, simulated
+    monkeypatch.setattr(numa, "SYSFS", tmp_path)
+    monkeypatch.setattr(environment, "_numa_done", set())
+    before = os.sched_getaffinity(0)
+    first, last = {min(before)}, {max(before)}
+    try:
+        _node_cpus(tmp_path, first)
+        with caplog.at_level("INFO", logger="hasten.utils.environment"):
+            set_numa_affinity(0, verbose=True)
+        assert os.sched_getaffinity(0) == first
+        assert f"Process 0 pinned to CPUs {sorted(first)}" in caplog.text
+        _node_cpus(tmp_path, last)
+        set_numa_affinity(0)  # only the first time for each local process
+        assert os.sched_getaffinity(0) == first
+        override_numa_affinity(0)  # every time
+        assert os.sched_getaffinity(0) == last
+    finally:
+        os.sched_setaffinity(0, before)

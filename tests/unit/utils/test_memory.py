@@ -81,10 +81,13 @@ def test_decorator_forms_and_custom_schedule() -> None:
 
 
 def test_zero_is_an_error_and_other_errors_pass_through() -> None:
-    with pytest.raises(
-        RuntimeError, match=r"ran out of memory at every batch size down to 1 \(starting from 8\)"
-    ):
+    with pytest.raises(RuntimeError) as raised:
         find_executable_batch_size(_limited(0, []), starting_batch_size=8)()
+    # Accelerate's sentence first (code in the wild matches on it), then the explanation.
+    assert str(raised.value).startswith(
+        "No executable batch size found, reached zero. step ran out of memory"
+    )
+    assert "at every batch size down to 1 (starting from 8)" in str(raised.value)
 
     def broken(batch_size: int) -> None:
         raise KeyError("not memory")
@@ -130,8 +133,51 @@ def test_bisection_finds_the_largest_size_in_few_trials() -> None:
         find_largest_executable_batch_size(_limited(77, tried), starting_batch_size=8, max_batch_size=64)()
         == 64
     )
-    with pytest.raises(RuntimeError, match=r"does not fit even with batch size 1"):
+    with pytest.raises(RuntimeError, match=r"^No executable batch size found, reached zero\. step ran out"):
         find_largest_executable_batch_size(_limited(0, []), starting_batch_size=4)()
+
+
+def test_the_largest_size_respects_the_limit() -> None:
+    tried: list[int] = []
+    assert (
+        find_largest_executable_batch_size(_limited(1000, tried), starting_batch_size=10, max_batch_size=10)()
+        == 10
+    )
+    assert tried == [10]
+    with pytest.raises(
+        ValueError, match=r"starting_batch_size=100 is above max_batch_size=10; start at or below the limit"
+    ):
+        find_largest_executable_batch_size(_limited(1000, []), starting_batch_size=100, max_batch_size=10)
+    with pytest.raises(ValueError, match=r"starting_batch_size=100 is above max_batch_size=10"):
+        find_largest_executable_batch_size(starting_batch_size=100, max_batch_size=10)
+    with pytest.raises(ValueError, match=r"max_batch_size=0 must be at least 1"):
+        find_largest_executable_batch_size(starting_batch_size=1, max_batch_size=0)
+
+
+@pytest.mark.parametrize(
+    ("size", "error", "message"),
+    [
+        (0, ValueError, r"starting_batch_size=0 must be at least 1"),
+        (-4, ValueError, r"starting_batch_size=-4 must be at least 1"),
+        ("8", TypeError, r"starting_batch_size='8' must be an int of at least 1, not a str"),
+        (8.0, TypeError, r"starting_batch_size=8.0 must be an int of at least 1, not a float"),
+        (True, TypeError, r"starting_batch_size=True must be an int of at least 1, not a bool"),
+    ],
+)
+def test_the_starting_size_is_an_int_of_at_least_one(size: object, error: type, message: str) -> None:
+    for search in (find_executable_batch_size, find_largest_executable_batch_size):
+        with pytest.raises(error, match=f"{search.__name__}: {message}"):
+            search(starting_batch_size=size)
+        with pytest.raises(error, match=message):
+            search(_limited(10, []), starting_batch_size=size)
+
+
+def test_a_schedule_that_does_not_shrink_is_an_error() -> None:
+    run = find_executable_batch_size(
+        _limited(10, []), starting_batch_size=64, reduce_batch_size_fn=lambda: 64
+    )
+    with pytest.raises(ValueError, match=r"reduce_batch_size_fn\(\) returned 64 after batch size 64 ran out"):
+        run()
 
 
 def test_release_memory_returns_nones() -> None:

@@ -39,6 +39,20 @@ def test_deterministic_turns_on_deterministic_algorithms() -> None:
 def test_bad_arguments_are_explained() -> None:
     with pytest.raises(TypeError, match=r"seed='7' must be an int"):
         set_seed("7")  # type: ignore[arg-type]
+    set_seed(2**64 - 1)
+    set_seed(-(2**63))  # the ends of the range torch takes
+    with pytest.raises(
+        ValueError,
+        match=r"set_seed: seed=18446744073709551616 is outside the range torch's generators take, "
+        r"-9223372036854775808 to 18446744073709551615 \(2\*\*64 - 1\); pass a smaller seed",
+    ):
+        set_seed(2**64)
+    with pytest.raises(
+        ValueError, match=r"seed=18446744073709551616 \(with the process index added\) is outside"
+    ):
+        set_seed(2**64, device_specific=True)
+    with pytest.raises(ValueError, match=r"seed=-9223372036854775809 is outside"):
+        set_seed(-(2**63) - 1)
     with pytest.raises(ValueError, match=r"rng_type"):
         synchronize_rng_state("dice")
     with pytest.raises(ValueError, match=r"rng_type='generator' needs the generator"):

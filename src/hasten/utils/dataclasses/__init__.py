@@ -1,5 +1,8 @@
 """Enums, kwargs handlers, plugins and configurations (re-exported; see the submodules)."""
 
+from hasten.utils.batches import (
+    TensorInformation,
+)
 from hasten.utils.dataclasses.configs import (
     BnbQuantizationConfig,
     DataLoaderConfiguration,
@@ -12,6 +15,7 @@ from hasten.utils.dataclasses.enums import (
     DDPCommunicationHookType,
     DistributedType,
     DynamoBackend,
+    EnumWithContains,
     FP8BackendType,
     LoggerType,
     PrecisionType,
@@ -19,13 +23,16 @@ from hasten.utils.dataclasses.enums import (
     SageMakerDistributedType,
 )
 from hasten.utils.dataclasses.kwargs import (
+    AORecipeKwargs,
     AutocastKwargs,
     DistributedDataParallelKwargs,
     FP8RecipeKwargs,
     GradScalerKwargs,
     InitProcessGroupKwargs,
     KwargsHandler,
+    MSAMPRecipeKwargs,
     ProfileKwargs,
+    TERecipeKwargs,
 )
 from hasten.utils.dataclasses.plugins.deepspeed import (
     DeepSpeedPlugin,
@@ -48,8 +55,20 @@ from hasten.utils.dataclasses.plugins.gradient import (
 from hasten.utils.dataclasses.plugins.megatron import (
     MegatronLMPlugin,
 )
+from hasten.utils.dataclasses.plugins.megatron_models import (
+    add_model_config_to_megatron_parser,
+    parse_bert_config,
+    parse_glm4_moe_config,
+    parse_gpt2_config,
+    parse_llama_config,
+    parse_t5_config,
+)
+from hasten.utils.dataclasses.plugins.sequence_parallel import (
+    DeepSpeedSequenceParallelConfig,
+)
 
 __all__ = [
+    "AORecipeKwargs",
     "AutocastKwargs",
     "BaseEnum",
     "BnbQuantizationConfig",
@@ -58,9 +77,11 @@ __all__ = [
     "DDPCommunicationHookType",
     "DataLoaderConfiguration",
     "DeepSpeedPlugin",
+    "DeepSpeedSequenceParallelConfig",
     "DistributedDataParallelKwargs",
     "DistributedType",
     "DynamoBackend",
+    "EnumWithContains",
     "FP8BackendType",
     "FP8RecipeKwargs",
     "FullyShardedDataParallelPlugin",
@@ -70,12 +91,21 @@ __all__ = [
     "InitProcessGroupKwargs",
     "KwargsHandler",
     "LoggerType",
+    "MSAMPRecipeKwargs",
     "MegatronLMPlugin",
     "PrecisionType",
     "ProfileKwargs",
     "ProjectConfiguration",
     "RNGType",
     "SageMakerDistributedType",
+    "TERecipeKwargs",
+    "TensorInformation",
     "TorchDynamoPlugin",
+    "add_model_config_to_megatron_parser",
     "get_module_class_from_name",
+    "parse_bert_config",
+    "parse_glm4_moe_config",
+    "parse_gpt2_config",
+    "parse_llama_config",
+    "parse_t5_config",
 ]

@@ -86,6 +86,14 @@ def resolve_fields(obj: Any) -> None:
         setattr(obj, name, value)
 
 
+def parse_field(obj: Any, name: str, value: Any, where: str) -> Any:
+    """``value`` checked and converted by the parser of ``obj``'s :func:`env_field` ``name``, the same check
+    an argument or the environment gets; a bad value is blamed on ``where`` (e.g. a config file's key).
+    """
+    parse = next(parse for field, _, _, _, parse in _env_fields(type(obj)) if field == name)
+    return value if parse is None or value is None else parse(value, where)
+
+
 def is_set_in_env(obj: Any, name: str) -> bool:
     """Whether the environment variable of ``obj``'s field ``name`` is set (and not empty)."""
     field = next(f for f in dataclasses.fields(obj) if f.name == name)
@@ -172,7 +180,7 @@ def or_auto(parse: Parser) -> Parser:
     return parse_or_auto
 
 
-def one_of(choices: Iterable[str], lower: bool = True) -> Parser:
+def one_of(choices: Iterable[str]) -> Parser:
     """A string among ``choices`` (compared case-insensitively, returned as spelled in ``choices``)."""
     allowed = list(choices)
 

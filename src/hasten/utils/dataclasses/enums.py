@@ -13,7 +13,9 @@ from typing import Any
 from hasten.utils.errors import ConfigurationError
 
 
-class _ValueMembership(enum.EnumMeta):
+class EnumWithContains(enum.EnumMeta):
+    """Enum metaclass whose ``in`` accepts values as well as members (``"bf16" in PrecisionType``)."""
+
     def __contains__(cls, item: Any) -> bool:
         if isinstance(item, cls):
             return True
@@ -24,7 +26,7 @@ class _ValueMembership(enum.EnumMeta):
         return True
 
 
-class BaseEnum(str, enum.Enum, metaclass=_ValueMembership):
+class BaseEnum(str, enum.Enum, metaclass=EnumWithContains):
     """A ``str`` enum whose ``str()`` is its value and whose ``in`` tests values."""
 
     def __str__(self) -> str:

@@ -26,10 +26,11 @@ from hasten.utils.dataclasses._env import (
     read_env,
     resolve_fields,
     to_bool,
+    to_float,
 )
 from hasten.utils.dataclasses.enums import DDPCommunicationHookType, FP8BackendType
 from hasten.utils.errors import ConfigurationError
-from hasten.utils.imports import is_msamp_available
+from hasten.utils.imports import is_msamp_available, require
 
 if TYPE_CHECKING:
     import torch
@@ -207,6 +208,10 @@ class GradScalerKwargs(KwargsHandler):
     enabled: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("init_scale", "growth_factor", "backoff_factor"):
+            setattr(self, name, to_float(getattr(self, name), name))
+        if not self.init_scale > 0.0:
+            raise ConfigurationError(f"init_scale={self.init_scale!r} must be greater than 0.")
         if not self.growth_factor > 1.0:
             raise ConfigurationError(f"growth_factor={self.growth_factor!r} must be greater than 1.0.")
         if not 0.0 < self.backoff_factor < 1.0:
@@ -272,6 +277,18 @@ def _fp8_backend(value: Any, name: str) -> str:
     return str(member.value)
 
 
+def _linear_precision_from_env() -> tuple[bool, bool, bool]:
+    """``override_linear_precision`` read from ``ACCELERATE_FP8_OVERRIDE_{FPROP,DGRAD,WGRAD}``."""
+    fprop, dgrad, wgrad = (
+        to_bool(
+            read_env(f"{_ENV_FP8}OVERRIDE_{gemm}") or "false",
+            f"environment variable {_ENV_FP8}OVERRIDE_{gemm}",
+        )
+        for gemm in ("FPROP", "DGRAD", "WGRAD")
+    )
+    return fprop, dgrad, wgrad
+
+
 def _linear_precision(value: Any, name: str) -> tuple[bool, bool, bool]:
     if isinstance(value, (tuple, list)) and len(value) == 3 and all(isinstance(v, bool) for v in value):
         return (value[0], value[1], value[2])
@@ -279,15 +296,23 @@ def _linear_precision(value: Any, name: str) -> tuple[bool, bool, bool]:
 
 
 @dataclass
-class FP8RecipeKwargs(KwargsHandler):
-    """The FP8 training recipe for TransformerEngine (``backend="TE"``) or MS-AMP (``backend="MSAMP"``).
+class TERecipeKwargs(KwargsHandler):
+    """TransformerEngine's delayed-scaling FP8 recipe; unset fields come from ``ACCELERATE_FP8_*``.
 
-    Every field left unset is read from its ``ACCELERATE_FP8_*`` variable. Both engines need
-    NVIDIA GPUs, so this object only chooses and validates the recipe; the engine is imported
-    when the recipe is applied. ``backend`` defaults to MS-AMP when it is installed, else TE.
+    TransformerEngine needs NVIDIA GPUs, so this object only validates the recipe; the engine is
+    imported when the recipe is applied.
+
+    Args:
+        use_autocast_during_eval: keep FP8 autocast in evaluation too.
+        margin: margin for the scaling factor.
+        interval: steps between scaling-factor updates.
+        fp8_format: ``"HYBRID"`` (E4M3 forward, E5M2 backward), ``"E4M3"`` or ``"E5M2"``.
+        amax_history_len: how many amax values the scaling factor looks back on.
+        amax_compute_algo: ``"max"`` or ``"most_recent"``.
+        override_linear_precision: run the (fprop, dgrad, wgrad) GEMMs in higher precision.
+        use_mxfp8_block_scaling: MXFP8 block scaling (Blackwell GPUs).
     """
 
-    opt_level: str | None = env_field(_ENV_FP8 + "OPT_LEVEL", "O2", one_of(["O1", "O2"]))
     use_autocast_during_eval: bool | None = env_field(_ENV_FP8 + "USE_AUTOCAST_DURING_EVAL", False, to_bool)
     margin: int | None = env_field(_ENV_FP8 + "MARGIN", 0, non_negative_int)
     interval: int | None = env_field(_ENV_FP8 + "INTERVAL", 1, positive_int)
@@ -300,21 +325,79 @@ class FP8RecipeKwargs(KwargsHandler):
         None, (False, False, False), _linear_precision
     )
     use_mxfp8_block_scaling: bool | None = env_field(_ENV_FP8 + "USE_MXFP8_BLOCK_SCALING", False, to_bool)
+
+    def __post_init__(self) -> None:
+        if self.override_linear_precision is None:
+            self.override_linear_precision = _linear_precision_from_env()
+        resolve_fields(self)
+
+
+@dataclass
+class MSAMPRecipeKwargs(KwargsHandler):
+    """MS-AMP's FP8 recipe: ``opt_level`` ``"O1"`` (FP8 weights and gradients) or ``"O2"`` (also the
+    optimizer states); unset, ``ACCELERATE_FP8_OPT_LEVEL`` or ``"O2"``."""
+
+    opt_level: str | None = env_field(_ENV_FP8 + "OPT_LEVEL", "O2", one_of(["O1", "O2"]))
+
+    def __post_init__(self) -> None:
+        resolve_fields(self)
+
+
+@dataclass
+class FP8RecipeKwargs(TERecipeKwargs, MSAMPRecipeKwargs):
+    """The FP8 training recipe for TransformerEngine (``backend="TE"``) or MS-AMP (``backend="MSAMP"``).
+
+    Accelerate's older, combined recipe (the fields of both). Every field left unset is read from
+    its ``ACCELERATE_FP8_*`` variable. ``backend`` defaults to MS-AMP when it is installed, else TE.
+    """
+
     backend: str | None = env_field(_ENV_FP8 + "BACKEND", "TE", _fp8_backend)
 
     def __post_init__(self) -> None:
         if self.backend is None and read_env(_ENV_FP8 + "BACKEND") is None and is_msamp_available():
             self.backend = "MSAMP"
-        if self.override_linear_precision is None:  # three variables for one field
-            fprop, dgrad, wgrad = (
-                to_bool(
-                    read_env(f"{_ENV_FP8}OVERRIDE_{gemm}") or "false",
-                    f"environment variable {_ENV_FP8}OVERRIDE_{gemm}",
-                )
-                for gemm in ("FPROP", "DGRAD", "WGRAD")
-            )
-            self.override_linear_precision = (fprop, dgrad, wgrad)
+        TERecipeKwargs.__post_init__(self)  # resolves every field, the MS-AMP one included
+
+
+@dataclass
+class AORecipeKwargs(KwargsHandler):
+    """torchao's FP8 training recipe.
+
+    Args:
+        config: a ``torchao.float8.Float8LinearConfig``; when ``None``, one is built from
+            ``pad_inner_dim`` and ``enable_fsdp_float8_all_gather``.
+        module_filter_func: ``(module, fully qualified name) -> bool``: which layers to convert
+            (default: ``hasten.utils.ao.filter_linear_layers`` without the first and last layers).
+        pad_inner_dim: pad matrix dimensions to multiples of 16 (``ACCELERATE_FP8_PAD_INNER_DIM``,
+            default true), as ``torch._scaled_mm`` needs.
+        enable_fsdp_float8_all_gather: all-gather FSDP2 parameters in FP8
+            (``ACCELERATE_FP8_ENABLE_FSDP_FLOAT8_ALL_GATHER``, default true).
+
+    Raises:
+        ImportError: torchao is not installed (the message says how to install it).
+    """
+
+    config: Any = None
+    module_filter_func: Callable[..., bool] | None = None
+    pad_inner_dim: bool | None = env_field(_ENV_FP8 + "PAD_INNER_DIM", True, to_bool)
+    enable_fsdp_float8_all_gather: bool | None = env_field(
+        _ENV_FP8 + "ENABLE_FSDP_FLOAT8_ALL_GATHER", True, to_bool
+    )
+
+    def __post_init__(self) -> None:
+        require("torchao", purpose="AORecipeKwargs (torchao FP8 training)")
         resolve_fields(self)
+        if self.module_filter_func is not None and not callable(self.module_filter_func):
+            raise ConfigurationError(
+                f"module_filter_func={self.module_filter_func!r} must be a function (module, name) -> bool."
+            )
+        if self.config is None:
+            from torchao.float8 import Float8LinearConfig
+
+            self.config = Float8LinearConfig(
+                pad_inner_dim=self.pad_inner_dim,
+                enable_fsdp_float8_all_gather=self.enable_fsdp_float8_all_gather,
+            )
 
 
 _PROFILER_ACTIVITIES = ("cpu", "xpu", "mtia", "cuda", "hpu")

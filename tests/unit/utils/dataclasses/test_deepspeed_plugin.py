@@ -157,6 +157,41 @@ def test_bad_configs(config: object, message: str) -> None:
         DeepSpeedPlugin(hf_ds_config=config)
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            {"stage": 7},
+            r"DeepSpeed config zero_optimization.stage=7 is not a ZeRO stage; expected one of \[0, 1, 2, 3\]",
+        ),
+        (
+            {"stage": 2, "offload_optimizer": {"device": "gpu"}},
+            r"zero_optimization.offload_optimizer.device='gpu' is not valid; "
+            r"expected one of \['none', 'cpu', 'nvme'\]",
+        ),
+        (
+            {"stage": 3, "stage3_gather_16bit_weights_on_model_save": "maybe"},
+            r"stage3_gather_16bit_weights_on_model_save='maybe' is not a boolean",
+        ),
+    ],
+)
+def test_config_values_get_the_checks_arguments_get(config: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        DeepSpeedPlugin(hf_ds_config={"zero_optimization": config})
+    with pytest.raises(
+        ConfigurationError, match=r"DeepSpeed config gradient_accumulation_steps=0 must be at least 1"
+    ):
+        DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": 1}, "gradient_accumulation_steps": 0})
+
+
+def test_config_values_are_converted_like_arguments(tmp_path: Path) -> None:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": "3", "offload_param": {"device": "CPU"}}}))
+    plugin = DeepSpeedPlugin(hf_ds_config=str(path), zero_stage=3)  # "3" in the file agrees with 3
+    assert (plugin.zero_stage, plugin.offload_param_device) == (3, "cpu")
+    assert plugin.deepspeed_config["zero_optimization"]["stage"] == 3 and plugin.hf_ds_config.is_zero3()
+
+
 def test_config_file_that_is_not_json(tmp_path: Path) -> None:
     path = tmp_path / "ds.json"
     path.write_text("stage: 2")

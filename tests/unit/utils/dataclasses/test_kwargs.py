@@ -99,6 +99,10 @@ def test_fsdp_gets_the_sharded_scaler() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
+        ({"init_scale": "big"}, "init_scale='big' is not a number; pass a float such as 1.0"),
+        ({"init_scale": 0}, "init_scale=0.0 must be greater than 0"),
+        ({"growth_factor": "fast"}, "growth_factor='fast' is not a number"),
+        ({"backoff_factor": None}, "backoff_factor=None is not a number"),
         ({"growth_factor": 1.0}, "growth_factor=1.0 must be greater than 1.0"),
         ({"backoff_factor": 1.5}, "backoff_factor=1.5 must be between 0.0 and 1.0"),
         ({"growth_interval": 0}, "growth_interval=0 must be at least 1"),

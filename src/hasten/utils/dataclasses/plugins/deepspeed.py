@@ -18,10 +18,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from hasten.utils.constants import launch_variables
 from hasten.utils.dataclasses._env import (
     env_field,
     one_of,
     or_auto,
+    parse_field,
     positive_int,
     read_env,
     resolve_fields,
@@ -34,6 +36,7 @@ from hasten.utils.errors import ConfigurationError
 _ZERO_STAGES = (0, 1, 2, 3)
 _OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 _ENV = "ACCELERATE_DEEPSPEED_"
+_LAUNCH = launch_variables("DeepSpeedPlugin")  # field -> the variable `hasten launch` writes
 
 # Plugin field -> the dotted key it fills in the DeepSpeed config.
 _CONFIG_KEYS = {
@@ -98,26 +101,24 @@ class DeepSpeedPlugin:
         msamp_opt_level: ``"O1"`` or ``"O2"``.
     """
 
-    hf_ds_config: Any = env_field(_ENV + "CONFIG_FILE", "none")
+    hf_ds_config: Any = env_field(_LAUNCH["hf_ds_config"], "none")
     gradient_accumulation_steps: int | str | None = env_field(
-        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto", or_auto(positive_int)
+        _LAUNCH["gradient_accumulation_steps"], "auto", or_auto(positive_int)
     )
-    gradient_clipping: float | str | None = env_field(
-        "ACCELERATE_GRADIENT_CLIPPING", "auto", or_auto(to_float)
-    )
-    zero_stage: int | None = env_field(_ENV + "ZERO_STAGE", 2, _zero_stage)
+    gradient_clipping: float | str | None = env_field(_LAUNCH["gradient_clipping"], "auto", or_auto(to_float))
+    zero_stage: int | None = env_field(_LAUNCH["zero_stage"], 2, _zero_stage)
     is_train_batch_min: bool = True
     offload_optimizer_device: str | None = env_field(
-        _ENV + "OFFLOAD_OPTIMIZER_DEVICE", "none", one_of(_OFFLOAD_DEVICES)
+        _LAUNCH["offload_optimizer_device"], "none", one_of(_OFFLOAD_DEVICES)
     )
     offload_param_device: str | None = env_field(
-        _ENV + "OFFLOAD_PARAM_DEVICE", "none", one_of(_OFFLOAD_DEVICES)
+        _LAUNCH["offload_param_device"], "none", one_of(_OFFLOAD_DEVICES)
     )
     offload_optimizer_nvme_path: str | None = env_field(_ENV + "OFFLOAD_OPTIMIZER_NVME_PATH", "none", _path)
     offload_param_nvme_path: str | None = env_field(_ENV + "OFFLOAD_PARAM_NVME_PATH", "none", _path)
     zero3_init_flag: bool | None = None
-    zero3_save_16bit_model: bool | None = env_field(_ENV + "ZERO3_SAVE_16BIT_MODEL", False, to_bool)
-    transformer_moe_cls_names: str | None = env_field(_ENV + "MOE_LAYER_CLS_NAMES", None, _path)
+    zero3_save_16bit_model: bool | None = env_field(_LAUNCH["zero3_save_16bit_model"], False, to_bool)
+    transformer_moe_cls_names: str | None = env_field(_LAUNCH["transformer_moe_cls_names"], None, _path)
     enable_msamp: bool | None = None
     msamp_opt_level: str | None = env_field("ACCELERATE_FP8_OPT_LEVEL", "O1", one_of(["O1", "O2"]))
 
@@ -186,14 +187,19 @@ class DeepSpeedPlugin:
                 "Set these values in the DeepSpeed config file and remove them from the launch config."
             )
         mismatches = []
+        from_config = {}
         for name, key in _CONFIG_KEYS.items():
             value, in_config = getattr(self, name), config.get_value(key)
+            node, last = config.find_config_node(key)
             if in_config == "auto" and value != "auto":
-                node, last = config.find_config_node(key)
                 assert node is not None
                 node[last] = value
-            elif name in passed and in_config is not None and in_config != "auto" and in_config != value:
-                mismatches.append(f"{name}={value!r} but the config has {key}={in_config!r}")
+            elif in_config is not None and in_config != "auto":
+                # The config's values get the checks an argument gets (a stage of 7 is an error).
+                assert node is not None
+                node[last] = from_config[name] = parse_field(self, name, in_config, f"DeepSpeed config {key}")
+                if name in passed and node[last] != value:
+                    mismatches.append(f"{name}={value!r} but the config has {key}={in_config!r}")
         if mismatches:
             raise ConfigurationError(
                 "DeepSpeedPlugin arguments contradict the DeepSpeed config:\n- "
@@ -202,17 +208,17 @@ class DeepSpeedPlugin:
                 "Remove the arguments, change the config, or set those config values to 'auto'."
             )
         config.set_stage_and_offload()
-        for name, key in _CONFIG_KEYS.items():
-            in_config = config.get_value(key)
-            if in_config is not None and in_config != "auto":
-                setattr(self, name, in_config)
+        for name, value in from_config.items():
+            setattr(self, name, value)
 
     def _resolve_zero3_init(self, passed: bool) -> None:
         is_zero3 = self.hf_ds_config.is_zero3()
         if self.zero3_init_flag is None:
-            raw = read_env(_ENV + "ZERO3_INIT")
+            raw = read_env(_LAUNCH["zero3_init_flag"])
             self.zero3_init_flag = (
-                is_zero3 if raw is None else to_bool(raw, f"environment variable {_ENV}ZERO3_INIT")
+                is_zero3
+                if raw is None
+                else to_bool(raw, f"environment variable {_LAUNCH['zero3_init_flag']}")
             )
         else:
             self.zero3_init_flag = to_bool(self.zero3_init_flag, "zero3_init_flag")
@@ -223,7 +229,7 @@ class DeepSpeedPlugin:
                     "pass zero_stage=3 or drop zero3_init_flag."
                 )
             warnings.warn(
-                f"{_ENV}ZERO3_INIT is set but the ZeRO stage is not 3; zero3_init_flag is False.",
+                f"{_LAUNCH['zero3_init_flag']} is set but the ZeRO stage is not 3; zero3_init_flag is False.",
                 stacklevel=3,
             )
             self.zero3_init_flag = False

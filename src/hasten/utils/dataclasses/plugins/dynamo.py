@@ -6,7 +6,7 @@ import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hasten.utils.constants import TORCH_DYNAMO_MODES
+from hasten.utils.constants import TORCH_DYNAMO_MODES, launch_variables
 from hasten.utils.dataclasses._env import env_field, one_of, resolve_fields, to_bool
 from hasten.utils.dataclasses.enums import DynamoBackend
 from hasten.utils.dataclasses.kwargs import KwargsHandler
@@ -15,7 +15,7 @@ from hasten.utils.errors import ConfigurationError
 if TYPE_CHECKING:
     import torch
 
-_PREFIX = "ACCELERATE_DYNAMO_"
+_LAUNCH = launch_variables("TorchDynamoPlugin")  # field -> the variable `hasten launch` writes
 
 
 @dataclass
@@ -33,13 +33,13 @@ class TorchDynamoPlugin(KwargsHandler):
             one class) separately, so the compiler's cache serves all but the first.
     """
 
-    backend: DynamoBackend | None = env_field(_PREFIX + "BACKEND", "no", DynamoBackend.parse)
-    mode: str | None = env_field(_PREFIX + "MODE", "default", one_of(TORCH_DYNAMO_MODES))
-    fullgraph: bool | None = env_field(_PREFIX + "USE_FULLGRAPH", False, to_bool)
-    dynamic: bool | None = env_field(_PREFIX + "USE_DYNAMIC", None, to_bool)
+    backend: DynamoBackend | None = env_field(_LAUNCH["backend"], "no", DynamoBackend.parse)
+    mode: str | None = env_field(_LAUNCH["mode"], "default", one_of(TORCH_DYNAMO_MODES))
+    fullgraph: bool | None = env_field(_LAUNCH["fullgraph"], False, to_bool)
+    dynamic: bool | None = env_field(_LAUNCH["dynamic"], None, to_bool)
     options: Any = None
     disable: bool = False
-    use_regional_compilation: bool | None = env_field(_PREFIX + "USE_REGIONAL_COMPILATION", False, to_bool)
+    use_regional_compilation: bool | None = env_field(_LAUNCH["use_regional_compilation"], False, to_bool)
 
     def __post_init__(self) -> None:
         resolve_fields(self)
@@ -82,15 +82,7 @@ class TorchDynamoPlugin(KwargsHandler):
 
 
 def _repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The items of every ``ModuleList`` in ``model`` that holds two or more modules of one class."""
-    import torch
+    """The items of every repeated block (``ModuleList`` of one class) in ``model``."""
+    from hasten.utils.compilation import is_repeated_blocks
 
-    blocks: list[torch.nn.Module] = []
-    for module in model.modules():
-        if (
-            isinstance(module, torch.nn.ModuleList)
-            and len(module) > 1
-            and len({type(m) for m in module}) == 1
-        ):
-            blocks.extend(module)
-    return blocks
+    return [block for module in model.modules() if is_repeated_blocks(module) for block in module]

@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hasten.utils.constants import FSDP_AUTO_WRAP_POLICY, FSDP_SHARDING_STRATEGY
+from hasten.utils.constants import (
+    FSDP2_STATE_DICT_TYPE,
+    FSDP_AUTO_WRAP_POLICY,
+    FSDP_SHARDING_STRATEGY,
+    launch_variables,
+)
 from hasten.utils.dataclasses._env import (
     comma_list,
     env_field,
@@ -37,6 +42,7 @@ if TYPE_CHECKING:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
     from torch.distributed.fsdp import FullyShardedDataParallel
 
+_ENV = launch_variables("FullyShardedDataParallelPlugin")  # field -> the variable `hasten launch` writes
 _MIXED_PRECISION = {
     "fp8": torch.bfloat16,
     "fp16": torch.float16,
@@ -111,13 +117,13 @@ class FullyShardedDataParallelPlugin:
     ``forward_prefetch`` are FSDP1 options passed to ``FullyShardedDataParallel`` as they are.
     """
 
-    fsdp_version: int | None = env_field("FSDP_VERSION", 1, _version)
+    fsdp_version: int | None = env_field(_ENV["fsdp_version"], 1, _version)
     sharding_strategy: Any = None
     reshard_after_forward: Any = None
     backward_prefetch: Any = None
     mixed_precision_policy: Any = None
-    auto_wrap_policy: Any = env_field("FSDP_AUTO_WRAP_POLICY", "NO_WRAP")
-    cpu_offload: Any = env_field("FSDP_OFFLOAD_PARAMS", False)
+    auto_wrap_policy: Any = env_field(_ENV["auto_wrap_policy"], "NO_WRAP")
+    cpu_offload: Any = env_field(_ENV["cpu_offload"], False)
     ignored_modules: Iterable[torch.nn.Module] | str | None = env_field("FSDP_IGNORED_MODULES", None, _regex)
     state_dict_type: Any = None
     state_dict_config: Any = None
@@ -127,11 +133,11 @@ class FullyShardedDataParallelPlugin:
     param_init_fn: Callable[[torch.nn.Module], None] | None = None
     sync_module_states: bool | None = None
     forward_prefetch: bool | None = None
-    activation_checkpointing: bool | None = env_field("FSDP_ACTIVATION_CHECKPOINTING", False, to_bool)
+    activation_checkpointing: bool | None = env_field(_ENV["activation_checkpointing"], False, to_bool)
     activation_checkpointing_offload: bool | None = env_field(
-        "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD", False, to_bool
+        _ENV["activation_checkpointing_offload"], False, to_bool
     )
-    cpu_ram_efficient_loading: bool | None = env_field("FSDP_CPU_RAM_EFFICIENT_LOADING", False, to_bool)
+    cpu_ram_efficient_loading: bool | None = env_field(_ENV["cpu_ram_efficient_loading"], False, to_bool)
     transformer_cls_names_to_wrap: list[str] | None = None
     min_num_params: int | None = None
 
@@ -160,12 +166,12 @@ class FullyShardedDataParallelPlugin:
         if self.mixed_precision_policy is not None:
             self.validate_mixed_precision_policy()
 
-    def _flag(self, name: str, env: str) -> bool:
+    def _flag(self, name: str) -> bool:
         value = getattr(self, name)
         if value is not None:
             return to_bool(value, name)
-        raw = read_env(env)
-        return False if raw is None else to_bool(raw, f"environment variable {env}")
+        raw = read_env(_ENV[name])
+        return False if raw is None else to_bool(raw, f"environment variable {_ENV[name]}")
 
     def _resolve_fsdp1(self, passed: set[str]) -> None:
         from torch.distributed.fsdp import BackwardPrefetch, ShardingStrategy
@@ -175,8 +181,8 @@ class FullyShardedDataParallelPlugin:
                 ShardingStrategy, self.reshard_after_forward, "reshard_after_forward"
             )
         if self.sharding_strategy is None:
-            self.sharding_strategy = read_env("FSDP_SHARDING_STRATEGY") or "FULL_SHARD"
-            where = "environment variable FSDP_SHARDING_STRATEGY"
+            self.sharding_strategy = read_env(_ENV["sharding_strategy"]) or "FULL_SHARD"
+            where = f"environment variable {_ENV['sharding_strategy']}"
         else:
             where = "sharding_strategy"
         self.sharding_strategy = _torch_enum(ShardingStrategy, self.sharding_strategy, where)
@@ -191,19 +197,19 @@ class FullyShardedDataParallelPlugin:
         prefetch = (
             self.backward_prefetch
             if self.backward_prefetch is not None
-            else read_env("FSDP_BACKWARD_PREFETCH")
+            else read_env(_ENV["backward_prefetch"])
         )
         if isinstance(prefetch, str) and prefetch.strip().upper() == "NO_PREFETCH":
             prefetch = None
         where = (
             "backward_prefetch"
             if "backward_prefetch" in passed
-            else "environment variable FSDP_BACKWARD_PREFETCH"
+            else f"environment variable {_ENV['backward_prefetch']}"
         )
         self.backward_prefetch = None if prefetch is None else _torch_enum(BackwardPrefetch, prefetch, where)
-        self.use_orig_params = self._flag("use_orig_params", "FSDP_USE_ORIG_PARAMS")
-        self.sync_module_states = self._flag("sync_module_states", "FSDP_SYNC_MODULE_STATES")
-        self.forward_prefetch = self._flag("forward_prefetch", "FSDP_FORWARD_PREFETCH")
+        self.use_orig_params = self._flag("use_orig_params")
+        self.sync_module_states = self._flag("sync_module_states")
+        self.forward_prefetch = self._flag("forward_prefetch")
         if self.cpu_ram_efficient_loading:
             self.sync_module_states = True  # the other ranks receive the weights from the first
         if self.sync_module_states and self.param_init_fn is None:
@@ -227,16 +233,16 @@ class FullyShardedDataParallelPlugin:
                 )
             self.reshard_after_forward = equivalents[strategy]
         if self.reshard_after_forward is None:
-            raw = read_env("FSDP_RESHARD_AFTER_FORWARD")
+            raw = read_env(_ENV["reshard_after_forward"])
             self.reshard_after_forward = (
-                True if raw is None else to_bool(raw, "environment variable FSDP_RESHARD_AFTER_FORWARD")
+                True if raw is None else to_bool(raw, f"environment variable {_ENV['reshard_after_forward']}")
             )
         elif not isinstance(self.reshard_after_forward, bool):
             self.reshard_after_forward = to_bool(self.reshard_after_forward, "reshard_after_forward")
         prefetch = (
             self.backward_prefetch
             if self.backward_prefetch is not None
-            else read_env("FSDP_BACKWARD_PREFETCH")
+            else read_env(_ENV["backward_prefetch"])
         )
         if prefetch is not None and not (
             isinstance(prefetch, str) and prefetch.strip().upper() == "NO_PREFETCH"
@@ -263,7 +269,7 @@ class FullyShardedDataParallelPlugin:
         if not isinstance(self.auto_wrap_policy, str):
             return
         where = (
-            "environment variable FSDP_AUTO_WRAP_POLICY"
+            f"environment variable {_ENV['auto_wrap_policy']}"
             if is_set_in_env(self, "auto_wrap_policy")
             else "auto_wrap_policy"
         )
@@ -271,10 +277,10 @@ class FullyShardedDataParallelPlugin:
         if choice == "TRANSFORMER_BASED_WRAP":
             self.auto_wrap_policy = transformer_auto_wrap_policy
             names = self.transformer_cls_names_to_wrap
-            if names is None and read_env("FSDP_TRANSFORMER_CLS_TO_WRAP") is not None:
+            if names is None and read_env(_ENV["transformer_cls_names_to_wrap"]) is not None:
                 names = comma_list(
-                    read_env("FSDP_TRANSFORMER_CLS_TO_WRAP"),
-                    "environment variable FSDP_TRANSFORMER_CLS_TO_WRAP",
+                    read_env(_ENV["transformer_cls_names_to_wrap"]),
+                    f"environment variable {_ENV['transformer_cls_names_to_wrap']}",
                 )
             self.transformer_cls_names_to_wrap = (
                 None if names is None else comma_list(names, "transformer_cls_names_to_wrap")
@@ -282,9 +288,11 @@ class FullyShardedDataParallelPlugin:
         elif choice == "SIZE_BASED_WRAP":
             self.auto_wrap_policy = size_based_auto_wrap_policy
             if self.min_num_params is None:
-                raw = read_env("FSDP_MIN_NUM_PARAMS")
+                raw = read_env(_ENV["min_num_params"])
                 self.min_num_params = (
-                    0 if raw is None else non_negative_int(raw, "environment variable FSDP_MIN_NUM_PARAMS")
+                    0
+                    if raw is None
+                    else non_negative_int(raw, f"environment variable {_ENV['min_num_params']}")
                 )
             else:
                 self.min_num_params = non_negative_int(self.min_num_params, "min_num_params")
@@ -306,13 +314,13 @@ class FullyShardedDataParallelPlugin:
         where = "state_dict_type"
         if self.state_dict_type is None:
             default = "FULL_STATE_DICT" if self.fsdp_version == 1 else "SHARDED_STATE_DICT"
-            self.state_dict_type = read_env("FSDP_STATE_DICT_TYPE") or default
-            where = "environment variable FSDP_STATE_DICT_TYPE"
+            self.state_dict_type = read_env(_ENV["state_dict_type"]) or default
+            where = f"environment variable {_ENV['state_dict_type']}"
         self.state_dict_type = _torch_enum(StateDictType, self.state_dict_type, where)
-        if self.fsdp_version == 2 and self.state_dict_type == StateDictType.LOCAL_STATE_DICT:
+        if self.fsdp_version == 2 and self.state_dict_type.name not in FSDP2_STATE_DICT_TYPE:
             raise ConfigurationError(
-                "state_dict_type=LOCAL_STATE_DICT does not exist in FSDP2; use SHARDED_STATE_DICT or "
-                "FULL_STATE_DICT."
+                f"state_dict_type={self.state_dict_type.name} does not exist in FSDP2; use one of "
+                f"{FSDP2_STATE_DICT_TYPE}."
             )
         if self.state_dict_type == StateDictType.FULL_STATE_DICT:
             if self.state_dict_config is None:
@@ -387,7 +395,7 @@ class FullyShardedDataParallelPlugin:
 
         if isinstance(self.cpu_offload, str):
             where = (
-                "environment variable FSDP_OFFLOAD_PARAMS"
+                f"environment variable {_ENV['cpu_offload']}"
                 if is_set_in_env(self, "cpu_offload")
                 else "cpu_offload"
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hasten.utils.constants import launch_variables
 from hasten.utils.dataclasses._env import env_field, positive_int, resolve_fields, to_bool
 from hasten.utils.dataclasses.kwargs import KwargsHandler
 
@@ -20,7 +21,9 @@ class GradientAccumulationPlugin(KwargsHandler):
         sync_each_batch: synchronise gradients after every batch (less memory, more communication).
     """
 
-    num_steps: int | None = env_field("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", None, positive_int)
+    num_steps: int | None = env_field(
+        launch_variables("GradientAccumulationPlugin")["num_steps"], None, positive_int
+    )
     adjust_scheduler: bool = True
     sync_with_dataloader: bool = True
     sync_each_batch: bool = False

@@ -1,0 +1,1 @@
+"""Experiment trackers, one module per backend; the public names live in :mod:`hasten.tracking`."""
