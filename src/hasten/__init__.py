@@ -33,9 +33,15 @@ from hasten.big_modeling import (
     load_checkpoint_and_dispatch,
 )
 from hasten.data_loader import skip_first_batches
+from hasten.inference import (
+    prepare_pippy,
+)
 from hasten.launchers import (
     debug_launcher,
     notebook_launcher,
+)
+from hasten.parallelism_config import (
+    ParallelismConfig,
 )
 from hasten.utils.dataclasses.configs import (
     DataLoaderConfiguration,
@@ -76,6 +82,7 @@ __all__ = [
     "GradientState",
     "InitProcessGroupKwargs",
     "MegatronLMPlugin",
+    "ParallelismConfig",
     "PartialState",
     "ProfileKwargs",
     "TorchDynamoPlugin",
@@ -93,6 +100,7 @@ __all__ = [
     "load_checkpoint_and_dispatch",
     "load_checkpoint_in_model",
     "notebook_launcher",
+    "prepare_pippy",
     "skip_first_batches",
     "synchronize_rng_states",
 ]

@@ -14,37 +14,32 @@ from hasten.utils.environment import patch_environment
 from hasten.utils.ports import get_free_port
 
 
-def _debug_worker(
-    index: int, function: Callable[..., Any], args: tuple[Any, ...], world: int, port: int
-) -> None:
-    os.environ.update(
-        {
-            "RANK": str(index),
-            "LOCAL_RANK": str(index),
-            "WORLD_SIZE": str(world),
-            "LOCAL_WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "ACCELERATE_USE_CPU": "True",
-        }
-    )
-    function(*args)
-
-
 def debug_launcher(function: Callable[..., Any], args: tuple[Any, ...] = (), num_processes: int = 2) -> None:
     """Run ``function(*args)`` on ``num_processes`` CPU processes forming one gloo group (for tests).
 
     Processes are forked, so functions defined in a notebook or test work. An exception in any
     process is raised here, naming the process.
     """
+    from hasten.utils.launch import PrepareForLaunch
+
     if num_processes < 1:
         raise ValueError(f"debug_launcher: num_processes={num_processes} must be at least 1")
-    torch_mp.start_processes(
-        _debug_worker,
-        args=(function, args, num_processes, get_free_port()),
-        nprocs=num_processes,
-        start_method="fork",
-    )
+    group = {
+        "WORLD_SIZE": str(num_processes),
+        "LOCAL_WORLD_SIZE": str(num_processes),
+        "NPROC": str(num_processes),
+        "NODE_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(get_free_port()),
+        "ACCELERATE_USE_CPU": "True",
+    }
+    with patch_environment(**group):  # the children inherit it; PrepareForLaunch adds each one's rank
+        torch_mp.start_processes(
+            PrepareForLaunch(function, distributed_type="MULTI_CPU"),
+            args=args,
+            nprocs=num_processes,
+            start_method="fork",
+        )
 
 
 def notebook_launcher(

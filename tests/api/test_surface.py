@@ -82,47 +82,6 @@ PENDING: dict[str, set[str]] = {
         "accelerate.utils.map_pytorch_optim_to_deepspeed",
     },
     "issue 17 (training state)": {"accelerate.checkpointing"},
-    "issue 18, branch surface-b (FSDP, parallelism, launch, commands, pipelines)": {
-        "accelerate.utils.fsdp_utils",
-        "accelerate.parallelism_config",
-        "accelerate.utils.launch",
-        "accelerate.inference",
-        "accelerate.utils.dataclasses.TorchTensorParallelPlugin",
-        "accelerate.utils.dataclasses.TorchTensorParallelConfig",
-        "accelerate.utils.dataclasses.TorchContextParallelConfig",
-        "accelerate.ParallelismConfig",
-        "accelerate.prepare_pippy",
-        "accelerate.utils.ParallelismConfig",
-        "accelerate.utils.TorchTensorParallelPlugin",
-        "accelerate.utils.TorchTensorParallelConfig",
-        "accelerate.utils.TorchContextParallelConfig",
-        *(
-            f"accelerate.utils.{name}"
-            for name in (
-                "disable_fsdp_ram_efficient_loading",
-                "enable_fsdp_ram_efficient_loading",
-                "ensure_weights_retied",
-                "fsdp2_apply_ac",
-                "fsdp2_canonicalize_names",
-                "fsdp2_load_full_state_dict",
-                "fsdp2_prepare_model",
-                "fsdp2_switch_optimizer_parameters",
-                "get_fsdp2_grad_scaler",
-                "load_fsdp_model",
-                "load_fsdp_optimizer",
-                "merge_fsdp_weights",
-                "save_fsdp_model",
-                "save_fsdp_optimizer",
-                "PrepareForLaunch",
-                "prepare_deepspeed_cmd_env",
-                "prepare_multi_gpu_env",
-                "prepare_sagemager_args_inputs",
-                "prepare_simple_launcher_cmd_env",
-                "prepare_tpu",
-            )
-        ),
-        *COMMAND_NAMES,
-    },
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -85,3 +86,22 @@ def test_estimate_memory_from_a_transformers_config(tmp_path: Path) -> None:
     result = _hasten(tmp_path, "estimate-memory", str(tmp_path / "gpt2-tiny"))
     assert result.returncode == 0, result.stderr
     assert "GPT2Model" in result.stdout and "int8" in result.stdout
+
+
+def test_estimate_parser_and_gather_data_as_accelerate_names_them(tmp_path: Path) -> None:
+    from hasten.commands.estimate import estimate_command_parser, gather_data
+
+    args = estimate_command_parser().parse_args(
+        ["tests.commands.test_cli:build_small", "--dtypes", "float32", "int4"]
+    )
+    rows = gather_data(args)
+    parameters = sum(p.numel() for p in build_small().parameters())
+    assert [row[0] for row in rows] == ["float32", "int4"]
+    assert rows[0][2] == parameters * 4 and rows[0][3] == parameters * 16  # training: 4 x the weights
+    assert rows[1][2] == parameters * 0.5 and rows[1][3] == -1  # int4 is not trained
+    timm = estimate_command_parser().parse_args(["resnet18", "--library_name", "timm"])
+    if importlib.util.find_spec("timm") is not None:
+        assert gather_data(timm)[0][2] > 40_000_000  # resnet18, 11.7M parameters in float32
+    else:
+        with pytest.raises(ImportError, match="needs the optional package 'timm'"):
+            gather_data(timm)

@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from hasten.commands.cli import build_parser
-from hasten.commands.launch import _check, _from_config, launch_environment, torchrun_command
+from hasten.commands.launch import _check, _from_config
 from hasten.utils.environment import patch_environment
+from hasten.utils.launch import launch_environment, prepare_multi_gpu_env, torchrun_command
 from tests.ranks import free_port
 
 SCRIPT = textwrap.dedent(
@@ -290,6 +291,7 @@ def test_flags_win_over_the_config_file(tmp_path: Path) -> None:
     _check(args)
     env = launch_environment(args)
     assert env["ACCELERATE_MIXED_PRECISION"] == "no" and env["FSDP_OFFLOAD_PARAMS"] == "true"
+    prepare_multi_gpu_env(args)
     command = torchrun_command(args)
     assert "--nproc_per_node=2" in command and "--nnodes=2" in command and "--node_rank=1" in command
     assert "--master_addr=10.0.0.1" in command and command[-1] == "job.py"

@@ -17,7 +17,8 @@ from torch.distributed.fsdp import BackwardPrefetch, ShardingStrategy, StateDict
 from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
 
 from hasten.commands.cli import build_parser
-from hasten.commands.launch import _from_config, launch_environment
+from hasten.commands.launch import _from_config
+from hasten.parallelism_config import ParallelismConfig
 from hasten.state import AcceleratorState, PartialState
 from hasten.utils.constants import LAUNCH_VARIABLES, LaunchVariable
 from hasten.utils.dataclasses.enums import DistributedType, DynamoBackend
@@ -25,8 +26,11 @@ from hasten.utils.dataclasses.plugins.deepspeed import DeepSpeedPlugin
 from hasten.utils.dataclasses.plugins.dynamo import TorchDynamoPlugin
 from hasten.utils.dataclasses.plugins.fsdp import FullyShardedDataParallelPlugin
 from hasten.utils.dataclasses.plugins.gradient import GradientAccumulationPlugin
+from hasten.utils.dataclasses.plugins.parallelism import TorchContextParallelConfig
+from hasten.utils.dataclasses.plugins.sequence_parallel import DeepSpeedSequenceParallelConfig
 from hasten.utils.environment import patch_environment
 from hasten.utils.errors import ConfigurationError
+from hasten.utils.launch import launch_environment
 
 
 def _fresh_partial_state() -> PartialState:
@@ -46,6 +50,9 @@ READERS: dict[str, Callable[[], Any]] = {
     "DeepSpeedPlugin": DeepSpeedPlugin,
     "TorchDynamoPlugin": TorchDynamoPlugin,
     "FullyShardedDataParallelPlugin": FullyShardedDataParallelPlugin,
+    "ParallelismConfig": ParallelismConfig,
+    "TorchContextParallelConfig": TorchContextParallelConfig,
+    "DeepSpeedSequenceParallelConfig": DeepSpeedSequenceParallelConfig,
 }
 # How to see a field's value where it is not the attribute of that name.
 READ: dict[str, Callable[[Any], Any]] = {
@@ -56,6 +63,7 @@ READ: dict[str, Callable[[Any], Any]] = {
     "hf_ds_config": lambda plugin: plugin.hf_ds_config.get_value("zero_optimization.stage"),
 }
 FSDP, DS, DYNAMO = ["--use_fsdp"], ["--use_deepspeed"], ["--dynamo_backend", "inductor"]
+PARALLEL = ["--use_parallelism_config"]
 SIZE_WRAP = [*FSDP, "--fsdp_auto_wrap_policy", "SIZE_BASED_WRAP"]
 # (option, reader) -> the flags that set it (with what the reader needs besides), and the value read back.
 ROUND_TRIPS: dict[tuple[str, str], tuple[list[str], Any]] = {
@@ -160,6 +168,35 @@ ROUND_TRIPS: dict[tuple[str, str], tuple[list[str], Any]] = {
     ("deepspeed_moe_layer_cls_names", "DeepSpeedPlugin"): (
         [*DS, "--deepspeed_moe_layer_cls_names", "MoE"],
         "MoE",
+    ),
+    **{
+        (f"parallelism_config_{size}", "ParallelismConfig"): (
+            [*PARALLEL, f"--parallelism_config_{size}", "2"],
+            2,
+        )
+        for size in ("dp_replicate_size", "dp_shard_size", "tp_size", "cp_size", "sp_size")
+    },
+    ("parallelism_config_cp_comm_strategy", "TorchContextParallelConfig"): (
+        [*PARALLEL, "--parallelism_config_cp_comm_strategy", "alltoall"],
+        "alltoall",
+    ),
+    ("parallelism_config_sp_seq_length", "DeepSpeedSequenceParallelConfig"): (
+        [*PARALLEL, "--parallelism_config_sp_seq_length", "512"],
+        512,
+    ),
+    ("parallelism_config_sp_seq_length_is_variable", "DeepSpeedSequenceParallelConfig"): (
+        [
+            *PARALLEL,
+            "--parallelism_config_sp_seq_length",
+            "512",
+            "--parallelism_config_sp_seq_length_is_variable",
+            "false",
+        ],
+        False,
+    ),
+    ("parallelism_config_sp_attn_implementation", "DeepSpeedSequenceParallelConfig"): (
+        [*PARALLEL, "--parallelism_config_sp_attn_implementation", "sdpa"],
+        "sdpa",
     ),
 }
 
@@ -269,12 +306,11 @@ def test_unknown_keys_warn_with_the_closest_known_one(tmp_path: Path) -> None:
                 "fsdp_config": {"fsdp_ofload_params": True},
                 "fsdp_confg": {},
                 "xyzzy": 1,
-                "gpu_ids": "0,1",
+                "gpu_ids": 1,
             },
         )
     messages = sorted(str(warning.message).split(": ", 1)[1] for warning in caught)
     assert messages == [
-        "gpu_ids='0,1' is not used by hasten launch; ignored.",
         "unknown key 'fsdp_confg' ignored; did you mean 'fsdp_config'?",
         "unknown key 'fsdp_ofload_params' ignored; did you mean 'fsdp_offload_params'?",
         "unknown key 'mixed_precison' ignored; did you mean 'mixed_precision'?",

@@ -10,32 +10,31 @@ more are started by ``python -m torch.distributed.run``.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+from hasten.commands.cli import command_parser
 from hasten.commands.launch_config import boolean, settings_from_config_file
 from hasten.utils.config_file import default_config_file
 from hasten.utils.constants import (
+    DEEPSPEED_MULTINODE_LAUNCHERS,
     FSDP_AUTO_WRAP_POLICY,
     FSDP_BACKWARD_PREFETCH,
     FSDP_SHARDING_STRATEGY,
     FSDP_STATE_DICT_TYPE,
-    LAUNCH_VARIABLES,
     TORCH_DYNAMO_MODES,
 )
 from hasten.utils.dataclasses.enums import DynamoBackend, PrecisionType
+from hasten.utils.launch import (
+    prepare_deepspeed_cmd_env,
+    prepare_multi_gpu_env,
+    prepare_simple_launcher_cmd_env,
+    torchrun_command,
+)
 
 # FSDP strategies by name, or by their number in that list (as Accelerate's launcher accepts them).
 _STRATEGIES = [*FSDP_SHARDING_STRATEGY, *(str(n) for n in range(1, len(FSDP_SHARDING_STRATEGY) + 1))]
-# The option that switches on each reader's variables (the others are always written).
-_SECTION = {
-    "FullyShardedDataParallelPlugin": "use_fsdp",
-    "DeepSpeedPlugin": "use_deepspeed",
-    "TorchDynamoPlugin": "dynamo_backend",
-}
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +66,8 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
         "--tee", help="torchrun --tee: copy std streams of workers (0 none, 1 out, 2 err, 3 both)"
     )
     general.add_argument("--log_dir", help="torchrun --log_dir: where workers' logs go")
+    general.add_argument("--gpu_ids", help="the accelerators to use, e.g. 0,1 (default: all)")
+    general.add_argument("--num_cpu_threads_per_process", type=int, help="OMP_NUM_THREADS of each process")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("-m", "--module", action="store_true", help="the script is a module name (python -m)")
     how.add_argument("--no_python", action="store_true", help="the script is an executable, not Python")
@@ -107,6 +108,29 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     deepspeed.add_argument("--deepspeed_moe_layer_cls_names")
     for name in ("zero3_init_flag", "zero3_save_16bit_model"):
         deepspeed.add_argument(f"--{name}", type=boolean, nargs="?", const=True)
+    deepspeed.add_argument("--deepspeed_hostfile", help="machines for DeepSpeed's multi-machine launcher")
+    deepspeed.add_argument(
+        "--deepspeed_exclusion_filter", help="DeepSpeed --exclude (machines/devices to skip)"
+    )
+    deepspeed.add_argument(
+        "--deepspeed_inclusion_filter", help="DeepSpeed --include (machines/devices to use)"
+    )
+    deepspeed.add_argument(
+        "--deepspeed_multinode_launcher",
+        choices=DEEPSPEED_MULTINODE_LAUNCHERS,
+        help="how DeepSpeed reaches machines",
+    )
+    parallelism = parser.add_argument_group("n-D parallelism (ParallelismConfig)")
+    parallelism.add_argument("--use_parallelism_config", action="store_const", const=True)
+    for name in ("dp_replicate_size", "dp_shard_size", "tp_size", "cp_size", "sp_size", "sp_seq_length"):
+        parallelism.add_argument(f"--parallelism_config_{name}", type=int)
+    parallelism.add_argument("--parallelism_config_cp_backend", choices=["torch"])
+    parallelism.add_argument("--parallelism_config_cp_comm_strategy", choices=["allgather", "alltoall"])
+    parallelism.add_argument("--parallelism_config_sp_backend", choices=["deepspeed"])
+    parallelism.add_argument(
+        "--parallelism_config_sp_seq_length_is_variable", type=boolean, nargs="?", const=True
+    )
+    parallelism.add_argument("--parallelism_config_sp_attn_implementation")
     parser.add_argument("training_script", help="the script (or module, or executable) to run")
     parser.add_argument("training_script_args", nargs=argparse.REMAINDER, help="its arguments")
 
@@ -161,68 +185,23 @@ def _check(args: argparse.Namespace) -> None:
         )
 
 
-def _text(value: Any) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
+def simple_launcher(args: argparse.Namespace) -> int:
+    """Run the script as this one process; returns its exit code."""
+    command, env = prepare_simple_launcher_cmd_env(args)
+    return subprocess.run(command, env=env, check=False).returncode
 
 
-def launch_environment(args: argparse.Namespace) -> dict[str, str]:
-    """The variables the launched processes get (on top of the current environment).
-
-    Written from :data:`~hasten.utils.constants.LAUNCH_VARIABLES`: each option that is set, the
-    FSDP, DeepSpeed and dynamo ones only when that engine (or a compile backend) is chosen.
-    """
-    env = {}
-    for entry in LAUNCH_VARIABLES:
-        value = getattr(args, entry.option)
-        section = _SECTION.get(entry.reader)
-        if value is not None and (section is None or getattr(args, section)):
-            env[entry.variable] = _text(value)
-    return env
+def multi_gpu_launcher(args: argparse.Namespace) -> int:
+    """Run the script on several processes (and machines) through torchrun; returns the job's exit code."""
+    env = prepare_multi_gpu_env(args)
+    return subprocess.run(torchrun_command(args), env=env, check=False).returncode
 
 
-def _program(args: argparse.Namespace) -> list[str]:
-    if args.no_python:
-        return [args.training_script, *args.training_script_args]
-    if args.module:
-        return [sys.executable, "-m", args.training_script, *args.training_script_args]
-    return [sys.executable, args.training_script, *args.training_script_args]
-
-
-def torchrun_command(args: argparse.Namespace) -> list[str]:
-    """``python -m torch.distributed.run ...`` for these settings."""
-    per_machine = args.num_processes // args.num_machines
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={per_machine}",
-        f"--nnodes={args.num_machines}",
-        f"--max_restarts={args.max_restarts}",
-        f"--monitor_interval={args.monitor_interval}",
-    ]
-    address = args.main_process_ip or "127.0.0.1"
-    if args.rdzv_backend == "static":
-        command += [
-            f"--node_rank={args.machine_rank}",
-            f"--master_addr={address}",
-            f"--master_port={args.main_process_port}",
-            "--rdzv_backend=static",
-        ]
-    else:
-        command += [
-            f"--rdzv_backend={args.rdzv_backend}",
-            f"--rdzv_endpoint={address}:{args.main_process_port}",
-            "--rdzv_id=hasten",
-        ]
-    if args.tee is not None:
-        command.append(f"--tee={args.tee}")
-    if args.log_dir is not None:
-        command.append(f"--log_dir={args.log_dir}")
-    if args.no_python:
-        command.append("--no_python")
-    elif args.module:
-        command.append("--module")
-    return [*command, args.training_script, *args.training_script_args]
+def deepspeed_launcher(args: argparse.Namespace) -> int:
+    """Run the script with DeepSpeed on several processes: torchrun, or DeepSpeed's own multi-machine
+    launcher; returns the job's exit code."""
+    command, env = prepare_deepspeed_cmd_env(args)
+    return subprocess.run(command or torchrun_command(args), env=env, check=False).returncode
 
 
 def launch_command(args: argparse.Namespace) -> int:
@@ -233,7 +212,28 @@ def launch_command(args: argparse.Namespace) -> int:
         raise ValueError(
             f"training script {args.training_script!r} does not exist (pass -m for a module name)"
         )
-    env = {**os.environ, **launch_environment(args)}
     if args.num_processes == 1 and args.num_machines == 1:
-        return subprocess.run(_program(args), env=env, check=False).returncode
-    return subprocess.run(torchrun_command(args), env=env, check=False).returncode
+        return simple_launcher(args)
+    return deepspeed_launcher(args) if args.use_deepspeed else multi_gpu_launcher(args)
+
+
+def launch_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
+    """The ``launch`` command's options (a subcommand of ``subparsers``, or a parser of its own)."""
+    parser = command_parser(
+        subparsers,
+        "launch",
+        "Run a script on several processes or machines.",
+        "run a script on several processes or machines",
+        launch_command,
+    )
+    add_launch_arguments(parser)
+    return parser
+
+
+def main() -> int:
+    """Run ``hasten launch`` from ``sys.argv`` (``python -m hasten.commands.launch``)."""
+    return launch_command(launch_command_parser().parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,7 +1,8 @@
 """``hasten launch`` settings from a launch config file, each value checked as its flag checks it.
 
 A config file written by ``accelerate config`` or ``hasten config`` holds the flags' names as keys
-(flat, or in the ``fsdp_config`` / ``deepspeed_config`` / ``dynamo_config`` sections). Each value
+(flat, or in the ``fsdp_config`` / ``deepspeed_config`` / ``dynamo_config`` / ``parallelism_config``
+sections). Each value
 goes through its flag's converter and choices, so ``mixed_precision: fp64`` is the error the flag
 ``--mixed_precision fp64`` would be. A key that is neither a flag nor one of the other keys
 Accelerate writes warns, naming the closest known key.
@@ -21,12 +22,11 @@ from hasten.utils.environment import str_to_bool
 from hasten.utils.errors import ConfigurationError
 from hasten.utils.typing import PathLike
 
-SECTIONS = ("fsdp_config", "deepspeed_config", "dynamo_config")
+SECTIONS = ("fsdp_config", "deepspeed_config", "dynamo_config", "parallelism_config")
 # Keys Accelerate's config files hold that hasten launch does not use, with the values that change
 # nothing (any other value warns that it is ignored).
 UNUSED_KEYS: dict[str, tuple[Any, ...]] = {
     "compute_environment": ("LOCAL_MACHINE",),
-    "gpu_ids": ("all",),
     "main_training_function": ("main",),
     "enable_cpu_affinity": (False,),
     "downcast_bf16": (False, "no"),
@@ -40,12 +40,8 @@ UNUSED_KEYS: dict[str, tuple[Any, ...]] = {
     "commands": (),
     "megatron_lm_config": (),
     "mpirun_config": (),
-    "parallelism_config": (),
     "ipex_config": (),
     "fp8_config": (),
-    "deepspeed_hostfile": (),
-    "deepspeed_multinode_launcher": ("standard",),
-    "num_cpu_threads_per_process": (),
 }
 # Keys read here rather than through a flag of the same name.
 READ_HERE = ("distributed_type", "use_cpu")
@@ -126,6 +122,8 @@ def settings_from_config_file(path: PathLike, parser: argparse.ArgumentParser) -
             warnings.warn(f"{where}: unknown key {key!r} ignored{hint}", stacklevel=2)
     if config.get("use_cpu") is not None and "cpu" not in settings:
         settings["cpu"] = convert(actions["cpu"], config["use_cpu"], where)
+    if config.get("parallelism_config"):
+        settings.setdefault("use_parallelism_config", True)
     if config.get("distributed_type") is not None:
         kind = DistributedType.parse(config["distributed_type"], f"{where}: distributed_type")
         settings.setdefault("use_fsdp", kind == DistributedType.FSDP or None)

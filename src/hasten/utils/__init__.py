@@ -1,5 +1,8 @@
 """hasten's toolbox, the names Accelerate documents under ``accelerate.utils`` (re-exported only)."""
 
+from hasten.parallelism_config import (
+    ParallelismConfig,
+)
 from hasten.utils.amp import get_grad_scaler, get_mixed_precision_context_manager
 from hasten.utils.ao import (
     convert_model_to_fp8_ao,
@@ -89,6 +92,11 @@ from hasten.utils.dataclasses import (
     add_model_config_to_megatron_parser,
     get_module_class_from_name,
 )
+from hasten.utils.dataclasses.plugins.parallelism import (
+    TorchContextParallelConfig,
+    TorchTensorParallelConfig,
+    TorchTensorParallelPlugin,
+)
 from hasten.utils.device_map import (
     check_device_map,
     check_tied_parameters_on_same_device,
@@ -123,6 +131,24 @@ from hasten.utils.errors import (
     ProcessGroupError,
     RendezvousTimeoutError,
     TreeNestingError,
+)
+from hasten.utils.fsdp2 import (
+    disable_fsdp_ram_efficient_loading,
+    enable_fsdp_ram_efficient_loading,
+    ensure_weights_retied,
+    fsdp2_apply_ac,
+    fsdp2_canonicalize_names,
+    fsdp2_load_full_state_dict,
+    fsdp2_prepare_model,
+    fsdp2_switch_optimizer_parameters,
+    get_fsdp2_grad_scaler,
+)
+from hasten.utils.fsdp_checkpoint import (
+    load_fsdp_model,
+    load_fsdp_optimizer,
+    merge_fsdp_weights,
+    save_fsdp_model,
+    save_fsdp_optimizer,
 )
 from hasten.utils.imports import (
     deepspeed_required,
@@ -187,6 +213,14 @@ from hasten.utils.imports import (
     is_xccl_available,
     is_xpu_available,
     torchao_required,
+)
+from hasten.utils.launch import (
+    PrepareForLaunch,
+    prepare_deepspeed_cmd_env,
+    prepare_multi_gpu_env,
+    prepare_sagemager_args_inputs,
+    prepare_simple_launcher_cmd_env,
+    prepare_tpu,
 )
 from hasten.utils.loading import (
     load_checkpoint_in_model,
@@ -318,8 +352,10 @@ __all__ = [
     "MegatronLMPlugin",
     "OPTIMIZER_NAME",
     "OffloadedWeightsLoader",
+    "ParallelismConfig",
     "PrecisionType",
     "PrefixedDataset",
+    "PrepareForLaunch",
     "ProcessGroupError",
     "ProfileKwargs",
     "ProjectConfiguration",
@@ -336,7 +372,10 @@ __all__ = [
     "SageMakerDistributedType",
     "TERecipeKwargs",
     "TensorInformation",
+    "TorchContextParallelConfig",
     "TorchDynamoPlugin",
+    "TorchTensorParallelConfig",
+    "TorchTensorParallelPlugin",
     "TreeNestingError",
     "WEIGHTS_INDEX_NAME",
     "WEIGHTS_NAME",
@@ -372,7 +411,10 @@ __all__ = [
     "convert_to_fp32",
     "copy_tensor_to_devices",
     "deepspeed_required",
+    "disable_fsdp_ram_efficient_loading",
     "dtype_byte_size",
+    "enable_fsdp_ram_efficient_loading",
+    "ensure_weights_retied",
     "extract_model_from_parallel",
     "extract_submodules_state_dict",
     "filter_first_and_last_linear_layers",
@@ -381,12 +423,18 @@ __all__ = [
     "find_executable_batch_size",
     "find_largest_executable_batch_size",
     "find_tied_parameters",
+    "fsdp2_apply_ac",
+    "fsdp2_canonicalize_names",
+    "fsdp2_load_full_state_dict",
+    "fsdp2_prepare_model",
+    "fsdp2_switch_optimizer_parameters",
     "gather",
     "gather_object",
     "get_balanced_memory",
     "get_cpu_distributed_information",
     "get_current_device_type",
     "get_data_structure",
+    "get_fsdp2_grad_scaler",
     "get_gpu_info",
     "get_grad_scaler",
     "get_int_from_env",
@@ -480,10 +528,13 @@ __all__ = [
     "load",
     "load_and_quantize_model",
     "load_checkpoint_in_model",
+    "load_fsdp_model",
+    "load_fsdp_optimizer",
     "load_offloaded_weight",
     "load_offloaded_weights",
     "load_state_dict",
     "merge_dicts",
+    "merge_fsdp_weights",
     "model_has_dtensor",
     "named_module_tensors",
     "offload_state_dict",
@@ -494,6 +545,11 @@ __all__ = [
     "parse_choice_from_env",
     "parse_flag_from_env",
     "patch_environment",
+    "prepare_deepspeed_cmd_env",
+    "prepare_multi_gpu_env",
+    "prepare_sagemager_args_inputs",
+    "prepare_simple_launcher_cmd_env",
+    "prepare_tpu",
     "purge_accelerate_environment",
     "recursive_getattr",
     "recursively_apply",
@@ -502,6 +558,8 @@ __all__ = [
     "replace_with_bnb_layers",
     "retie_parameters",
     "save",
+    "save_fsdp_model",
+    "save_fsdp_optimizer",
     "save_offload_index",
     "send_to_device",
     "set_module_tensor_to_device",

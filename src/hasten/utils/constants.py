@@ -30,6 +30,7 @@ FSDP_BACKWARD_PREFETCH = ["BACKWARD_PRE", "BACKWARD_POST", "NO_PREFETCH"]
 FSDP_STATE_DICT_TYPE = ["FULL_STATE_DICT", "LOCAL_STATE_DICT", "SHARDED_STATE_DICT"]
 FSDP2_STATE_DICT_TYPE = ["SHARDED_STATE_DICT", "FULL_STATE_DICT"]
 TORCH_DYNAMO_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+DEEPSPEED_MULTINODE_LAUNCHERS = ["pdsh", "standard", "openmpi", "mvapich", "mpich", "nossh", "slurm"]
 
 
 class LaunchVariable(NamedTuple):
@@ -46,6 +47,7 @@ class LaunchVariable(NamedTuple):
 
 
 _FSDP, _DEEPSPEED, _DYNAMO = "FullyShardedDataParallelPlugin", "DeepSpeedPlugin", "TorchDynamoPlugin"
+_PARALLEL, _SEQUENCE = "ParallelismConfig", "DeepSpeedSequenceParallelConfig"
 
 # The one table of these names: the launcher writes from it, the plugins and the state read through it.
 LAUNCH_VARIABLES: tuple[LaunchVariable, ...] = (
@@ -138,6 +140,26 @@ LAUNCH_VARIABLES: tuple[LaunchVariable, ...] = (
         "ACCELERATE_DEEPSPEED_MOE_LAYER_CLS_NAMES",
         _DEEPSPEED,
         "transformer_moe_cls_names",
+    ),
+    *(
+        LaunchVariable(f"parallelism_config_{field}", f"PARALLELISM_CONFIG_{field.upper()}", _PARALLEL, field)
+        for field in (
+            "dp_replicate_size",
+            "dp_shard_size",
+            "tp_size",
+            "cp_size",
+            "sp_size",
+        )
+    ),
+    LaunchVariable(
+        "parallelism_config_cp_comm_strategy",
+        "PARALLELISM_CONFIG_CP_COMM_STRATEGY",
+        "TorchContextParallelConfig",
+        "cp_comm_strategy",
+    ),
+    *(
+        LaunchVariable(f"parallelism_config_{field}", f"PARALLELISM_CONFIG_{field.upper()}", _SEQUENCE, field)
+        for field in ("sp_seq_length", "sp_seq_length_is_variable", "sp_attn_implementation")
     ),
 )
 

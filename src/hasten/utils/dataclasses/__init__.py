@@ -63,6 +63,11 @@ from hasten.utils.dataclasses.plugins.megatron_models import (
     parse_llama_config,
     parse_t5_config,
 )
+from hasten.utils.dataclasses.plugins.parallelism import (
+    TorchContextParallelConfig,
+    TorchTensorParallelConfig,
+    TorchTensorParallelPlugin,
+)
 from hasten.utils.dataclasses.plugins.sequence_parallel import (
     DeepSpeedSequenceParallelConfig,
 )
@@ -100,7 +105,10 @@ __all__ = [
     "SageMakerDistributedType",
     "TERecipeKwargs",
     "TensorInformation",
+    "TorchContextParallelConfig",
     "TorchDynamoPlugin",
+    "TorchTensorParallelConfig",
+    "TorchTensorParallelPlugin",
     "add_model_config_to_megatron_parser",
     "get_module_class_from_name",
     "parse_bert_config",

@@ -4,14 +4,15 @@ The wrap policy is resolved against the model itself: transformer block classes 
 looked up by name among the model's modules (a name that is not there is an error listing
 the classes that are), and size-based wrapping counts parameters bottom-up the way FSDP1
 does. FSDP1 wraps with ``FullyShardedDataParallel(auto_wrap_policy=...)``; FSDP2 calls
-``fully_shard`` on each module the same policy selects, innermost first, then on the root.
+``fully_shard`` on each module the same policy selects, innermost first, then on the embeddings
+and output head, then on the root (:func:`shard_fsdp2`, which ``fsdp2_prepare_model`` uses too).
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -90,40 +91,66 @@ def modules_selected(model: torch.nn.Module, policy: Callable[..., bool] | None)
     return chosen
 
 
+def modules_matching(
+    modules: Iterable[torch.nn.Module] | str | None, model: torch.nn.Module
+) -> list[torch.nn.Module]:
+    """``modules`` as a list: given as modules, or as a regular expression matched against the full
+    names of ``model``'s submodules."""
+    if modules is None:
+        return []
+    if isinstance(modules, str):
+        pattern = re.compile(modules)
+        return [module for name, module in model.named_modules() if name and pattern.fullmatch(name)]
+    return list(modules)
+
+
 def _ignored_modules(
     plugin: FullyShardedDataParallelPlugin, model: torch.nn.Module
 ) -> list[torch.nn.Module] | None:
     ignored = plugin.ignored_modules
-    if ignored is None:
-        return None
-    if isinstance(ignored, str):
-        pattern = re.compile(ignored)
-        return [module for name, module in model.named_modules() if name and pattern.fullmatch(name)]
-    return list(ignored)
+    return None if ignored is None else modules_matching(ignored, model)
 
 
-def _checkpoint_activations(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> None:
+def checkpoint_blocks(
+    model: torch.nn.Module, blocks: Iterable[torch.nn.Module], offload: bool = False
+) -> None:
+    """Wrap each of ``blocks`` (submodules of ``model``) in place so that backward recomputes its
+    activations; with ``offload``, what the checkpoint keeps for the recompute waits on the CPU."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
         CheckpointImpl,
         apply_activation_checkpointing,
         checkpoint_wrapper,
+        offload_wrapper,
     )
 
+    def wrapper(module: torch.nn.Module) -> torch.nn.Module:
+        wrapped = checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+        return offload_wrapper(wrapped) if offload else wrapped
+
     targets = {id(block) for block in blocks}
-    apply_activation_checkpointing(
-        model,
-        checkpoint_wrapper_fn=functools.partial(
-            checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT
-        ),
-        check_fn=lambda module: id(module) in targets,
-    )
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: id(m) in targets)
+
+
+def require_fsdp1_device() -> None:
+    """Refuse FSDP1 on a machine without an accelerator, where torch cannot run it.
+
+    Raises:
+        ConfigurationError: this machine has no accelerator.
+    """
+    if accelerator_type() == "cpu":
+        raise ConfigurationError(
+            f"fsdp_version=1 (FullyShardedDataParallel) needs an accelerator in torch {torch.__version__}, "
+            "and "
+            "this machine has none; use fsdp_version=2 (fully_shard), which runs on CPU with gloo."
+        )
 
 
 def wrap_model(plugin: FullyShardedDataParallelPlugin, model: torch.nn.Module) -> Any:
     """Shard ``model`` on the default process group as ``plugin`` says; FSDP2 shards it in place.
 
     Raises:
-        ConfigurationError: a transformer class name is not in the model.
+        ConfigurationError: a transformer class name is not in the model, or FSDP1 on a machine
+            without an accelerator.
         RuntimeError: no process group is initialised (create the state first).
     """
     import torch.distributed as dist
@@ -132,67 +159,103 @@ def wrap_model(plugin: FullyShardedDataParallelPlugin, model: torch.nn.Module) -
         raise RuntimeError(
             "FSDP needs a process group; create PartialState() (or the Accelerator) under a launcher first."
         )
-    policy = bind_auto_wrap_policy(plugin, model)
-    ignored = _ignored_modules(plugin, model)
-    blocks = modules_selected(model, policy)
-    if plugin.fsdp_version == 1:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        if accelerator_type() == "cpu":
-            raise ConfigurationError(
-                "fsdp_version=1 (FullyShardedDataParallel) needs an accelerator in torch "
-                f"{torch.__version__}, and "
-                "this machine has none; use fsdp_version=2 (fully_shard), which runs on CPU with gloo."
-            )
-
-        wrapped = FullyShardedDataParallel(
-            model,
-            sharding_strategy=plugin.sharding_strategy,
-            cpu_offload=plugin.cpu_offload,
-            auto_wrap_policy=policy,
-            backward_prefetch=plugin.backward_prefetch,
-            mixed_precision=plugin.mixed_precision_policy,
-            ignored_modules=ignored,
-            param_init_fn=plugin.param_init_fn,
-            sync_module_states=bool(plugin.sync_module_states),
-            forward_prefetch=bool(plugin.forward_prefetch),
-            limit_all_gathers=plugin.limit_all_gathers,
-            use_orig_params=bool(plugin.use_orig_params),
-        )
+    if plugin.fsdp_version == 2:
         if plugin.activation_checkpointing:
-            _checkpoint_activations(
-                wrapped,
-                [
-                    m
-                    for m in wrapped.modules()
-                    if isinstance(m, FullyShardedDataParallel) and m is not wrapped
-                ],
+            checkpoint_blocks(
+                model,
+                modules_selected(model, bind_auto_wrap_policy(plugin, model)),
+                offload=bool(plugin.activation_checkpointing_offload),
             )
-        return wrapped
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        ignored = _ignored_modules(plugin, model)
+        ignored_params = None if ignored is None else {p for module in ignored for p in module.parameters()}
+        return shard_fsdp2(plugin, model, ignored_params=ignored_params)
+    from torch.distributed.fsdp import FullyShardedDataParallel
 
+    require_fsdp1_device()
+    policy = bind_auto_wrap_policy(plugin, model)
+    wrapped = FullyShardedDataParallel(
+        model,
+        sharding_strategy=plugin.sharding_strategy,
+        cpu_offload=plugin.cpu_offload,
+        auto_wrap_policy=policy,
+        backward_prefetch=plugin.backward_prefetch,
+        mixed_precision=plugin.mixed_precision_policy,
+        ignored_modules=_ignored_modules(plugin, model),
+        param_init_fn=plugin.param_init_fn,
+        sync_module_states=bool(plugin.sync_module_states),
+        forward_prefetch=bool(plugin.forward_prefetch),
+        limit_all_gathers=plugin.limit_all_gathers,
+        use_orig_params=bool(plugin.use_orig_params),
+    )
     if plugin.activation_checkpointing:
-        _checkpoint_activations(model, blocks)
-        blocks = modules_selected(model, _wrappers_of(blocks))
-    ignored_params = None if ignored is None else {p for module in ignored for p in module.parameters()}
+        inner = [m for m in wrapped.modules() if isinstance(m, FullyShardedDataParallel) and m is not wrapped]
+        checkpoint_blocks(wrapped, inner)
+    return wrapped
+
+
+def fsdp2_blocks(plugin: FullyShardedDataParallelPlugin, model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules FSDP2 shards as their own groups, innermost first: those the wrap policy selects,
+    each taken with the activation-checkpoint wrapper around it when it has one."""
+    selected = modules_selected(model, bind_auto_wrap_policy(plugin, model))
+    wrappers = {
+        id(inner): module
+        for module in model.modules()
+        if (inner := getattr(module, "_checkpoint_wrapped_module", None)) is not None
+    }
+    blocks: list[torch.nn.Module] = []
+    for module in selected:
+        while id(module) in wrappers:
+            module = wrappers[id(module)]
+        if module is not model and all(module is not block for block in blocks):
+            blocks.append(module)
+    return blocks
+
+
+def _final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The last child of the base model whose class name says it is a norm (``model.norm``, ``ln_f``)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if prefix else model
+    if not isinstance(base, torch.nn.Module):
+        return None
+    norms = [module for module in base.children() if "Norm" in type(module).__name__]
+    return norms[-1] if norms else None
+
+
+def shard_fsdp2(
+    plugin: FullyShardedDataParallelPlugin,
+    model: torch.nn.Module,
+    mesh: Any = None,
+    ignored_params: set[torch.nn.Parameter] | None = None,
+) -> torch.nn.Module:
+    """Apply ``fully_shard`` to ``model`` in place, the layout FSDP2 training uses.
+
+    Groups: each block of :func:`fsdp2_blocks`; the input embedding (unless tied to the output
+    head); the tail (final norm and output head, with the input embedding when tied), kept
+    gathered after forward since backward starts there; then the root, whose
+    ``reshard_after_forward`` torch chooses.
+    """
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
     options: dict[str, Any] = {
         "reshard_after_forward": plugin.reshard_after_forward,
         "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
         "offload_policy": plugin.cpu_offload,
-        "ignored_params": ignored_params,
+        "mesh": mesh,
     }
-    for block in blocks:
-        fully_shard(block, **options)
-    fully_shard(model, **options)
+    if ignored_params:
+        options["ignored_params"] = ignored_params
+    for block in fsdp2_blocks(plugin, model):
+        if not isinstance(block, FSDPModule):
+            fully_shard(block, **options)
+    embed = getattr(model, "get_input_embeddings", lambda: None)()
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    tied = embed is not None and getattr(embed, "weight", None) is getattr(head, "weight", False)
+    if embed is not None and not tied and not isinstance(embed, FSDPModule):
+        fully_shard(embed, **options)
+    tail_modules = [_final_norm(model), embed, head] if tied else [_final_norm(model), head]
+    tail = [m for m in tail_modules if isinstance(m, torch.nn.Module) and not isinstance(m, FSDPModule)]
+    if tail:
+        fully_shard(tail, **{**options, "reshard_after_forward": False})
+    if not isinstance(model, FSDPModule):
+        fully_shard(model, **{key: value for key, value in options.items() if key != "reshard_after_forward"})
     return model
-
-
-def _wrappers_of(blocks: list[torch.nn.Module]) -> Callable[..., bool]:
-    """A policy selecting the checkpoint wrappers that now hold ``blocks``."""
-    targets = {id(block) for block in blocks}
-
-    def policy(module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
-        inner = getattr(module, "_checkpoint_wrapped_module", None)
-        return inner is not None and id(inner) in targets
-
-    return policy
