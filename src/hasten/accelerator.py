@@ -4,10 +4,10 @@ Switching from Accelerate is a change of import (``from hasten import Accelerato
 arguments, defaults, ``ACCELERATE_*`` variables, properties and methods are Accelerate 1.15's.
 
 The constructor resolves everything once (:mod:`hasten.engines.connector`): the shared
-state, one engine (single device or DDP; the interface is in :mod:`hasten.engines.base`)
-and one precision. The per-step methods (``backward``, ``accumulate``, the prepared
-optimizer's ``step``) then call the engine without branching on which one it is, probing
-packages or reading the environment.
+state, one engine (single device, DDP, FSDP2 or DeepSpeed; the interface is in
+:mod:`hasten.engines.base`) and one precision. The per-step methods (``backward``,
+``accumulate``, the prepared optimizer's ``step``) then call the engine without branching on
+which one it is, probing packages or reading the environment.
 """
 
 from __future__ import annotations
@@ -59,8 +59,10 @@ class Accelerator(ProcessMixin):
 
     Raises:
         ConfigurationError: a value is invalid, two arguments exclude each other, an engine hasten
-            does not run (FSDP2, DeepSpeed and Megatron-LM for now; n-D parallelism) was asked for,
-            or a second ``Accelerator`` asks for what the shared state cannot change.
+            does not run (FSDP1, Megatron-LM, n-D parallelism) was asked for, FSDP2 or DeepSpeed
+            without a process group, or a second ``Accelerator`` asks for what the shared state
+            cannot change.
+        ImportError: DeepSpeed was asked for and is not installed.
         TypeError: an argument has the wrong type.
     """
 
@@ -479,25 +481,42 @@ class Accelerator(ProcessMixin):
             optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
         self._precision.unscale(optimizers)
 
-    def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2) -> torch.Tensor | None:
-        """Unscale, then clip the gradients' total norm to ``max_norm``; returns the norm before."""
+    def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2) -> Any:
+        """Unscale, then clip the gradients' total norm to ``max_norm``; returns the norm before (a tensor;
+        under DeepSpeed, which clips inside its step, the float norm of that step)."""
         return self._engine.clip_grad_norm_(parameters, max_norm, norm_type, self._optimizers)
 
     def clip_grad_value_(self, parameters: Any, clip_value: float) -> None:
         """Unscale, then clip every gradient value to ``[-clip_value, clip_value]``."""
         self._engine.clip_grad_value_(parameters, clip_value, self._optimizers)
 
+    @property
+    def deepspeed_engine_wrapped(self) -> Any:
+        """Under DeepSpeed, the :class:`~hasten.utils.deepspeed.DeepSpeedEngineWrapper` that ``backward``
+        drives (``None`` before ``prepare`` and with other engines)."""
+        return getattr(self._engine, "wrapped", None)
+
+    @property
+    def deepspeed_config(self) -> dict[str, Any] | None:
+        """Under DeepSpeed, the active plugin's config (its ``"auto"`` values filled by ``prepare``)."""
+        plugin = self.state.deepspeed_plugin
+        return None if plugin is None else plugin.deepspeed_config
+
     # --- models and memory --------------------------------------------------------------------
 
     def unwrap_model(
         self, model: nn.Module, keep_fp32_wrapper: bool = True, keep_torch_compile: bool = True
     ) -> nn.Module:
-        """``model`` without what ``prepare`` wrapped around it (DDP; the fp32 output wrapper and
-        ``torch.compile`` unless kept)."""
+        """``model`` without what ``prepare`` wrapped around it (DDP, the DeepSpeed engine; the fp32 output
+        wrapper and ``torch.compile`` unless kept). An FSDP2 model is sharded in place: it is returned."""
         return self._engine.unwrap(model, keep_fp32_wrapper, keep_torch_compile)
 
     def get_state_dict(self, model: nn.Module, unwrap: bool = True) -> dict[str, Any] | None:
-        """The full state dict of a prepared ``model`` (keys of the unwrapped model when ``unwrap``)."""
+        """The full state dict of a prepared ``model`` (keys of the unwrapped model when ``unwrap``).
+
+        Under FSDP2 and ZeRO-3 it is gathered onto the main process (every process must call this), and
+        the other processes get ``None``.
+        """
         return self._engine.state_dict(model, unwrap)
 
     def verify_device_map(self, model: nn.Module) -> bool:

@@ -450,9 +450,37 @@ class AcceleratorState(PartialState):
 
     @property
     def deepspeed_plugin(self) -> Any:
-        """The DeepSpeed plugin in use (the first one when several were given), if any."""
+        """The DeepSpeed plugin in use (the selected one when several were given), if any."""
         plugins = self._data.deepspeed_plugins
-        return next(iter(plugins.values())) if plugins else None
+        if not plugins:
+            return None
+        return next((plugin for plugin in plugins.values() if plugin.selected), next(iter(plugins.values())))
+
+    def get_deepspeed_plugin(self, name: str) -> Any:
+        """The DeepSpeed plugin passed under ``name``.
+
+        Raises:
+            ConfigurationError: no DeepSpeed plugin has that name.
+        """
+        plugins = self._data.deepspeed_plugins or {}
+        if name not in plugins:
+            raise ConfigurationError(
+                f"No DeepSpeed plugin is named {name!r}; the Accelerator was given {sorted(plugins)}. Pass "
+                "deepspeed_plugins={name: DeepSpeedPlugin(...), ...} to the first Accelerator."
+            )
+        return plugins[name]
+
+    def select_deepspeed_plugin(self, name: str | None = None) -> None:
+        """Make the plugin passed under ``name`` the one the next ``prepare`` uses (the others are
+        unselected).
+
+        Raises:
+            ConfigurationError: no DeepSpeed plugin has that name.
+        """
+        chosen = self.get_deepspeed_plugin(name)  # type: ignore[arg-type]
+        for plugin in (self._data.deepspeed_plugins or {}).values():
+            plugin._unselect()
+        chosen.select(_from_accelerator_state=True)
 
     @property
     def fsdp_plugin(self) -> Any:

@@ -114,6 +114,14 @@ API_UTILS = {
     "synchronize_rng_states",
     "install_xla",
     "load_and_quantize_model",
+    # DeepSpeed (hasten.utils.deepspeed)
+    "DeepSpeedEngineWrapper",
+    "DeepSpeedOptimizerWrapper",
+    "DeepSpeedSchedulerWrapper",
+    "DummyOptim",
+    "DummyScheduler",
+    "get_active_deepspeed_plugin",
+    "map_pytorch_optim_to_deepspeed",
 }
 
 # Names API.md promises from `hasten`.
@@ -270,6 +278,17 @@ TRAINING_MODULES = {
     "hasten.accelerator": ["Accelerator"],
     "hasten.optimizer": ["AcceleratedOptimizer"],
     "hasten.scheduler": ["AcceleratedScheduler"],
+    "hasten.local_sgd": ["LocalSGD"],
+    "hasten.utils.deepspeed": [
+        "DeepSpeedEngineWrapper",
+        "DeepSpeedOptimizerWrapper",
+        "DeepSpeedSchedulerWrapper",
+        "DummyOptim",
+        "DummyScheduler",
+        "HfDeepSpeedConfig",
+        "get_active_deepspeed_plugin",
+        "map_pytorch_optim_to_deepspeed",
+    ],
 }
 
 
@@ -299,7 +318,8 @@ LATER_MEMBERS = {
     "register_for_checkpointing": "issue 17 (checkpoints)",
     "register_load_state_pre_hook": "issue 17 (checkpoints)",
     "register_save_state_pre_hook": "issue 17 (checkpoints)",
-    "deepspeed_ulysses_dl_adapter": "the DeepSpeed engine (later issue)",
+    "deepspeed_ulysses_dl_adapter": "DeepSpeed's sequence parallelism needs parallelism_config, which hasten "
+    "refuses (docs/design.md)",
     "lomo_backward": "LOMO optimizers are not supported (docs/design.md)",
     "print_lr": "gone from torch's schedulers since 2.x; nothing to delegate to",
 }

@@ -216,10 +216,25 @@ def test_fp8_refuses() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "environment", "message"),
     [
-        ({"fsdp_plugin": FullyShardedDataParallelPlugin(fsdp_version=2)}, {}, "FSDP2 engine .* not built"),
-        ({}, {"ACCELERATE_USE_FSDP": "true"}, "FSDP2 engine .* ACCELERATE_USE_FSDP"),
-        ({"deepspeed_plugin": DeepSpeedPlugin(zero_stage=2)}, {}, "DeepSpeed engine .* not built"),
-        ({}, {"ACCELERATE_USE_DEEPSPEED": "1"}, "DeepSpeed engine"),
+        (
+            {"fsdp_plugin": FullyShardedDataParallelPlugin(fsdp_version=2)},
+            {},
+            "FSDP2 engine needs a process group",
+        ),
+        ({}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "FSDP2 engine needs a process group"),
+        ({"fsdp_plugin": FullyShardedDataParallelPlugin(fsdp_version=1)}, {}, "hasten runs FSDP2"),
+        ({}, {"ACCELERATE_USE_FSDP": "true"}, "fsdp_version=1 .* `hasten to-fsdp2`"),
+        ({"deepspeed_plugin": DeepSpeedPlugin(zero_stage=2)}, {}, "DeepSpeed engine needs a process group"),
+        ({}, {"ACCELERATE_USE_DEEPSPEED": "1"}, "DeepSpeed engine needs a process group"),
+        (
+            {
+                "deepspeed_plugin": DeepSpeedPlugin(),
+                "fsdp_plugin": FullyShardedDataParallelPlugin(fsdp_version=2),
+            },
+            {},
+            "one engine runs at a time",
+        ),
+        ({"deepspeed_plugins": {}}, {}, "holds no plugin"),
         ({"megatron_lm_plugin": MegatronLMPlugin()}, {}, "does not run Megatron-LM"),
         ({}, {"ACCELERATE_USE_MEGATRON_LM": "true"}, "does not run Megatron-LM"),
         ({"parallelism_config": object()}, {}, "n-D parallelism"),
@@ -242,8 +257,14 @@ def test_deepspeed_plugin_and_plugins_exclude_each_other() -> None:
 
 
 def test_a_state_made_for_an_engine_without_one_is_refused() -> None:
+    AcceleratorState(megatron_lm_plugin=MegatronLMPlugin())
+    with pytest.raises(ConfigurationError, match="runs MEGATRON_LM, which hasten has no engine for"):
+        Accelerator()
+
+
+def test_a_state_made_for_fsdp_on_one_process_is_refused() -> None:
     AcceleratorState(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
-    with pytest.raises(ConfigurationError, match="runs FSDP, which hasten has no engine for"):
+    with pytest.raises(ConfigurationError, match="FSDP2 engine needs a process group"):
         Accelerator()
 
 

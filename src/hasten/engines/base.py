@@ -10,12 +10,12 @@ Preparation (once per object):
         prepares data loaders, models and optimizers one by one through the preparer's
         ``prepare_data_loader`` / ``prepare_model`` / ``prepare_optimizer``, then the schedulers
         (they must find their optimizer prepared), and refuses objects it does not know.
-        Engines that must see several objects at once override it. FSDP2 shards the model, then
-        points each optimizer at the sharded parameters
-        (``AcceleratedOptimizer._switch_parameters({old: new})``), so the model and its optimizer
-        come in one call. DeepSpeed hands model, optimizer and scheduler (``DummyOptim`` /
-        ``DummyScheduler`` placeholders included) to ``deepspeed.initialize`` together, then
-        registers what it returns with the preparer.
+        Engines that must see several objects at once override it. FSDP2 shards the models
+        first, then points each optimizer at the shards of the parameters it was built on
+        (``fsdp2_switch_optimizer_parameters``; in the same call or a later one). DeepSpeed hands
+        model, optimizer and scheduler (``DummyOptim`` / ``DummyScheduler`` placeholders
+        included) to ``deepspeed.initialize`` together, then registers what it returns with the
+        preparer.
     ``wrap_model(model, device_placement, evaluation_mode) -> nn.Module``
         Place the model, cast its forward (``self.precision.wrap_forward``) and wrap it for the
         engine (DDP, ``fully_shard``); ``evaluation_mode`` skips the engine's wrapper.
@@ -45,8 +45,8 @@ Whole model:
 
 Adding an engine: subclass :class:`Engine` (or ``SingleDeviceEngine``) in its own module here,
 map its ``DistributedType`` to it in ``connector.ENGINES``, drop it from
-``connector._refuse_engines_not_built``, and extend ``connector.connect`` for its plugin
-(passed on to ``AcceleratorState``). Everything the ``Accelerator`` keeps about prepared
+``connector._refuse_engines_not_built``, and resolve its plugin in ``plugins.py`` (passed on
+to ``AcceleratorState`` by ``connector.connect``). Everything the ``Accelerator`` keeps about prepared
 objects (``_models``, ``_optimizers``, ``_schedulers``, ``_dataloaders``) is filled by the
 ``prepare_*`` methods an engine calls back, so checkpointing sees every engine's objects the
 same way.
@@ -84,6 +84,11 @@ _KNOWN = (
 
 class Preparer(Protocol):
     """What an engine's :meth:`Engine.prepare` may call back: the ``Accelerator``'s ``prepare_*``."""
+
+    step_scheduler_with_optimizer: bool
+
+    @property
+    def split_batches(self) -> bool: ...
 
     def prepare_model(
         self, model: nn.Module, device_placement: bool | None = None, evaluation_mode: bool = False

@@ -16,9 +16,12 @@ import torch
 
 from hasten.engines.base import Engine
 from hasten.engines.ddp import DDPEngine
+from hasten.engines.deepspeed import DeepSpeedEngine
+from hasten.engines.fsdp2 import FSDP2Engine
+from hasten.engines.plugins import resolve_plugins, set_plugin_precision
 from hasten.engines.precision import Precision
 from hasten.engines.single import SingleDeviceEngine
-from hasten.state import AcceleratorState, GradientState
+from hasten.state import AcceleratorState, GradientState, PartialState
 from hasten.utils.dataclasses._env import positive_int, read_env
 from hasten.utils.dataclasses.enums import (
     DistributedType,
@@ -36,17 +39,17 @@ from hasten.utils.dataclasses.kwargs import (
     KwargsHandler,
     ProfileKwargs,
 )
-from hasten.utils.dataclasses.plugins.deepspeed import DeepSpeedPlugin
 from hasten.utils.dataclasses.plugins.dynamo import TorchDynamoPlugin
-from hasten.utils.dataclasses.plugins.fsdp import FullyShardedDataParallelPlugin
 from hasten.utils.dataclasses.plugins.gradient import GradientAccumulationPlugin
 from hasten.utils.dataclasses.plugins.megatron import MegatronLMPlugin
 from hasten.utils.environment import parse_flag_from_env
 from hasten.utils.errors import ConfigurationError
 
-# The engine for each distributed type. FSDP2 and DeepSpeed get theirs in later issues.
+# The engine for each distributed type.
 ENGINES: dict[DistributedType, type[Engine]] = {
     DistributedType.NO: SingleDeviceEngine,
+    DistributedType.FSDP: FSDP2Engine,
+    DistributedType.DEEPSPEED: DeepSpeedEngine,
     **dict.fromkeys(
         [
             DistributedType.MULTI_CPU,
@@ -170,22 +173,8 @@ def _require_type(value: Any, cls: type, name: str) -> None:
         raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__qualname__}.")
 
 
-def _deepspeed(deepspeed_plugin: Any, deepspeed_plugins: Any) -> Any:
-    if deepspeed_plugin is not None and deepspeed_plugins is not None:
-        raise ConfigurationError(
-            "deepspeed_plugin and deepspeed_plugins were both passed; pass one (deepspeed_plugins takes a "
-            "dict of named plugins)."
-        )
-    plugins = deepspeed_plugins if deepspeed_plugins is not None else deepspeed_plugin
-    for key, plugin in plugins.items() if isinstance(plugins, dict) else [("", plugins)]:
-        _require_type(plugin, DeepSpeedPlugin, f"deepspeed_plugins[{key!r}]" if key else "deepspeed_plugin")
-    return plugins
-
-
-def _refuse_engines_not_built(
-    deepspeed: Any, fsdp_plugin: Any, megatron_lm_plugin: Any, parallel: Any
-) -> None:
-    """The engines hasten does not run (yet): a clear error before any process group is formed."""
+def _refuse_engines_not_built(megatron_lm_plugin: Any, parallel: Any) -> None:
+    """The engines hasten does not run: a clear error before any process group is formed."""
     if megatron_lm_plugin is not None or parse_flag_from_env("ACCELERATE_USE_MEGATRON_LM"):
         raise ConfigurationError(
             "Megatron-LM was requested (megatron_lm_plugin or ACCELERATE_USE_MEGATRON_LM), but hasten does "
@@ -198,15 +187,15 @@ def _refuse_engines_not_built(
             "ACCELERATE_USE_PARALLELISM_CONFIG), but hasten has no such engine. Use DDP (the default on "
             "several processes) instead."
         )
-    for wanted, variable, engine in (
-        (fsdp_plugin, "ACCELERATE_USE_FSDP", "FSDP2"),
-        (deepspeed, "ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
-    ):
-        if wanted is not None or parse_flag_from_env(variable):
-            raise ConfigurationError(
-                f"The {engine} engine was requested (a plugin or {variable}), but it is not built into "
-                "hasten yet. Use DDP (the default on several processes) for now."
-            )
+
+
+def _require_process_group(state: PartialState, engine: str) -> None:
+    """FSDP2 and DeepSpeed shard over a process group, which a launcher forms (one process included)."""
+    if state.backend is None:
+        raise ConfigurationError(
+            f"The {engine} engine needs a process group, and this process was not started by a launcher. "
+            f"Run it with `hasten launch --num_processes N script.py` (N may be 1) or torchrun."
+        )
 
 
 def _accumulation(steps: Any, plugin: Any) -> GradientAccumulationPlugin:
@@ -280,11 +269,10 @@ def connect(
             "on NVIDIA GPUs, which hasten does not drive. Drop it (and use mixed_precision='bf16')."
         )
     dynamo = _dynamo(dynamo_backend, dynamo_plugin)
-    _require_type(fsdp_plugin, FullyShardedDataParallelPlugin, "fsdp_plugin")
     _require_type(megatron_lm_plugin, MegatronLMPlugin, "megatron_lm_plugin")
-    deepspeed = _deepspeed(deepspeed_plugin, deepspeed_plugins)
     parallel = parallelism_config if parallelism_config is not None else torch_tp_plugin
-    _refuse_engines_not_built(deepspeed, fsdp_plugin, megatron_lm_plugin, parallel)
+    _refuse_engines_not_built(megatron_lm_plugin, parallel)
+    plugins = resolve_plugins(deepspeed_plugin, deepspeed_plugins, fsdp_plugin)
     accumulation = _accumulation(gradient_accumulation_steps, gradient_accumulation_plugin)
     rng = _rng_types(rng_types)
     if not isinstance(cpu, bool):
@@ -293,10 +281,14 @@ def connect(
     live = AcceleratorState._accelerator is not None
     dynamo_given = dynamo_plugin is not None or dynamo_backend is not None
     init = {} if handlers.init is None else handlers.init.to_kwargs()
+    if plugins.deepspeed is not None or plugins.fsdp is not None:
+        _require_process_group(PartialState(cpu, **init), "DeepSpeed" if plugins.deepspeed else "FSDP2")
     state = AcceleratorState(
         mixed_precision=None if precision_mode is None else precision_mode.value,
         cpu=cpu,
         dynamo_plugin=dynamo if dynamo_given or not live else None,  # a later default asks for nothing
+        deepspeed_plugin=plugins.deepspeed,
+        fsdp_plugin=plugins.fsdp,
         _from_accelerator=True,
         **init,
     )
@@ -309,10 +301,12 @@ def connect(
             f"The live AcceleratorState runs {state.distributed_type.value}, which hasten has no engine for; "
             f"it runs {sorted(t.value for t in ENGINES)}."
         )
+    trains_in = set_plugin_precision(plugins, PrecisionType(state.mixed_precision))
     precision = Precision(
         PrecisionType(state.mixed_precision),
         state.device,
-        state.distributed_type,
+        # FSDP2's gradients are DTensors that torch's plain scaler handles (FSDP1 needed a sharded one)
+        DistributedType.NO if engine_class is FSDP2Engine else state.distributed_type,
         engine_casts=engine_class.casts_itself,
         autocast_handler=handlers.autocast,
         scaler_handler=handlers.scaler,
@@ -324,7 +318,7 @@ def connect(
         process_index=state.process_index,
         local_process_index=state.local_process_index,
         use_distributed=state.use_distributed,
-        mixed_precision=PrecisionType(state.mixed_precision),
+        mixed_precision=trains_in,
         handlers=handlers,
         dynamo_plugin=state.dynamo_plugin or dynamo,
         rng_types=rng,

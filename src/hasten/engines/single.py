@@ -49,7 +49,7 @@ class SingleDeviceEngine(Engine):
         self.precision.unscale(optimizers)
         torch.nn.utils.clip_grad_value_(parameters, clip_value)
 
-    def state_dict(self, model: nn.Module, unwrap: bool) -> dict[str, Any]:
+    def state_dict(self, model: nn.Module, unwrap: bool) -> dict[str, Any] | None:
         """``model.state_dict()``, unwrapped first (compile included: no ``_orig_mod.`` prefix) when asked."""
         if unwrap:
             model = self.unwrap(model, keep_fp32_wrapper=True, keep_torch_compile=False)
