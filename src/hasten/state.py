@@ -33,6 +33,7 @@ from hasten.process_group import (
 from hasten.utils.batches import split_for_process
 from hasten.utils.constants import launch_variables
 from hasten.utils.dataclasses.enums import DistributedType, PrecisionType
+from hasten.utils.dataclasses.plugins.deepspeed import active_plugin, named_plugin, select_plugin
 from hasten.utils.environment import parse_choice_from_env, parse_flag_from_env
 from hasten.utils.errors import RendezvousTimeoutError, StateResetError
 from hasten.utils.shared_dict import ThreadLocalSharedDict  # noqa: F401  (Accelerate's path)
@@ -451,36 +452,15 @@ class AcceleratorState(PartialState):
     @property
     def deepspeed_plugin(self) -> Any:
         """The DeepSpeed plugin in use (the selected one when several were given), if any."""
-        plugins = self._data.deepspeed_plugins
-        if not plugins:
-            return None
-        return next((plugin for plugin in plugins.values() if plugin.selected), next(iter(plugins.values())))
+        return active_plugin(self._data.deepspeed_plugins)
 
     def get_deepspeed_plugin(self, name: str) -> Any:
-        """The DeepSpeed plugin passed under ``name``.
-
-        Raises:
-            ConfigurationError: no DeepSpeed plugin has that name.
-        """
-        plugins = self._data.deepspeed_plugins or {}
-        if name not in plugins:
-            raise ConfigurationError(
-                f"No DeepSpeed plugin is named {name!r}; the Accelerator was given {sorted(plugins)}. Pass "
-                "deepspeed_plugins={name: DeepSpeedPlugin(...), ...} to the first Accelerator."
-            )
-        return plugins[name]
+        """The DeepSpeed plugin passed under ``name`` (``ConfigurationError`` when none has it)."""
+        return named_plugin(self._data.deepspeed_plugins, name)
 
     def select_deepspeed_plugin(self, name: str | None = None) -> None:
-        """Make the plugin passed under ``name`` the one the next ``prepare`` uses (the others are
-        unselected).
-
-        Raises:
-            ConfigurationError: no DeepSpeed plugin has that name.
-        """
-        chosen = self.get_deepspeed_plugin(name)  # type: ignore[arg-type]
-        for plugin in (self._data.deepspeed_plugins or {}).values():
-            plugin._unselect()
-        chosen.select(_from_accelerator_state=True)
+        """Make the plugin passed under ``name`` the one the next ``prepare`` uses."""
+        select_plugin(self._data.deepspeed_plugins, name)
 
     @property
     def fsdp_plugin(self) -> Any:

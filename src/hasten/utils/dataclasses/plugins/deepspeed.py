@@ -369,3 +369,37 @@ class DeepSpeedPlugin:
     def selected(self) -> bool:
         """Whether this plugin is the active one."""
         return self._selected
+
+
+def active_plugin(plugins: dict[str, DeepSpeedPlugin] | None) -> DeepSpeedPlugin | None:
+    """The selected plugin of ``plugins`` (the first when none is selected), or ``None`` without plugins."""
+    if not plugins:
+        return None
+    return next((plugin for plugin in plugins.values() if plugin.selected), next(iter(plugins.values())))
+
+
+def named_plugin(plugins: dict[str, DeepSpeedPlugin] | None, name: str | None) -> DeepSpeedPlugin:
+    """The plugin of ``plugins`` passed under ``name``.
+
+    Raises:
+        ConfigurationError: no plugin has that name.
+    """
+    plugins = plugins or {}
+    if name not in plugins:
+        raise ConfigurationError(
+            f"No DeepSpeed plugin is named {name!r}; the Accelerator was given {sorted(plugins)}. Pass "
+            "deepspeed_plugins={name: DeepSpeedPlugin(...), ...} to the first Accelerator."
+        )
+    return plugins[name]
+
+
+def select_plugin(plugins: dict[str, DeepSpeedPlugin] | None, name: str | None) -> None:
+    """Make the plugin passed under ``name`` the selected one of ``plugins`` (the others unselected).
+
+    Raises:
+        ConfigurationError: no plugin has that name.
+    """
+    chosen = named_plugin(plugins, name)
+    for plugin in (plugins or {}).values():
+        plugin._unselect()
+    chosen.select(_from_accelerator_state=True)
