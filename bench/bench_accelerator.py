@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from timing import rank_environment
 from torch import nn
 from torch.nn import functional
 
@@ -210,19 +211,8 @@ def _report(world: int, results: dict[str, dict[str, list[tuple[float, float]]]]
 def _run(rank: int, world: int, port: int, epochs: int, scenarios: list[str]) -> None:
     import os
 
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-    )
-    if world == 1:
-        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            del os.environ[name]
+    if world > 1:
+        os.environ.update(rank_environment(rank, world, port))
     torch.set_num_threads(1)
     from hasten.state import PartialState
 

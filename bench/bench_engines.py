@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from timing import rank_environment
 from torch import nn
 from torch.nn import functional
 
@@ -233,17 +234,7 @@ def _clean(measure: Callable[..., dict[str, list[float]]], *args: Any) -> dict[s
 
 
 def _run(rank: int, world: int, port: int, rounds: int, count: int, engines: list[str]) -> None:
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-        }
-    )
+    os.environ.update(rank_environment(rank, world, port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     from hasten.state import PartialState
 

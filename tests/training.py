@@ -115,20 +115,29 @@ def library_run(
     else:
         loader = raw_loader(accelerator.num_processes, accelerator.process_index)
         net, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
-    losses = []
+    losses, _ = accelerated_epochs(accelerator, net, optimizer, scheduler, loader, epochs)
+    weights = accelerator.get_state_dict(net)
+    return losses, {k: v.detach().clone() for k, v in weights.items()}
+
+
+def accelerated_epochs(
+    accelerator: Any, net: Any, optimizer: Any, scheduler: Any, loader: Any, epochs: int = 2
+) -> tuple[list[float], list[Any]]:
+    """The loop through a prepared model (``accumulate``, ``backward``, clipping on synchronising
+    batches, ``step``); returns each batch's loss and each norm ``clip_grad_norm_`` returned."""
+    losses, norms = [], []
     for _ in range(epochs):
         for x, y in loader:
             with accelerator.accumulate(net):
                 loss = functional.cross_entropy(net(x), y)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(net.parameters(), 1.0)
+                    norms.append(accelerator.clip_grad_norm_(net.parameters(), 1.0))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
             losses.append(loss.item())
-    weights = accelerator.get_state_dict(net)
-    return losses, {k: v.detach().clone() for k, v in weights.items()}
+    return losses, norms
 
 
 class _Null:

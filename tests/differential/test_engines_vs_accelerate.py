@@ -16,10 +16,9 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from torch.nn import functional
 
 from tests.ranks import RankPool
-from tests.training import _optimizer, model, raw_loader
+from tests.training import _optimizer, accelerated_epochs, model, raw_loader
 
 pytest.importorskip("accelerate")
 
@@ -70,18 +69,8 @@ def _run(library: str, engine: str) -> tuple[list[float], dict[str, torch.Tensor
     net = model()
     optimizer, scheduler = _optimizer(net.parameters())
     net, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
-    losses = []
-    for _ in range(2):
-        for x, y in raw_loader(accelerator.num_processes, accelerator.process_index):
-            with accelerator.accumulate(net):
-                loss = functional.cross_entropy(net(x), y)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(net.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            losses.append(loss.item())
+    loader = raw_loader(accelerator.num_processes, accelerator.process_index)
+    losses, _ = accelerated_epochs(accelerator, net, optimizer, scheduler, loader)
     weights = accelerator.get_state_dict(net)
     kind = type(net).__name__
     if engine == "deepspeed":

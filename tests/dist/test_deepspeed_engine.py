@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional
 
 from tests.ranks import RankPool
-from tests.training import _optimizer, dataset, model, raw_loader, raw_run
+from tests.training import _optimizer, accelerated_epochs, dataset, model, raw_loader, raw_run
 
 pytest.importorskip("deepspeed")
 
@@ -63,18 +63,8 @@ def _zero2_run(steps: int) -> dict[str, Any]:
     bare = net
     evaluation = torch.utils.data.DataLoader(dataset(), batch_size=MICRO)
     engine, optimizer, scheduler, evaluation = accelerator.prepare(net, optimizer, scheduler, evaluation)
-    losses, norms = [], []
-    for _ in range(2):
-        for x, y in raw_loader(accelerator.num_processes, accelerator.process_index):
-            with accelerator.accumulate(engine):
-                loss = functional.cross_entropy(engine(x), y)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    norms.append(accelerator.clip_grad_norm_(engine.parameters(), 1.0))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            losses.append(loss.item())
+    loader = raw_loader(accelerator.num_processes, accelerator.process_index)
+    losses, norms = accelerated_epochs(accelerator, engine, optimizer, scheduler, loader)
     config = accelerator.deepspeed_config
     weights = accelerator.get_state_dict(engine)
     facts = {

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional
 
-from tests.training import _optimizer, model, raw_loader, raw_run
+from tests.training import _optimizer, accelerated_epochs, model, raw_loader, raw_run
 
 
 def _reset() -> None:
@@ -75,18 +75,8 @@ def _accelerator_run(steps: int, epochs: int = 2, **plugin: Any) -> tuple[list[f
         == [id(p) for p in net.parameters()],
         "unwrapped": accelerator.unwrap_model(net) is net,
     }
-    losses, norms = [], []
-    for _ in range(epochs):
-        for x, y in raw_loader(accelerator.num_processes, accelerator.process_index):
-            with accelerator.accumulate(net):
-                loss = functional.cross_entropy(net(x), y)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    norms.append(accelerator.clip_grad_norm_(net.parameters(), 1.0))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            losses.append(loss.item())
+    loader = raw_loader(accelerator.num_processes, accelerator.process_index)
+    losses, norms = accelerated_epochs(accelerator, net, optimizer, scheduler, loader, epochs)
     facts["norm types"] = {type(norm).__name__ for norm in norms}
     return losses, accelerator.get_state_dict(net), facts
 

@@ -20,20 +20,9 @@ import torch
 from hasten.optimizer import AcceleratedOptimizer
 from hasten.scheduler import AcceleratedScheduler
 from hasten.utils.dataclasses.enums import DistributedType
-from hasten.utils.dataclasses.plugins.deepspeed_config import HfDeepSpeedConfig
+from hasten.utils.dataclasses.plugins.deepspeed_config import HfDeepSpeedConfig as HfDeepSpeedConfig
 from hasten.utils.errors import ConfigurationError
 from hasten.utils.imports import require
-
-__all__ = [
-    "DeepSpeedEngineWrapper",
-    "DeepSpeedOptimizerWrapper",
-    "DeepSpeedSchedulerWrapper",
-    "DummyOptim",
-    "DummyScheduler",
-    "HfDeepSpeedConfig",
-    "get_active_deepspeed_plugin",
-    "map_pytorch_optim_to_deepspeed",
-]
 
 
 def _bnb_bits(optimizer: Any, names: tuple[str, ...]) -> int | None:
