@@ -82,10 +82,11 @@ def clip_grad_norm_dtensor(parameters: Any, max_norm: float, norm_type: float = 
     """``torch.nn.utils.clip_grad_norm_`` over gradients that may be DTensors on several meshes (and plain
     tensors): one norm over all of them, returned as a plain tensor.
 
-    Gradients of one mesh reduce their norm over that mesh; the per-group norms are then combined
-    (the p-norm of the norms), and every gradient is scaled by the same factor.
+    Gradients of one mesh reduce their norm over that mesh (one all-reduce of a scalar); the
+    per-group norms are then combined (the p-norm of the norms), and every gradient's local part is
+    scaled by the same factor, as torch scales whole tensors (the same values bit for bit).
     """
-    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import DTensor
 
     by_mesh: dict[Any, list[torch.Tensor]] = {}
     plain: list[torch.Tensor] = []
@@ -101,11 +102,16 @@ def clip_grad_norm_dtensor(parameters: Any, max_norm: float, norm_type: float = 
         return torch.tensor(0.0)
     norms = _grad_norms(groups, norm_type)
     total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), norm_type)
-    for mesh, group in by_mesh.items():
-        replicated = DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
-        torch.nn.utils.clip_grads_with_norm_(group, max_norm, replicated)
-    if plain:
-        torch.nn.utils.clip_grads_with_norm_(plain, max_norm, total)
+    coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for group in groups:
+            for parameter in group:
+                grad: Any = parameter.grad
+                local = grad.to_local() if isinstance(grad, DTensor) else grad
+                by_device.setdefault(local.device, []).append(local)
+        for device, grads in by_device.items():
+            torch._foreach_mul_(grads, coefficient.to(device))
     return total
 
 
