@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   - create .venv if absent, install hasten, run the demo on 2 processes
+#   make demo   - create .venv if absent, install hasten, run the demos (2 processes) and the big-model example
 #   make test   - create .venv if absent, install hasten with its test extra, run ruff, the tests and mypy
 PYTHON ?= python3
 VENV   := .venv
@@ -26,6 +26,7 @@ $(VENV)/.hasten-bench: $(VENV)/.hasten
 
 demo: $(VENV)/.hasten
 	$(PY) -m hasten launch --cpu --num_processes 2 examples/quickstart.py
+	$(PY) -m hasten launch --cpu --num_processes 2 examples/train.py
 	$(PY) examples/big_model_inference.py
 
 test: $(VENV)/.hasten-test

@@ -59,6 +59,16 @@ def rank_environment(
     }
 
 
+def raised(call: Callable[[], Any]) -> str:
+    """What ``call()`` raised, as ``"Type: message"`` (``""`` when nothing): a rank returns it, and the
+    test reads the message in the parent."""
+    try:
+        call()
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return ""
+
+
 def _run_task(task: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]) -> tuple[str, Any]:
     function, args, kwargs = task
     try:

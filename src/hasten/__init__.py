@@ -22,6 +22,7 @@ from hasten.utils.dataclasses import (
 )
 
 __version__ = "0.1.0"
+from hasten.accelerator import Accelerator
 from hasten.big_modeling import (
     cpu_offload,
     cpu_offload_with_hook,
@@ -66,6 +67,7 @@ from hasten.utils.random import (
 )
 
 __all__ = [
+    "Accelerator",
     "AcceleratorState",
     "AutocastKwargs",
     "DDPCommunicationHookType",

@@ -33,6 +33,7 @@ from hasten.process_group import (
 from hasten.utils.batches import split_for_process
 from hasten.utils.constants import launch_variables
 from hasten.utils.dataclasses.enums import DistributedType, PrecisionType
+from hasten.utils.dataclasses.plugins.deepspeed import active_plugin, named_plugin, select_plugin
 from hasten.utils.environment import parse_choice_from_env, parse_flag_from_env
 from hasten.utils.errors import RendezvousTimeoutError, StateResetError
 from hasten.utils.shared_dict import ThreadLocalSharedDict  # noqa: F401  (Accelerate's path)
@@ -450,9 +451,16 @@ class AcceleratorState(PartialState):
 
     @property
     def deepspeed_plugin(self) -> Any:
-        """The DeepSpeed plugin in use (the first one when several were given), if any."""
-        plugins = self._data.deepspeed_plugins
-        return next(iter(plugins.values())) if plugins else None
+        """The DeepSpeed plugin in use (the selected one when several were given), if any."""
+        return active_plugin(self._data.deepspeed_plugins)
+
+    def get_deepspeed_plugin(self, name: str) -> Any:
+        """The DeepSpeed plugin passed under ``name`` (``ConfigurationError`` when none has it)."""
+        return named_plugin(self._data.deepspeed_plugins, name)
+
+    def select_deepspeed_plugin(self, name: str | None = None) -> None:
+        """Make the plugin passed under ``name`` the one the next ``prepare`` uses."""
+        select_plugin(self._data.deepspeed_plugins, name)
 
     @property
     def fsdp_plugin(self) -> Any:

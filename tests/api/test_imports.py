@@ -91,6 +91,7 @@ LAYERS: dict[str, int] = {
     "hasten.utils.fsdp2": 7,
     "hasten.utils.fsdp_checkpoint": 7,
     "hasten.inference": 7,
+    "hasten.local_sgd": 7,
     "hasten.commands": 8,
     "hasten.__main__": 8,
 }

@@ -65,21 +65,6 @@ COMMAND_NAMES = [
 
 # Names being built by other issues right now. A module entry covers all its names.
 PENDING: dict[str, set[str]] = {
-    "issue 16 (the Accelerator)": {
-        "accelerate.accelerator",
-        "accelerate.optimizer",
-        "accelerate.scheduler",
-        "accelerate.local_sgd",
-        "accelerate.utils.deepspeed",
-        "accelerate.Accelerator",
-        "accelerate.utils.DummyOptim",
-        "accelerate.utils.DummyScheduler",
-        "accelerate.utils.DeepSpeedEngineWrapper",
-        "accelerate.utils.DeepSpeedOptimizerWrapper",
-        "accelerate.utils.DeepSpeedSchedulerWrapper",
-        "accelerate.utils.get_active_deepspeed_plugin",
-        "accelerate.utils.map_pytorch_optim_to_deepspeed",
-    },
     "issue 17 (training state)": {"accelerate.checkpointing"},
 }
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -205,62 +206,125 @@ class Reply:
     payload: torch.Tensor | None  # the inlined bytes (a view into the received buffer), None when too big
 
 
-def _write_envelope(op: int, words: list[int], payload: torch.Tensor | None) -> torch.Tensor:
+def _host_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """The bytes of a contiguous tensor as a host numpy array (a view on the CPU, a copy otherwise)."""
+    flat = tensor if tensor.ndim == 1 else tensor.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    return (flat if flat.device.type == "cpu" else flat.cpu()).numpy()
+
+
+Packed = tuple[Sequence[torch.Tensor], Sequence[int], int]
+"""Leaves to pack into the envelope: the tensors, their byte offsets and the packed size."""
+
+
+def _write_envelope(op: int, words: list[int], payload: torch.Tensor | Packed | None) -> torch.Tensor:
+    """The envelope, built in host memory with numpy (a few cheap array operations instead of many
+    small tensor operations: this runs before every checked collective)."""
     header_words = _HEADER_WORDS + len(words)
     fits_words = header_words <= ENVELOPE_BYTES // 8
     start = align(8 * header_words)
-    size = -1 if payload is None else payload.numel()
+    size = -1 if payload is None else payload.numel() if isinstance(payload, torch.Tensor) else payload[2]
     if payload is not None and not (fits_words and start + size <= ENVELOPE_BYTES):
         size = -2 - size  # too big to travel inline; the size still tells the others how big
-    envelope = torch.zeros(ENVELOPE_BYTES, dtype=torch.uint8)
+    buffer = np.zeros(ENVELOPE_BYTES, dtype=np.uint8)
     head = [op, len(words), size] + (words if fits_words else [])
-    envelope[: 8 * len(head)].view(torch.int64).copy_(torch.tensor(head, dtype=torch.int64))
-    if payload is not None and size >= 0:
-        envelope[start : start + size].copy_(payload)
-    return envelope
+    buffer[: 8 * len(head)].view(np.int64)[:] = head
+    if isinstance(payload, torch.Tensor) and size >= 0:
+        buffer[start : start + size] = _host_bytes(payload)
+    elif payload is not None and size >= 0:
+        leaves, offsets, _ = payload
+        for offset, leaf in zip(offsets, leaves):
+            if leaf.numel():
+                data = _host_bytes(leaf)
+                buffer[start + offset : start + offset + data.size] = data
+    return torch.from_numpy(buffer)
 
 
-def _read_envelopes(
-    received: torch.Tensor, own_words: list[int], world: int, device: torch.device
-) -> list[Reply]:
-    rows = received.view(world, ENVELOPE_BYTES)
-    host = rows if rows.device.type == "cpu" else rows.cpu()
-    heads = host[:, : 8 * _HEADER_WORDS].contiguous().view(torch.int64).tolist()
-    lengths = [length for _, length, _ in heads]
-    if all(_HEADER_WORDS + length <= ENVELOPE_BYTES // 8 for length in lengths):
-        signatures = [
-            host[rank, 8 * _HEADER_WORDS : 8 * (_HEADER_WORDS + length)].view(torch.int64).tolist()
-            for rank, length in enumerate(lengths)
-        ]
-    else:  # some signature did not fit (thousands of leaves): exchange them all, padded to the longest
-        mine = torch.zeros(max(lengths), dtype=torch.int64)
-        mine[: len(own_words)] = torch.tensor(own_words, dtype=torch.int64)
-        gathered = torch.empty(world * mine.numel(), dtype=torch.int64, device=device)
-        all_gather_into(gathered, mine.to(device))
-        table = gathered.view(world, -1).cpu()
-        signatures = [table[rank, :length].tolist() for rank, length in enumerate(lengths)]
-    replies = []
-    for rank, (op, length, size) in enumerate(heads):
-        start = align(8 * (_HEADER_WORDS + length))
-        payload = rows[rank, start : start + size] if size >= 0 else None
-        replies.append(Reply(Call.decode(op, signatures[rank]), size if size >= -1 else -2 - size, payload))
-    return replies
+class Exchanged:
+    """Every rank's envelope after one exchange, decoded only as far as the caller needs.
+
+    When every rank sent the same call (the common case) :attr:`uniform` holds and the payloads
+    can be read as one block; :meth:`replies` decodes each rank's :class:`Reply` for the checks.
+    """
+
+    def __init__(
+        self, received: torch.Tensor, own_words: list[int], world: int, device: torch.device
+    ) -> None:
+        self.rows = received.view(world, ENVELOPE_BYTES)
+        self.host: np.ndarray | None = self.rows.numpy() if self.rows.device.type == "cpu" else None
+        words = (self.host if self.host is not None else self.rows.cpu().numpy()).view(np.int64)
+        self.heads: list[list[int]] = words[:, :_HEADER_WORDS].tolist()
+        lengths = [length for _, length, _ in self.heads]
+        if all(_HEADER_WORDS + length <= ENVELOPE_BYTES // 8 for length in lengths):
+            self.signatures: list[list[int]] = [
+                words[rank, _HEADER_WORDS : _HEADER_WORDS + length].tolist()
+                for rank, length in enumerate(lengths)
+            ]
+        else:  # some signature did not fit (thousands of leaves): exchange them all, padded to the longest
+            mine = torch.zeros(max(lengths), dtype=torch.int64)
+            mine[: len(own_words)] = torch.tensor(own_words, dtype=torch.int64)
+            gathered = torch.empty(world * mine.numel(), dtype=torch.int64, device=device)
+            all_gather_into(gathered, mine.to(device))
+            table = gathered.view(world, -1).cpu()
+            self.signatures = [table[rank, :length].tolist() for rank, length in enumerate(lengths)]
+        first_head, first_signature = self.heads[0], self.signatures[0]
+        self.uniform = all(head == first_head for head in self.heads) and all(
+            signature == first_signature for signature in self.signatures
+        )
+
+    def _start(self, rank: int) -> int:
+        return align(8 * (_HEADER_WORDS + self.heads[rank][1]))
+
+    def block(self) -> np.ndarray | torch.Tensor | None:
+        """Every rank's inlined payload as one world x bytes block (a numpy view on the CPU), when the
+        exchange is uniform and the payloads travelled inline; ``None`` otherwise."""
+        size = self.heads[0][2]
+        if not self.uniform or size < 0:
+            return None
+        start = self._start(0)
+        return (self.host if self.host is not None else self.rows)[:, start : start + size]
+
+    def replies(self) -> list[Reply]:
+        """Each rank's :class:`Reply`, in rank order."""
+        replies = []
+        for rank, (op, _, size) in enumerate(self.heads):
+            payload = None
+            if size >= 0:
+                start = self._start(rank)
+                payload = (
+                    torch.from_numpy(self.host[rank, start : start + size])
+                    if self.host is not None
+                    else self.rows[rank, start : start + size]
+                )
+            replies.append(
+                Reply(Call.decode(op, self.signatures[rank]), size if size >= -1 else -2 - size, payload)
+            )
+        return replies
 
 
-def exchange(call: Call, payload: torch.Tensor | None = None) -> list[Reply]:
-    """All-gather each rank's envelope (``call`` and, if it fits, ``payload``); return every rank's reply.
+def exchange_envelopes(call: Call, payload: torch.Tensor | Packed | None = None) -> Exchanged:
+    """All-gather each rank's envelope (``call`` and, if it fits, ``payload``).
 
     Args:
         call: what this rank is doing.
-        payload: a 1-D uint8 tensor to send along when it fits in the envelope.
+        payload: a 1-D uint8 tensor to send along when it fits in the envelope, or leaves to pack
+            straight into it (``(leaves, offsets, size)`` from :func:`packed_offsets`).
     """
     state = PartialState()
     device = comm_device(state)
     words = call.encode()
-    envelope = _write_envelope(call.op, words, payload).to(device)
+    envelope = _write_envelope(call.op, words, payload)
+    if device.type != "cpu":
+        envelope = envelope.to(device)
     received = torch.empty(state.num_processes * ENVELOPE_BYTES, dtype=torch.uint8, device=device)
     all_gather_into(received, envelope)
-    return _read_envelopes(received, words, state.num_processes, device)
+    return Exchanged(received, words, state.num_processes, device)
+
+
+def exchange(call: Call, payload: torch.Tensor | Packed | None = None) -> list[Reply]:
+    """:func:`exchange_envelopes`, decoded into every rank's :class:`Reply`."""
+    return exchange_envelopes(call, payload).replies()
 
 
 # --- checking that the calls fit together -------------------------------------------------------

@@ -221,7 +221,6 @@ def is_cuda_available() -> bool:
 @cache
 def is_mps_available(min_version: str = "1.12") -> bool:
     """Whether Apple's Metal Performance Shaders backend is usable with torch >= ``min_version``."""
-    from packaging.version import Version
 
     backend = getattr(torch.backends, "mps", None)
     if backend is None or Version(torch.__version__.split("+")[0]) < Version(min_version):
@@ -288,7 +287,7 @@ def is_bf16_available(ignore_tpu: bool = False) -> bool:
 
 
 def _version_at_least(name: str, minimum: str | None) -> bool:
-    from packaging.version import InvalidVersion, Version
+    from packaging.version import InvalidVersion
 
     found = package_version(name)
     if found is None:

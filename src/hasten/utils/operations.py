@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar, get_args
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -45,6 +46,7 @@ from hasten.utils.exchange import (
     comm_device,
     dtype_of,
     exchange,
+    exchange_envelopes,
     pack_into,
     packed_offsets,
     view_leaf,
@@ -147,16 +149,43 @@ def _as_gatherable(leaf: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack_gathered(
-    rows: torch.Tensor, offsets: Sequence[int], leaves: Sequence[torch.Tensor]
+    rows: torch.Tensor | np.ndarray, offsets: Sequence[int], leaves: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """Each leaf's rows from every rank, concatenated along dim 0 (``rows`` is world x bytes, uint8)."""
+    """Each leaf's rows from every rank, concatenated along dim 0 (``rows`` is world x bytes, uint8:
+    a tensor, or a numpy array of host memory).
+
+    Host bytes are copied out with numpy (one cheap call per leaf); torch views them as dtypes
+    numpy lacks (bfloat16, float8, ...).
+    """
+    host = rows if isinstance(rows, np.ndarray) else rows.numpy() if rows.device.type == "cpu" else None
     world = rows.shape[0]
     out = []
     for offset, leaf in zip(offsets, leaves):
         size = leaf.numel() * leaf.element_size()
-        chunk = rows[:, offset : offset + size].view(leaf.dtype)
-        out.append(chunk.reshape(world * leaf.shape[0], *leaf.shape[1:]))
+        shape = (world * leaf.shape[0], *leaf.shape[1:])
+        if host is None:
+            out.append(rows[:, offset : offset + size].view(leaf.dtype).reshape(shape))  # type: ignore[call-overload]
+            continue
+        chunk = np.ascontiguousarray(host[:, offset : offset + size])
+        numpy_dtype = _NUMPY_DTYPES.get(leaf.dtype)
+        if numpy_dtype is not None:
+            out.append(torch.from_numpy(chunk.view(numpy_dtype).reshape(shape)))
+        else:
+            out.append(torch.from_numpy(chunk).view(leaf.dtype).reshape(shape))
     return out
+
+
+_NUMPY_DTYPES = {
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+    torch.float16: np.float16,
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+    torch.int16: np.int16,
+    torch.int8: np.int8,
+    torch.uint8: np.uint8,
+    torch.bool: np.bool_,
+}
 
 
 @_reports_timeouts
@@ -180,15 +209,11 @@ def gather(tensor: Any) -> Any:
     ready = [_as_gatherable(leaf) for leaf in leaves]
     offsets, total = packed_offsets(ready)
     device = comm_device(state)
-    payload = None
-    if total <= ENVELOPE_BYTES:
-        payload = torch.empty(total, dtype=torch.uint8, device=device)
-        pack_into(payload, offsets, ready)
-    replies = exchange(call_of(Op.GATHER, ready), payload)
-    check_calls(replies, _paths(tensor, "tensor"))
-    if all(reply.payload is not None for reply in replies):
-        rows = torch.stack([reply.payload for reply in replies if reply.payload is not None])
-        return spec.unflatten(_unpack_gathered(rows, offsets, ready))
+    found = exchange_envelopes(call_of(Op.GATHER, ready), (ready, offsets, total))
+    block = found.block()  # every rank passed the same shapes and the data came along: done
+    if block is not None:
+        return spec.unflatten(_unpack_gathered(block, offsets, ready))
+    check_calls(found.replies(), _paths(tensor, "tensor"))  # raises unless the shapes agree
     world = state.num_processes
     if len(ready) == 1:  # one tensor: straight into its output, no packing
         (leaf,) = ready

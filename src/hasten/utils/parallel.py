@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import IO, Any, cast
@@ -20,7 +21,6 @@ from torch import nn
 from hasten.state import PartialState
 from hasten.utils.atomic import atomic_path
 from hasten.utils.compilation import is_compiled_module
-from hasten.utils.imports import is_deepspeed_available
 from hasten.utils.typing import PathLike
 
 FileLike = PathLike | IO[bytes]
@@ -151,7 +151,7 @@ def _wrapper_types() -> tuple[type, ...]:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         wrappers.append(FullyShardedDataParallel)
-    if is_deepspeed_available():
+    if "deepspeed" in sys.modules:  # no DeepSpeedEngine exists before deepspeed is imported: never import it
         from deepspeed import DeepSpeedEngine
 
         wrappers.append(DeepSpeedEngine)
@@ -196,7 +196,13 @@ def extract_model_from_parallel(
             forward = model.forward
             while hasattr(forward, "__wrapped__") and forward != original:
                 forward = forward.__wrapped__
-            model.forward = forward.__get__(model) if not hasattr(forward, "__self__") else forward
+            if (
+                getattr(forward, "__self__", None) is model
+                and getattr(forward, "__func__", None) is type(model).forward
+            ):
+                del model.forward  # the class's own forward again, with no self-reference left behind
+            else:
+                model.forward = forward.__get__(model) if not hasattr(forward, "__self__") else forward
     if keep_torch_compile and compiled is not None:
         if "_orig_mod" in compiled.__dict__:
             compiled.__dict__["_orig_mod"] = model

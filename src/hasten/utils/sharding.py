@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -74,6 +75,28 @@ def shard_checkpoint(
     return dict(zip(names, shards)), {"metadata": {"total_size": total}, "weight_map": weight_map}
 
 
+def _save_sharded(
+    state_dict: Mapping[str, torch.Tensor],
+    save_directory: PathLike,
+    max_shard_size: int | str,
+    weights_name: str,
+    write: Callable[[dict[str, torch.Tensor], str], None],
+) -> list[str]:
+    os.makedirs(save_directory, exist_ok=True)
+    tensors = without_aliases(state_dict)
+    shards, index = shard_checkpoint(tensors, max_shard_size=max_shard_size, weights_name=weights_name)
+    for file, shard in shards.items():
+        with atomic_path(os.path.join(save_directory, file)) as temporary:
+            write(shard, str(temporary))
+    written = list(shards)
+    if index is not None:
+        index_name = f"{weights_name}.index.json"
+        with atomic_write(os.path.join(save_directory, index_name), "w", encoding="utf-8") as handle:
+            json.dump(index, handle, indent=2, sort_keys=True)
+        written.append(index_name)
+    return written
+
+
 def save_sharded_safetensors(
     state_dict: Mapping[str, torch.Tensor],
     save_directory: PathLike,
@@ -88,16 +111,35 @@ def save_sharded_safetensors(
     """
     from safetensors.torch import save_file
 
-    os.makedirs(save_directory, exist_ok=True)
-    tensors = without_aliases(state_dict)
-    shards, index = shard_checkpoint(tensors, max_shard_size=max_shard_size, weights_name=weights_name)
-    for file, shard in shards.items():
-        with atomic_path(os.path.join(save_directory, file)) as temporary:
-            save_file(shard, str(temporary), metadata={"format": "pt"})
-    written = list(shards)
-    if index is not None:
-        index_name = f"{weights_name}.index.json"
-        with atomic_write(os.path.join(save_directory, index_name), "w", encoding="utf-8") as handle:
-            json.dump(index, handle, indent=2, sort_keys=True)
-        written.append(index_name)
-    return written
+    def write(shard: dict[str, torch.Tensor], path: str) -> None:
+        save_file(shard, path, metadata={"format": "pt"})
+
+    return _save_sharded(state_dict, save_directory, max_shard_size, weights_name, write)
+
+
+def save_sharded_torch(
+    state_dict: Mapping[str, torch.Tensor],
+    save_directory: PathLike,
+    max_shard_size: int | str = "10GB",
+    weights_name: str = WEIGHTS_NAME,
+) -> list[str]:
+    """:func:`save_sharded_safetensors`, but each shard written by ``torch.save`` (``.bin`` files)."""
+    return _save_sharded(state_dict, save_directory, max_shard_size, weights_name, torch.save)
+
+
+def remove_stale_shards(save_directory: PathLike, weights_name: str, keep: Iterable[str]) -> list[str]:
+    """Delete the files of an earlier save of ``weights_name`` in ``save_directory`` not in ``keep``.
+
+    These are the single file, its shards (``stem-00001-of-00004.ext``) and its index; left behind
+    they would mix an old checkpoint into the new one. Returns the names removed.
+    """
+    stem, _, extension = weights_name.rpartition(".")
+    family = re.compile(rf"{re.escape(stem)}(-\d{{5}}-of-\d{{5}})?\.{re.escape(extension)}(\.index\.json)?")
+    kept = set(keep)
+    removed = []
+    for name in sorted(os.listdir(save_directory)):
+        path = os.path.join(save_directory, name)
+        if name not in kept and family.fullmatch(name) and os.path.isfile(path):
+            os.remove(path)
+            removed.append(name)
+    return removed

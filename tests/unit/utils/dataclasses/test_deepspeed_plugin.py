@@ -257,7 +257,7 @@ def test_mixed_precision() -> None:
 
 def test_select_is_reserved_to_the_state() -> None:
     plugin = DeepSpeedPlugin()
-    with pytest.raises(ConfigurationError, match="enable_deepspeed_plugin"):
+    with pytest.raises(ConfigurationError, match="select_deepspeed_plugin"):
         plugin.select()
     plugin.select(_from_accelerator_state=True)
     assert plugin.selected

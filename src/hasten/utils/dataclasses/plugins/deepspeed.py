@@ -328,15 +328,36 @@ class DeepSpeedPlugin:
         for key in flags:
             self.fill_match(key, None, False, **flags)
 
+    def set_moe_leaf_modules(self, model: Any) -> None:
+        """Under ZeRO-3, make the modules of the classes named in ``transformer_moe_cls_names`` ZeRO-3 leaves
+        (their experts' parameters are gathered together, whatever order the router calls them in).
+
+        Raises:
+            ConfigurationError: a class name is not among the model's module classes.
+        """
+        if not self.transformer_moe_cls_names:
+            return
+        names = [name.strip() for name in self.transformer_moe_cls_names.split(",") if name.strip()]
+        present = {type(module).__name__ for module in model.modules()}
+        missing = [name for name in names if name not in present]
+        if missing:
+            raise ConfigurationError(
+                f"transformer_moe_cls_names names {missing}, which the model does not contain; its module "
+                f"classes are {sorted(present)}. Fix the names (they are case-sensitive)."
+            )
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, names)
+
     def is_zero3_init_enabled(self) -> bool:
         """Whether models should be built sharded with ``deepspeed.zero.Init``."""
         return bool(self.zero3_init_flag)
 
     def select(self, _from_accelerator_state: bool = False) -> None:
-        """Mark this plugin as the active one (called by ``AcceleratorState.enable_deepspeed_plugin``)."""
+        """Mark this plugin as the active one (called by ``AcceleratorState.select_deepspeed_plugin``)."""
         if not _from_accelerator_state:
             raise ConfigurationError(
-                "Activate a DeepSpeedPlugin with AcceleratorState().enable_deepspeed_plugin(key), not "
+                "Activate a DeepSpeedPlugin with AcceleratorState().select_deepspeed_plugin(key), not "
                 "select()."
             )
         self._selected = True
@@ -348,3 +369,37 @@ class DeepSpeedPlugin:
     def selected(self) -> bool:
         """Whether this plugin is the active one."""
         return self._selected
+
+
+def active_plugin(plugins: dict[str, DeepSpeedPlugin] | None) -> DeepSpeedPlugin | None:
+    """The selected plugin of ``plugins`` (the first when none is selected), or ``None`` without plugins."""
+    if not plugins:
+        return None
+    return next((plugin for plugin in plugins.values() if plugin.selected), next(iter(plugins.values())))
+
+
+def named_plugin(plugins: dict[str, DeepSpeedPlugin] | None, name: str | None) -> DeepSpeedPlugin:
+    """The plugin of ``plugins`` passed under ``name``.
+
+    Raises:
+        ConfigurationError: no plugin has that name.
+    """
+    plugins = plugins or {}
+    if name not in plugins:
+        raise ConfigurationError(
+            f"No DeepSpeed plugin is named {name!r}; the Accelerator was given {sorted(plugins)}. Pass "
+            "deepspeed_plugins={name: DeepSpeedPlugin(...), ...} to the first Accelerator."
+        )
+    return plugins[name]
+
+
+def select_plugin(plugins: dict[str, DeepSpeedPlugin] | None, name: str | None) -> None:
+    """Make the plugin passed under ``name`` the selected one of ``plugins`` (the others unselected).
+
+    Raises:
+        ConfigurationError: no plugin has that name.
+    """
+    chosen = named_plugin(plugins, name)
+    for plugin in (plugins or {}).values():
+        plugin._unselect()
+    chosen.select(_from_accelerator_state=True)
