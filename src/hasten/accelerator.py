@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from hasten._tracking.registry import filter_trackers
 from hasten.data_loader import prepare_data_loader, skip_first_batches
 from hasten.engines.accumulation import Accumulate
 from hasten.engines.connector import connect
@@ -112,6 +113,9 @@ class Accelerator(ProcessMixin):
                 "dataloader_config must be a DataLoaderConfiguration, got "
                 f"{type(dataloader_config).__qualname__}."
             )
+        _bool(device_placement, "device_placement")  # checked before the state forms
+        _bool(step_scheduler_with_optimizer, "step_scheduler_with_optimizer")
+        trackers = filter_trackers(log_with, project_config.logging_dir)
         connection = connect(
             mixed_precision=mixed_precision,
             cpu=cpu,
@@ -144,16 +148,12 @@ class Accelerator(ProcessMixin):
         self.fp8_enabled = False
         self.project_configuration = project_config
         self.dataloader_config = dataloader_config
-        self.device_placement = _bool(device_placement, "device_placement")
-        self.step_scheduler_with_optimizer = _bool(
-            step_scheduler_with_optimizer, "step_scheduler_with_optimizer"
-        )
+        self.device_placement = device_placement
+        self.step_scheduler_with_optimizer = step_scheduler_with_optimizer
         self.scaler = self._precision.scaler
         self.native_amp = self._precision.native_amp
         self.rng_types = list(self._settings.rng_types)
-        self.log_with: list[Any] = (
-            [] if log_with is None else list(log_with) if isinstance(log_with, list) else [log_with]
-        )
+        self.log_with = trackers
         self.trackers: list[Any] = []
         self.flag_tensor: torch.Tensor | None = None
         # What save_state / load_state (issue 17) work from, named as Accelerate names them.

@@ -18,6 +18,27 @@ from hasten.state import AcceleratorState, GradientState
 from hasten.utils.batches import send_to_device
 
 
+def move_to_device(state: Any, device: Any) -> Any:
+    """``state`` (nested lists, tuples and dicts of tensors) with every tensor on ``device``."""
+    return send_to_device(state, device)
+
+
+def patch_optimizer_step(
+    accelerated_optimizer: AcceleratedOptimizer, method: Callable[..., Any]
+) -> Callable[..., Any]:
+    """``method`` (an optimizer's ``step``), noting on ``accelerated_optimizer`` that it was called.
+
+    The gradient scaler calls ``step`` only when the gradients are finite; this is how the
+    ``AcceleratedOptimizer`` learns that the step was not skipped.
+    """
+
+    def patched_step(*args: Any, **kwargs: Any) -> Any:
+        accelerated_optimizer._accelerate_step_called = True
+        return method(*args, **kwargs)
+
+    return patched_step
+
+
 def _takes_set_to_none(optimizer: torch.optim.Optimizer) -> bool:
     try:
         return "set_to_none" in inspect.signature(optimizer.zero_grad).parameters
@@ -50,6 +71,7 @@ class AcceleratedOptimizer(torch.optim.Optimizer):
         self.gradient_state = GradientState()
         self.device_placement = device_placement
         self._is_overflow = False
+        self._accelerate_step_called = False
         self._set_to_none = _takes_set_to_none(optimizer)
         if device_placement and optimizer.state:
             state_dict = optimizer.state_dict()
@@ -128,15 +150,9 @@ class AcceleratedOptimizer(torch.optim.Optimizer):
     def _scaled_step(self, closure: Callable[[], Any] | None) -> Any:
         inner = self.optimizer
         original = inner.step
-        stepped = False
-
-        def counting_step(*args: Any, **kwargs: Any) -> Any:
-            nonlocal stepped
-            stepped = True
-            return original(*args, **kwargs)
-
         had_own = "step" in inner.__dict__
-        inner.step = counting_step  # type: ignore[method-assign]
+        self._accelerate_step_called = False
+        inner.step = patch_optimizer_step(self, original)  # type: ignore[method-assign]
         try:
             result = self.scaler.step(inner, closure) if closure is not None else self.scaler.step(inner)  # type: ignore[union-attr]
         finally:
@@ -145,7 +161,7 @@ class AcceleratedOptimizer(torch.optim.Optimizer):
             else:
                 del inner.step
         self.scaler.update()  # type: ignore[union-attr]
-        self._is_overflow = not stepped
+        self._is_overflow = not self._accelerate_step_called
         return result
 
     def train(self) -> None:

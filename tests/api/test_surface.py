@@ -194,6 +194,8 @@ def _default(value: object) -> object:
         return value.value
     if callable(value) and hasattr(value, "__name__"):
         return value.__name__
+    if type(value) is object:  # a private "not passed" sentinel (the Accelerator's split_batches)
+        return "<sentinel>"
     return value
 
 

@@ -307,10 +307,11 @@ def test_profile_writes_a_trace(tmp_path: object) -> None:
     assert len(list(tmp_path.iterdir())) == 1  # type: ignore[attr-defined]
 
 
-def test_log_with_is_kept_for_the_trackers() -> None:
-    assert Accelerator(log_with="tensorboard").log_with == ["tensorboard"]
-    _reset()
-    assert Accelerator(log_with=["wandb", "mlflow"]).log_with == ["wandb", "mlflow"]
+def test_log_with_names_the_trackers(tmp_path: object) -> None:
+    assert Accelerator(log_with="tensorboard", project_dir=str(tmp_path)).log_with == ["tensorboard"]
+    assert Accelerator().log_with == []
+    with pytest.raises(ValueError, match="tensorboard"):  # it writes to a folder: it needs logging_dir
+        Accelerator(log_with="tensorboard")
 
 
 def test_gradients_of_an_accumulated_step_equal_one_big_batch() -> None:
