@@ -241,4 +241,6 @@ def test_move_to_device_keeps_the_structure() -> None:
     from hasten.optimizer import move_to_device
 
     moved = move_to_device({"a": [torch.ones(1), (torch.zeros(2), 3)]}, "cpu")
-    assert type(moved["a"][1]) is tuple and moved["a"][1][1] == 3 and torch.equal(moved["a"][0], torch.ones(1))
+    assert (
+        type(moved["a"][1]) is tuple and moved["a"][1][1] == 3 and torch.equal(moved["a"][0], torch.ones(1))
+    )
