@@ -286,3 +286,73 @@ def test_other_batch_samplers_are_iterated_as_they_are() -> None:
     assert batches_drawn_at_once(torch.utils.data.BatchSampler(in_order, 2, False)) is None
     assert batches_drawn_at_once(Mine(range(5), 2, False)) is None
     assert batches_drawn_at_once([[0, 1]]) is None
+
+
+class _AsItIs(torch.utils.data.BatchSampler):
+    """torch's BatchSampler under another type: BatchSamplerShard iterates it whole batch by batch."""
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.integers(0, 70),  # dataset length
+    st.one_of(st.none(), st.integers(1, 150)),  # num_samples
+    st.integers(1, 9),  # batch size
+    st.integers(1, 4),  # ranks
+    st.booleans(),  # drop_last
+    st.booleans(),  # split_batches
+    st.booleans(),  # even_batches
+    st.sampled_from(["sequential", "random", "random-with-generator", "seedable"]),
+)
+def test_own_slices_are_the_whole_batches_path(
+    length: int,
+    num_samples: int | None,
+    batch: int,
+    world: int,
+    drop: bool,
+    split: bool,
+    even: bool,
+    kind: str,
+) -> None:
+    """Slicing a rank's batches out of the index stream yields what dealing out torch's whole batches
+    yields, drawing from the generators at the same moments (their states after every batch)."""
+    if split:
+        batch *= world
+    if kind != "sequential" and length == 0:
+        kind = "sequential"  # torch refuses a RandomSampler without data
+    for rank in range(world):
+        outcomes = []
+        for batch_sampler_type in (_AsItIs, torch.utils.data.BatchSampler):
+            torch.manual_seed(3)
+            data = range(length)
+            sampler: Any
+            if kind == "sequential":
+                sampler = torch.utils.data.SequentialSampler(data)
+            elif kind == "seedable":
+                sampler = SeedableRandomSampler(data, num_samples=num_samples, data_seed=4)
+            else:
+                generator = torch.Generator().manual_seed(1) if kind == "random-with-generator" else None
+                sampler = torch.utils.data.RandomSampler(data, num_samples=num_samples, generator=generator)
+            shard = BatchSamplerShard(batch_sampler_type(sampler, batch, drop), world, rank, split, even)
+            trace = []
+            for drawn in shard:
+                generator_state = getattr(sampler, "generator", None)
+                trace.append(
+                    (
+                        drawn,
+                        torch.get_rng_state().sum().item(),
+                        None if generator_state is None else generator_state.get_state().sum().item(),
+                    )
+                )
+            trace.append((None, torch.get_rng_state().sum().item(), getattr(sampler, "epoch", None)))
+            outcomes.append(trace)
+        assert outcomes[1] == outcomes[0]
+        assert len(outcomes[1]) - 1 == len(shard)
+
+
+def test_own_slices_of_a_stream_shorter_than_a_step() -> None:
+    from hasten.data_loading.samplers import own_slices
+
+    slices = own_slices(iter([[4, 5], [6]]), 4, 0, 2)
+    with pytest.raises(StopIteration) as stop:
+        next(slices)
+    assert stop.value.value == ([4, 5, 6], [4, 5, 6])

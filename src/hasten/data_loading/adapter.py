@@ -27,7 +27,7 @@ from hasten.data_loading.progress import (
     restore_global_rng_streams,
 )
 from hasten.state import GradientState
-from hasten.utils.batches import NOT_FLAT, move_flat_batch, resolve_device, send_to_device
+from hasten.utils.batches import batch_mover
 from hasten.utils.imports import is_torchdata_stateful_dataloader_available, package_version, require
 from hasten.utils.random import synchronize_rng_states
 
@@ -178,10 +178,9 @@ class DataLoaderAdapter:
         used; the first ``skip`` batches are fetched and left out; batches go to ``device``."""
         progress = self._progress
         stateful = self.use_stateful_dataloader
-        target = None if device is None else resolve_device(device)  # checked once, not per batch
+        move = None if device is None else batch_mover(device, non_blocking)  # device checked once
         try:
             inner, batch = self._begin_epoch(self._sampler_offset)
-            index = 0
             while batch is not END:
                 if stateful:
                     progress.loader_state = self._snapshot(finished=False)
@@ -191,12 +190,10 @@ class DataLoaderAdapter:
                     if stateful:
                         progress.loader_state = self._snapshot(finished=True)
                 progress.batches_yielded += 1
-                if index >= skip:
-                    if target is not None:
-                        moved = move_flat_batch(batch, target, non_blocking)
-                        batch = send_to_device(batch, target, non_blocking) if moved is NOT_FLAT else moved
-                    yield batch
-                index += 1
+                if skip > 0:
+                    skip -= 1
+                else:
+                    yield batch if move is None else move(batch)
                 batch = upcoming
             progress.finish()
         except GeneratorExit:

@@ -16,11 +16,11 @@ rules are written out here and checked by property tests:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Generator, Iterable, Iterator, Sequence, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import BatchSampler, RandomSampler
+from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
 
 def _rank_arguments(num_processes: Any, process_index: Any, caller: str) -> None:
@@ -133,6 +133,52 @@ def batches_drawn_at_once(batch_sampler: Any) -> Iterator[list[int]] | None:
     return _batches_of(_random_chunks(sampler), batch_sampler.batch_size, batch_sampler.drop_last)
 
 
+def index_chunks(batch_sampler: Any) -> Iterator[Sequence[int]] | None:
+    """The indices torch's ``BatchSampler`` would cut into batches, as lazily drawn chunks (a
+    ``range`` for a ``SequentialSampler``, a permutation at a time for a ``RandomSampler`` without
+    replacement, drawn as :func:`batches_drawn_at_once` draws them); ``None`` for any other batch
+    sampler. A rank then slices its own batches out of them without building the other ranks'."""
+    if type(batch_sampler) is not BatchSampler:
+        return None
+    sampler: Any = batch_sampler.sampler
+    if type(sampler) is SequentialSampler:
+        return iter((range(len(sampler.data_source)),))
+    if type(sampler) not in (RandomSampler, SeedableRandomSampler) or sampler.replacement:
+        return None
+    return _random_chunks(sampler)
+
+
+def own_slices(
+    chunks: Iterator[Sequence[int]], step: int, offset: int, width: int
+) -> Generator[list[int], None, tuple[list[int], list[int]]]:
+    """Cut the index stream ``chunks`` into steps of ``step`` indices and yield the slice
+    ``[offset, offset + width)`` of every full step; return the indices left after the last full
+    step and the stream's first ``step`` indices (what an uneven end is completed from).
+
+    A chunk is drawn when a slice beyond the previous ones is asked for, as torch's batch
+    sampler draws it when the batch that needs it is built.
+    """
+    flat: Sequence[int] = []
+    position = 0
+    head: list[int] | None = None
+    for chunk in chunks:
+        flat = [*flat[position:], *chunk] if position < len(flat) else chunk
+        position = 0
+        if head is None and len(flat) >= step:  # nothing was yielded yet: flat is the whole stream
+            head = list(flat[:step])
+        rounds = len(flat) // step
+        stop = offset + rounds * step
+        if type(flat) is range:  # a SequentialSampler's range(n): only this rank's indices are built
+            for start in range(offset, stop, step):
+                yield list(range(start, start + width))
+        else:
+            for start in range(offset, stop, step):
+                yield flat[start : start + width]  # type: ignore[misc]
+        position = rounds * step
+    rest = list(flat[position:])
+    return rest, (rest if head is None else head)
+
+
 class _Wrapper(BatchSampler):
     """A batch sampler around another; ``sampler`` reaches the index sampler inside."""
 
@@ -242,6 +288,16 @@ class BatchSamplerShard(_Wrapper):
         assert size is not None
         width = size // self.num_processes
         start, stop = width * self.process_index, width * (self.process_index + 1)
+        chunks = index_chunks(self.batch_sampler)
+        if chunks is not None:  # slices cut from the index stream: the same, without whole batches
+            rest, head = yield from own_slices(chunks, size, start, width)
+            if rest and not self.drop_last:
+                if not self.even_batches:
+                    if len(rest) > start:
+                        yield rest[start:stop]
+                else:
+                    yield (rest + _cycled(head, 0, size - len(rest)))[start:stop]
+            return
         first: list[Any] | None = None
         for batch in self._source():
             if first is None:
@@ -258,6 +314,10 @@ class BatchSamplerShard(_Wrapper):
 
     def _iter_interleaved(self) -> Iterator[list[Any]]:
         world, rank, size = self.num_processes, self.process_index, self.batch_size
+        chunks = index_chunks(self.batch_sampler)
+        if chunks is not None and size is not None:  # this rank's batches cut from the index stream
+            yield from self._iter_interleaved_stream(chunks, size)
+            return
         keep_all = not self.even_batches and not self.drop_last
         wrap = self.even_batches and not self.drop_last
         head: list[list[Any]] = []  # the first round, to complete the last one from
@@ -288,6 +348,21 @@ class BatchSamplerShard(_Wrapper):
                 yield round_[rank]
             return
         yield self._completed(round_, head)
+
+    def _iter_interleaved_stream(self, chunks: Iterator[Sequence[int]], size: int) -> Iterator[list[Any]]:
+        """What :meth:`_iter_interleaved` yields, with this rank's batches sliced out of the index
+        stream (the other ranks' are never built)."""
+        world, rank = self.num_processes, self.process_index
+        rest, first = yield from own_slices(chunks, size * world, rank * size, size)
+        if not rest or self.drop_last:
+            return
+        last_round = [rest[start : start + size] for start in range(0, len(rest), size)]
+        if not self.even_batches:
+            if rank < len(last_round):
+                yield last_round[rank]
+            return
+        first_round = [first[start : start + size] for start in range(0, len(first), size)]
+        yield self._completed(last_round, first_round)
 
     def _completed(self, round_: list[list[Any]], head: list[list[Any]]) -> list[Any]:
         """Rank ``process_index``'s batch of the last round, completed from the start of the epoch."""

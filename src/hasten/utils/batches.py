@@ -12,7 +12,7 @@ the same container types.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,10 +99,36 @@ _CPU = torch.device("cpu")
 NOT_FLAT = object()  # what move_flat_batch returns for a batch that is not flat
 
 
-def resolve_device(device: Device) -> torch.device:
-    """``device`` as a ``torch.device``, checked to exist on this machine (as :func:`send_to_device`
-    checks it)."""
-    return _as_device(device)
+def batch_mover(device: Device, non_blocking: bool = False) -> Callable[[Any], Any]:
+    """``send_to_device(batch, device, non_blocking)`` as a function of the batch, with ``device``
+    resolved and checked once: prepared data loaders call it once per batch.
+
+    For the CPU, a flat list, tuple or dict of CPU tensors (the usual batch) is only checked and
+    put in a new container; anything else takes :func:`send_to_device`.
+    """
+    target = _as_device(device)
+    if target != _CPU:
+
+        def move(batch: Any) -> Any:
+            moved = move_flat_batch(batch, target, non_blocking)
+            return send_to_device(batch, target, non_blocking) if moved is NOT_FLAT else moved
+
+        return move
+
+    def move_to_cpu(batch: Any) -> Any:
+        kind = type(batch)
+        if kind is list or kind is tuple:
+            values: Any = batch
+        elif kind is dict:
+            values = batch.values()
+        else:
+            return send_to_device(batch, target, non_blocking)
+        for value in values:
+            if type(value) is not _Tensor or not value.is_cpu:
+                return send_to_device(batch, target, non_blocking)
+        return batch if kind is tuple else kind(batch)
+
+    return move_to_cpu
 
 
 def move_flat_batch(batch: Any, target: torch.device, non_blocking: bool = False) -> Any:
@@ -119,10 +145,17 @@ def move_flat_batch(batch: Any, target: torch.device, non_blocking: bool = False
         values = batch
     else:
         return NOT_FLAT
+    to_cpu = target == _CPU  # then `is_cpu` answers: far cheaper than building and comparing devices
+    for value in values:
+        if type(value) is not _Tensor:
+            return NOT_FLAT
+        if not (value.is_cpu if to_cpu else value.device == target):
+            break
+    else:  # all there (the usual case on the CPU): a new container, as the general path gives
+        return batch if kind is tuple else kind(batch)
     for value in values:  # checked before anything moves: no copy is made and then thrown away
         if type(value) is not _Tensor:
             return NOT_FLAT
-    to_cpu = target == _CPU  # then `is_cpu` answers: far cheaper than building and comparing devices
     moved = [
         value
         if (value.is_cpu if to_cpu else value.device == target)

@@ -223,3 +223,31 @@ def test_concatenate_names_a_container_it_cannot_rebuild() -> None:
         TypeError, match="concatenate: a NeedsTwoArguments could not be rebuilt from a dict of its items"
     ):
         concatenate([batch, batch])
+
+
+@pytest.mark.parametrize("kind", [list, tuple, dict])
+def test_batch_mover_to_the_cpu_keeps_the_tensors_in_a_new_container(kind: type) -> None:
+    from hasten.utils.batches import batch_mover
+
+    x, y = torch.ones(2), torch.zeros(2, dtype=torch.long)
+    batch: Any = {"x": x, "y": y} if kind is dict else kind([x, y])
+    moved = batch_mover("cpu")(batch)
+    values = (lambda b: list(b.values())) if kind is dict else list
+    assert type(moved) is kind and all(a is b for a, b in zip(values(moved), [x, y]))
+    assert kind is tuple or moved is not batch, "a list or dict the user may change is a new one"
+
+
+def test_batch_mover_sends_other_batches_the_general_way() -> None:
+    from hasten.utils.batches import batch_mover
+
+    to_cpu, to_meta = batch_mover(torch.device("cpu")), batch_mover("meta", non_blocking=True)
+    on_meta = to_meta([torch.ones(2), torch.ones(3)])
+    assert [t.device.type for t in on_meta] == ["meta", "meta"]
+    with pytest.raises(NotImplementedError, match="meta"):  # torch cannot copy a meta tensor's data
+        to_cpu([torch.ones(1), on_meta[0]])
+    nested = to_cpu({"a": [torch.ones(1)], "tag": "x"})
+    assert nested["tag"] == "x" and nested["a"][0].device.type == "cpu"
+    Pair = namedtuple("Pair", "a b")
+    assert type(to_meta(Pair(torch.ones(1), torch.ones(1)))) is Pair
+    with pytest.raises(ValueError, match="device='nope' cannot be used"):  # checked once, up front
+        batch_mover("nope")
