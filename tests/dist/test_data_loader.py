@@ -44,6 +44,9 @@ def _loader(kind: str) -> Any:
     if kind == "seedable":
         source = DataLoader(list(range(LENGTH)), batch_size=2, shuffle=True, collate_fn=_tensor)
         return prepare_data_loader(source, use_seedable_sampler=True, data_seed=17)
+    if kind == "stateful":
+        source = DataLoader(list(range(LENGTH)), batch_size=3, shuffle=True, collate_fn=_tensor)
+        return prepare_data_loader(source, rng_types=["generator"], use_stateful_dataloader=True)
     if kind == "iterable":
         return prepare_data_loader(DataLoader(Numbers(LENGTH), batch_size=2, collate_fn=_tensor))
     if kind == "dispatch":
@@ -81,7 +84,7 @@ def read_and_gather(kind: str) -> tuple[list[int], list[int], list[bool]]:
     return mine, gathered, ends
 
 
-KINDS = ["map-uneven", "map-even", "map-split", "seedable", "iterable", "dispatch", "dispatch-split"]
+KINDS = ["map-uneven", "map-even", "map-split", "seedable", "stateful", "iterable", "dispatch", "dispatch-split"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -204,7 +207,9 @@ def _skip_matches_the_epoch(kind: str, skipped: int) -> tuple[list[list[int]], l
     return full[skipped:], [batch.tolist() for batch in skip_first_batches(loader, skipped)]
 
 
-@pytest.mark.parametrize("kind", ["map-even", "map-split", "iterable", "dispatch", "dispatch-split"])
+@pytest.mark.parametrize(
+    "kind", ["map-even", "map-split", "seedable", "stateful", "iterable", "dispatch", "dispatch-split"]
+)
 @pytest.mark.parametrize("pool", ["ranks2", "ranks4"])
 def test_skip_first_batches_yields_the_rest_of_the_epoch(
     kind: str, pool: str, request: pytest.FixtureRequest

@@ -125,6 +125,22 @@ def test_nested_loaders_and_a_loop_left_early_leave_gradient_state_clean() -> No
     assert inner.state_dict()["batches_yielded"] == 0, "and the next one starts afresh"
 
 
+def test_accumulation_syncs_on_the_last_batch_of_a_prepared_loader() -> None:
+    from hasten.accelerator import Accelerator
+
+    accelerator = Accelerator(gradient_accumulation_steps=3)
+    model = accelerator.prepare(torch.nn.Linear(1, 1))
+    loader = accelerator.prepare(DataLoader(TensorDataset(torch.arange(14.0).unsqueeze(1)), batch_size=2))
+    for _ in range(2):  # 7 batches: steps sync every 3 batches and at the loader's end
+        pattern = []
+        for (x,) in loader:
+            with accelerator.accumulate(model):
+                accelerator.backward(model(x).sum())
+                pattern.append(accelerator.sync_gradients)
+        assert pattern == [False, False, True, False, False, True, True]
+    assert accelerator.gather_for_metrics(torch.ones(3)).tolist() == [1.0, 1.0, 1.0], "outside: untrimmed"
+
+
 def test_remainder_is_unknown_without_a_length_and_with_drop_last() -> None:
     class NoLength(IterableDataset):  # type: ignore[type-arg]
         def __iter__(self) -> Iterator[int]:
