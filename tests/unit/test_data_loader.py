@@ -372,6 +372,48 @@ def test_state_dict_is_plain_data() -> None:
     }
 
 
+@pytest.mark.parametrize("seedable", [False, True])
+@pytest.mark.parametrize("resume", ["skip", "replay"])
+def test_the_first_epoch_after_load_state_dict_leaves_the_global_rng_alone(
+    seedable: bool, resume: str
+) -> None:
+    """The checkpointing contract: restoring a mid-epoch state, then the global RNG, then creating
+    the iterator (and its first batch) leaves the global RNG as restored; a state saved between
+    epochs starts the next one as the uninterrupted run does (drawing as it drew)."""
+
+    def make() -> Any:
+        loader = DataLoader(list(range(20)), batch_size=2, shuffle=True)
+        return prepare_data_loader(loader, use_seedable_sampler=seedable, rng_types=["generator"])
+
+    torch.manual_seed(0)
+    loader = make()
+    iterator = iter(loader)
+    head = [next(iterator).tolist() for _ in range(3)]
+    state, rng = loader.state_dict(), torch.get_rng_state()
+    rest = [batch.tolist() for batch in iterator]
+    between, rng_between = loader.state_dict(), torch.get_rng_state()
+    next_epoch = [batch.tolist() for batch in loader]
+    rng_after_next_epoch = torch.get_rng_state()
+
+    torch.manual_seed(1234)  # a new process
+    resumed = make()
+    resumed.load_state_dict(state)
+    torch.set_rng_state(rng)
+    source = skip_first_batches(resumed, state["batches_yielded"]) if resume == "skip" else resumed
+    batches = iter(source)
+    first = next(batches).tolist()
+    assert torch.equal(torch.get_rng_state(), rng), "creating the iterator drew nothing from the global RNG"
+    replayed = [first] + [batch.tolist() for batch in batches]
+    assert replayed == (rest if resume == "skip" else head + rest)
+
+    torch.manual_seed(99)
+    resumed = make()
+    resumed.load_state_dict(between)
+    torch.set_rng_state(rng_between)
+    assert [batch.tolist() for batch in resumed] == next_epoch
+    assert torch.equal(torch.get_rng_state(), rng_after_next_epoch), "a fresh epoch draws as it drew"
+
+
 def test_load_state_dict_refuses_a_state_that_does_not_fit() -> None:
     shuffled = prepare_data_loader(
         DataLoader(list(range(20)), batch_size=2, shuffle=True), num_processes=2, process_index=0
