@@ -28,7 +28,7 @@ _KEYS = {"iteration", "batches_yielded", "generators"}
 _OPTIONAL_KEYS = {"rng_state", "sampler"}
 
 
-@dataclass
+@dataclass(slots=True)
 class Progress:
     """One loader's position; shared with the loaders :func:`skip_first_batches` makes from it."""
 
