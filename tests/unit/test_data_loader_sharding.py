@@ -356,3 +356,5 @@ def test_own_slices_of_a_stream_shorter_than_a_step() -> None:
     with pytest.raises(StopIteration) as stop:
         next(slices)
     assert stop.value.value == ([4, 5, 6], [4, 5, 6])
+    assert list(own_slices(iter([range(3, 11)]), 4, 1, 2)) == [[4, 5], [8, 9]]
+    assert list(own_slices(iter([range(10, 0, -2)]), 2, 0, 1)) == [[10], [6]]

@@ -163,13 +163,17 @@ def own_slices(
     head: list[int] | None = None
     for chunk in chunks:
         flat = [*flat[position:], *chunk] if position < len(flat) else chunk
+        ranged = type(flat) is range and flat.step == 1  # a SequentialSampler's: only this rank's ints
+        if not ranged and type(flat) is not list:
+            flat = list(flat)
         position = 0
         if head is None and len(flat) >= step:  # nothing was yielded yet: flat is the whole stream
             head = list(flat[:step])
         rounds = len(flat) // step
         stop = offset + rounds * step
-        if type(flat) is range:  # a SequentialSampler's range(n): only this rank's indices are built
-            for start in range(offset, stop, step):
+        if ranged:
+            origin = flat.start  # type: ignore[attr-defined]
+            for start in range(origin + offset, origin + stop, step):
                 yield list(range(start, start + width))
         else:
             for start in range(offset, stop, step):
