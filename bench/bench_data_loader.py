@@ -3,14 +3,19 @@ cost of ``skip_first_batches``.
 
 Run: ``.venv/bin/python bench/bench_data_loader.py`` (1 process, then 2 gloo ranks on 127.0.0.1;
 needs Accelerate). The data are batches of 32 samples for a 2-layer MLP (16 float features and
-an int label, read with one indexing per tensor so that what the wrappers add shows), shuffled,
-prepared as ``Accelerator.prepare`` does (``put_on_device`` to the CPU,
+an int label, read with one indexing per tensor so that what the wrappers add shows), in order
+or shuffled, prepared as ``Accelerator.prepare`` does (``put_on_device`` to the CPU,
 ``rng_types=["generator"]``). On 2 ranks the bare loader reads a dataset half the size, so all
-three yield the same number of batches of the same shape. Contenders are interleaved over
-several rounds; each round times an epoch of 1,000 batches: its start (up to the first batch;
-on 2 ranks both libraries broadcast the sampler's generator then) apart from the batches after
-it, timed in windows of 50. The machine is shared, so the least time per batch over all windows
-(and the least epoch start over all rounds) is reported: some window runs undisturbed.
+yield the same number of batches of the same shape; there a fourth contender, the floor, is a
+bare ``DataLoader`` over the ``BatchSamplerShard`` hasten reads from (the indices alone).
+
+Each round runs one epoch of 1,000 batches of every contender: the epoch starts one after the
+other (up to the first batch, after a barrier: on 2 ranks both libraries broadcast the
+sampler's generator then), then the contenders' batches are timed in turns of 50 batches each,
+so the windows of every contender see the same load of the shared machine. Reported: the least
+time per batch over all windows (some window runs undisturbed) minus the bare loader's, and the
+median over windows of the difference with the bare loader's window of the same turn; the least
+epoch start over all rounds.
 """
 
 from __future__ import annotations
@@ -20,16 +25,18 @@ import gc
 import itertools
 import os
 import socket
+import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.multiprocessing as mp
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -75,43 +82,68 @@ def _prepared(library: Any, world: int, batches: int = BATCHES_PER_RANK, shuffle
     )
 
 
-def _epoch_costs(loader: Any) -> tuple[float, float]:
-    """Seconds to start an epoch (up to its first batch), and the least seconds per batch over the
-    epoch's windows of ``WINDOW`` batches: on a shared machine, some window runs undisturbed."""
+@dataclass
+class Costs:
+    """One contender's figures over all rounds: the least epoch start, the least seconds per batch
+    over all windows, and the median over windows of what it took more than the bare loader in
+    the same turn (``None`` for the bare loader itself)."""
+
+    start: float
+    per_batch: float
+    added_median: float | None
+
+
+def _round(
+    loaders: dict[str, Any], barrier: Callable[[], None]
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """One epoch of every contender: each starts in turn (up to its first batch, after a barrier),
+    then their batches are timed in turns of ``WINDOW`` batches each, so every contender's
+    windows see the same load of the shared machine. Returns the starts and the seconds per
+    batch of each window."""
     gc.collect()
     gc.disable()
     try:
-        start = time.perf_counter()
-        iterator = iter(loader)
-        next(iterator)
-        started = time.perf_counter()
-        best = float("inf")
+        starts: dict[str, float] = {}
+        iterators: dict[str, Any] = {}
+        for name, loader in loaders.items():
+            barrier()
+            start = time.perf_counter()
+            iterators[name] = iter(loader)
+            next(iterators[name])
+            starts[name] = time.perf_counter() - start
+        windows: dict[str, list[float]] = {name: [] for name in loaders}
         while True:
-            window_start = time.perf_counter()
-            count = sum(1 for _ in itertools.islice(iterator, WINDOW))
-            if count < WINDOW:
-                break
-            best = min(best, (time.perf_counter() - window_start) / WINDOW)
-        return started - start, best
+            for name, iterator in iterators.items():
+                window_start = time.perf_counter()
+                count = sum(1 for _ in itertools.islice(iterator, WINDOW))
+                if count < WINDOW:
+                    return starts, windows
+                windows[name].append((time.perf_counter() - window_start) / WINDOW)
     finally:
         gc.enable()
 
 
-def _costs(
-    loaders: dict[str, Any], rounds: int, barrier: Callable[[], None]
-) -> dict[str, tuple[float, float]]:
-    """Each contender's best round: (epoch start, seconds per batch), contenders interleaved (the
-    best round is the one least disturbed by other processes on a shared machine)."""
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in loaders}
-    for loader in loaders.values():
-        _epoch_costs(loader)  # warm-up
+def _costs(loaders: dict[str, Any], rounds: int, barrier: Callable[[], None]) -> dict[str, Costs]:
+    """Each contender's :class:`Costs` over ``rounds`` interleaved epochs (after one warm-up); the
+    first contender is the bare loader the others are compared with."""
+    bare = next(iter(loaders))
+    _round(loaders, barrier)  # warm-up
+    starts: dict[str, list[float]] = {name: [] for name in loaders}
+    windows: dict[str, list[float]] = {name: [] for name in loaders}
     for _ in range(rounds):
-        for name, loader in loaders.items():
-            barrier()
-            samples[name].append(_epoch_costs(loader))
+        round_starts, round_windows = _round(loaders, barrier)
+        for name in loaders:
+            starts[name].append(round_starts[name])
+            windows[name] += round_windows[name]
     return {
-        name: (min(start for start, _ in values), min(batch for _, batch in values))
-        for name, values in samples.items()
+        name: Costs(
+            min(starts[name]),
+            min(windows[name]),
+            None
+            if name == bare
+            else statistics.median(mine - base for mine, base in zip(windows[name], windows[bare])),
+        )
+        for name in loaders
     }
 
 
@@ -120,7 +152,23 @@ def _first_after_skip(library: Any, loader: Any, skipped: int) -> Any:
     return next(iter(library.skip_first_batches(loader, skipped)))
 
 
-def _row(world: int, shuffle: bool, rounds: int, barrier: Callable[[], None]) -> str:
+def _floor(world: int, shuffle: bool, rank: int) -> DataLoader:  # type: ignore[type-arg]
+    """A bare ``DataLoader`` over the ``BatchSamplerShard`` hasten's prepared loader reads from: the
+    cost of the indices alone, without the prepared loader around them."""
+    from hasten.data_loader import BatchSamplerShard
+
+    data = MLPData(BATCH * BATCHES_PER_RANK * world)
+    generator = torch.Generator().manual_seed(0)
+    sampler: Any = RandomSampler(data, generator=generator) if shuffle else SequentialSampler(data)
+    shard = BatchSamplerShard(BatchSampler(sampler, BATCH, False), world, rank)
+    return DataLoader(data, batch_sampler=shard, collate_fn=_as_read)
+
+
+def _ratio(theirs: float, ours: float) -> str:
+    return f"{theirs / ours:.1f}×" if ours > 0 else "∞ (hasten adds nothing)"
+
+
+def _row(world: int, shuffle: bool, rounds: int, barrier: Callable[[], None], rank: int) -> str:
     import accelerate.data_loader as accelerate_loader
 
     import hasten.data_loader as hasten_loader
@@ -130,36 +178,33 @@ def _row(world: int, shuffle: bool, rounds: int, barrier: Callable[[], None]) ->
         "hasten": _prepared(hasten_loader, world, shuffle=shuffle),
         "accelerate": _prepared(accelerate_loader, world, shuffle=shuffle),
     }
+    if world > 1:
+        loaders["floor"] = _floor(world, shuffle, rank)
     costs = _costs(loaders, rounds, barrier)
-    base_start, base = costs["bare DataLoader"]
-    steady = {name: costs[name][1] - base for name in ("hasten", "accelerate")}
-    over_epoch = {
-        name: steady[name] + (costs[name][0] - base_start) / BATCHES_PER_RANK
-        for name in ("hasten", "accelerate")
-    }
-    ratio = over_epoch["accelerate"] / over_epoch["hasten"] if over_epoch["hasten"] > 0 else float("inf")
+    bare, ours, theirs = costs["bare DataLoader"], costs["hasten"], costs["accelerate"]
+    least = {name: costs[name].per_batch - bare.per_batch for name in loaders}
+    median = {name: costs[name].added_median or 0.0 for name in loaders}
     cells = [
         str(world),
         "yes" if shuffle else "no",
-        fmt_seconds(base),
-        fmt_seconds(steady["hasten"]),
-        fmt_seconds(steady["accelerate"]),
-        fmt_seconds(base_start),
-        fmt_seconds(costs["hasten"][0]),
-        fmt_seconds(costs["accelerate"][0]),
-        fmt_seconds(over_epoch["hasten"]),
-        fmt_seconds(over_epoch["accelerate"]),
-        f"{ratio:.1f}×",
+        fmt_seconds(bare.per_batch),
+        f"{fmt_seconds(least['hasten'])} / {fmt_seconds(median['hasten'])}",
+        f"{fmt_seconds(least['accelerate'])} / {fmt_seconds(median['accelerate'])}",
+        f"{_ratio(least['accelerate'], least['hasten'])} / {_ratio(median['accelerate'], median['hasten'])}",
+        f"{fmt_seconds(least['floor'])} / {fmt_seconds(median['floor'])}" if world > 1 else "—",
+        fmt_seconds(bare.start),
+        fmt_seconds(ours.start),
+        fmt_seconds(theirs.start),
     ]
     return "| " + " | ".join(cells) + " |"
 
 
-def _measure(world: int, rounds: int, barrier: Callable[[], None]) -> list[str]:
+def _measure(world: int, rounds: int, barrier: Callable[[], None], rank: int = 0) -> list[str]:
     import accelerate.data_loader as accelerate_loader
 
     import hasten.data_loader as hasten_loader
 
-    lines = [_row(world, shuffle, rounds, barrier) for shuffle in (False, True)]
+    lines = [_row(world, shuffle, rounds, barrier, rank) for shuffle in (False, True)]
     if world == 1:
         prepared = {
             library: _prepared(library, 1, batches=2000) for library in (hasten_loader, accelerate_loader)
@@ -173,17 +218,17 @@ def _measure(world: int, rounds: int, barrier: Callable[[], None]) -> list[str]:
             lines.append(
                 f"| {skipped} | {fmt_seconds(timings[0].median)} | {fmt_seconds(timings[1].median)} |"
             )
-        base = _costs({"bare": _loader(BATCH * BATCHES_PER_RANK)}, 3, barrier)["bare"][1]
+        base = _costs({"bare": _loader(BATCH * BATCHES_PER_RANK)}, 3, barrier)["bare"].per_batch
         lines.append(f"| read 1000 batches | {fmt_seconds(base * 1000)} (bare loader) | |")
     return lines
 
 
 def _header_lines() -> list[str]:
     return [
-        "| ranks | shuffled | bare loader, per batch | hasten adds per batch | accelerate adds per batch | "
-        "epoch start: bare | hasten | accelerate | added per batch over a 1,000-batch epoch: hasten | "
-        "accelerate | accelerate's / hasten's |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ranks | shuffled | bare loader, per batch | hasten adds per batch (least / median) | "
+        "accelerate adds per batch (least / median) | accelerate's / hasten's (least / median) | "
+        "floor: bare loader over hasten's BatchSamplerShard adds | epoch start: bare | hasten | accelerate |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
 
@@ -198,7 +243,7 @@ def _worker(rank: int, world: int, port: int, rounds: int) -> None:
 
     state = PartialState()
     AcceleratorState(cpu=True, _from_accelerator=True, dynamo_plugin=TorchDynamoPlugin())  # same group
-    lines = _measure(world, rounds, state.wait_for_everyone)
+    lines = _measure(world, rounds, state.wait_for_everyone, rank)
     if rank == 0:
         print("\n".join(lines), flush=True)
     state.destroy_process_group()
@@ -208,9 +253,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
-    print(
-        "### Iterating a prepared loader: CPU time per batch of 32, and to start an epoch (best of rounds)\n"
-    )
+    print("### Iterating a prepared loader: CPU time per batch of 32, and to start an epoch\n")
     print("\n".join(_header_lines()))
     torch.set_num_threads(1)
     from accelerate.state import AcceleratorState
