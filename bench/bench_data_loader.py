@@ -10,12 +10,12 @@ yield the same number of batches of the same shape; there a fourth contender, th
 bare ``DataLoader`` over the ``BatchSamplerShard`` hasten reads from (the indices alone).
 
 Each round runs one epoch of 1,000 batches of every contender: the epoch starts one after the
-other (up to the first batch, after a barrier: on 2 ranks both libraries broadcast the
-sampler's generator then), then the contenders' batches are timed in turns of 50 batches each,
-so the windows of every contender see the same load of the shared machine. Reported: the least
-time per batch over all windows (some window runs undisturbed) minus the bare loader's, and the
-median over windows of the difference with the bare loader's window of the same turn; the least
-epoch start over all rounds.
+other, the first rotating from round to round (each up to its first batch, after a barrier: on
+2 ranks both libraries broadcast the sampler's generator then), then the contenders' batches
+are timed in turns of 50 batches each, so the windows of every contender see the same load of
+the shared machine. Reported: the least time per batch over all windows (some window runs
+undisturbed) minus the bare loader's, and the median over windows of the difference with the
+bare loader's window of the same turn; the least epoch start over all rounds.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class Costs:
 
 
 def _round(
-    loaders: dict[str, Any], barrier: Callable[[], None]
+    loaders: dict[str, Any], barrier: Callable[[], None], turn: int = 0
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """One epoch of every contender: each starts in turn (up to its first batch, after a barrier),
     then their batches are timed in turns of ``WINDOW`` batches each, so every contender's
@@ -105,7 +105,10 @@ def _round(
     try:
         starts: dict[str, float] = {}
         iterators: dict[str, Any] = {}
-        for name, loader in loaders.items():
+        names = list(loaders)
+        names = names[turn % len(names) :] + names[: turn % len(names)]  # who goes first rotates
+        for name in names:
+            loader = loaders[name]
             barrier()
             start = time.perf_counter()
             iterators[name] = iter(loader)
@@ -130,8 +133,8 @@ def _costs(loaders: dict[str, Any], rounds: int, barrier: Callable[[], None]) ->
     _round(loaders, barrier)  # warm-up
     starts: dict[str, list[float]] = {name: [] for name in loaders}
     windows: dict[str, list[float]] = {name: [] for name in loaders}
-    for _ in range(rounds):
-        round_starts, round_windows = _round(loaders, barrier)
+    for turn in range(rounds):
+        round_starts, round_windows = _round(loaders, barrier, turn)
         for name in loaders:
             starts[name].append(round_starts[name])
             windows[name] += round_windows[name]
