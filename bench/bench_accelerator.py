@@ -11,7 +11,9 @@ autocast, and evaluation with ``gather_for_metrics``. The raw loop is what one w
 library as the only difference. Each round runs one epoch of every contender, in a rotating
 order; every batch is timed, and the table gives the median and 10th percentile per batch and
 the overhead over raw torch. Each process uses one torch thread. ``--startup`` adds the time of
-``import`` + ``Accelerator()`` + ``prepare`` in a fresh interpreter.
+``import`` + ``Accelerator()`` + ``prepare`` in a fresh interpreter; ``--floor N`` times N
+gathers of one evaluation batch on 2 ranks alone (raw ``all_gather_into_tensor`` and each
+library's ``gather``), the floor under the evaluation scenario.
 """
 
 from __future__ import annotations
@@ -239,6 +241,46 @@ def _run(rank: int, world: int, port: int, epochs: int, scenarios: list[str]) ->
         dist.destroy_process_group()
 
 
+def _floor(rank: int, world: int, port: int, calls: int) -> None:
+    """What one evaluation batch's gather costs by itself on ``world`` ranks: the raw loop's one
+    ``all_gather_into_tensor`` of the stacked predictions and labels (the floor of any gather), and
+    each library's ``gather`` of the ``(predictions, labels)`` pair, interleaved call by call."""
+    os.environ.update(rank_environment(rank, world, port))
+    torch.set_num_threads(1)
+    from accelerate.utils import gather as their_gather
+
+    from hasten.state import PartialState
+    from hasten.utils.operations import gather as our_gather
+
+    PartialState()
+    import accelerate
+
+    accelerate.PartialState(cpu=True)  # as the Accelerator(cpu=True) of the scenarios
+    preds, labels = torch.randint(0, CLASSES, (BATCH,)), torch.randint(0, CLASSES, (BATCH,))
+    out = torch.empty(world * 2, BATCH, dtype=torch.int64)
+    contenders: dict[str, Callable[[], Any]] = {
+        "raw all_gather_into_tensor": lambda: dist.all_gather_into_tensor(out, torch.stack([preds, labels])),
+        "accelerate gather": lambda: their_gather((preds, labels)),
+        "hasten gather": lambda: our_gather((preds, labels)),
+    }
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
+    for number in range(calls + 20):
+        for name, call in contenders.items():
+            dist.barrier()
+            wall, cpu = time.perf_counter(), time.thread_time()
+            call()
+            if number >= 20:  # warm-up
+                times[name].append((time.perf_counter() - wall, time.thread_time() - cpu))
+    if rank == 0:
+        print(f"### The floor: one gather of (predictions, labels) on {world} gloo ranks, µs per call\n")
+        print("| call | median / p10 / CPU |")
+        print("|---|---|")
+        for name, runs in times.items():
+            print(f"| {name} | {' / '.join(_us(value) for value in _stats(runs))} |")
+        print()
+    dist.destroy_process_group()
+
+
 _STARTUP = """
 import time
 start = time.perf_counter()
@@ -298,6 +340,12 @@ def _startup(repeats: int) -> None:
     print()
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ranks", type=int, nargs="*", default=[1, 2])
@@ -306,17 +354,19 @@ def main() -> None:
     parser.add_argument(
         "--startup", type=int, default=0, help="repeats of the start-up measurement (0: skip)"
     )
+    parser.add_argument(
+        "--floor", type=int, default=0, help="calls of the 2-rank gather floor measurement (0: skip)"
+    )
     args = parser.parse_args()
     if args.startup:
         _startup(args.startup)
+    if args.floor:
+        mp.spawn(_floor, args=(2, _free_port(), args.floor), nprocs=2, join=True)
     for world in args.ranks:
         if world == 1:
             _run(0, 1, 0, args.epochs, args.scenarios)
             continue
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        mp.spawn(_run, args=(world, port, args.epochs, args.scenarios), nprocs=world, join=True)
+        mp.spawn(_run, args=(world, _free_port(), args.epochs, args.scenarios), nprocs=world, join=True)
 
 
 if __name__ == "__main__":
