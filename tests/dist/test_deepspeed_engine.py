@@ -15,7 +15,15 @@ import torch
 from torch.nn import functional
 
 from tests.ranks import RankPool, raised
-from tests.training import _optimizer, accelerated_epochs, dataset, model, raw_loader, raw_run
+from tests.training import (
+    _optimizer,
+    accelerated_epochs,
+    dataset,
+    model,
+    raw_loader,
+    raw_run,
+    train_prepared,
+)
 
 pytest.importorskip("deepspeed")
 
@@ -135,12 +143,7 @@ def _zero3_and_ddp(steps: int) -> dict[str, Any]:
     accelerator = Accelerator(
         deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), gradient_accumulation_steps=steps
     )
-    net = model()
-    optimizer, scheduler = _optimizer(net.parameters())
-    engine, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
-    loader = raw_loader(accelerator.num_processes, accelerator.process_index)
-    losses, norms = accelerated_epochs(accelerator, engine, optimizer, scheduler, loader)
-    weights = accelerator.get_state_dict(engine)
+    engine, losses, norms, weights = train_prepared(accelerator)
     local_shapes = {tuple(p.shape) for p in engine.parameters()}
     accumulation = accelerator.deepspeed_config["gradient_accumulation_steps"]
     accelerator.free_memory()
