@@ -11,13 +11,16 @@ autocast, and evaluation with ``gather_for_metrics``. The raw loop is what one w
 library as the only difference. Each round runs one epoch of every contender, in a rotating
 order; every batch is timed, and the table gives the median and 10th percentile per batch and
 the overhead over raw torch. Each process uses one torch thread. ``--startup`` adds the time of
-``import`` + ``Accelerator()`` + ``prepare`` in a fresh interpreter.
+``import`` + ``Accelerator()`` + ``prepare`` in a fresh interpreter; ``--floor N`` times N
+gathers of one evaluation batch on 2 ranks alone (raw ``all_gather_into_tensor`` and each
+library's ``gather``), the floor under the evaluation scenario.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import socket
 import statistics
 import subprocess
@@ -209,8 +212,6 @@ def _report(world: int, results: dict[str, dict[str, list[tuple[float, float]]]]
 
 
 def _run(rank: int, world: int, port: int, epochs: int, scenarios: list[str]) -> None:
-    import os
-
     if world > 1:
         os.environ.update(rank_environment(rank, world, port))
     torch.set_num_threads(1)
@@ -240,12 +241,52 @@ def _run(rank: int, world: int, port: int, epochs: int, scenarios: list[str]) ->
         dist.destroy_process_group()
 
 
+def _floor(rank: int, world: int, port: int, calls: int) -> None:
+    """What one evaluation batch's gather costs by itself on ``world`` ranks: the raw loop's one
+    ``all_gather_into_tensor`` of the stacked predictions and labels (the floor of any gather), and
+    each library's ``gather`` of the ``(predictions, labels)`` pair, interleaved call by call."""
+    os.environ.update(rank_environment(rank, world, port))
+    torch.set_num_threads(1)
+    from accelerate.utils import gather as their_gather
+
+    from hasten.state import PartialState
+    from hasten.utils.operations import gather as our_gather
+
+    PartialState()
+    import accelerate
+
+    accelerate.PartialState(cpu=True)  # as the Accelerator(cpu=True) of the scenarios
+    preds, labels = torch.randint(0, CLASSES, (BATCH,)), torch.randint(0, CLASSES, (BATCH,))
+    out = torch.empty(world * 2, BATCH, dtype=torch.int64)
+    contenders: dict[str, Callable[[], Any]] = {
+        "raw all_gather_into_tensor": lambda: dist.all_gather_into_tensor(out, torch.stack([preds, labels])),
+        "accelerate gather": lambda: their_gather((preds, labels)),
+        "hasten gather": lambda: our_gather((preds, labels)),
+    }
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
+    for number in range(calls + 20):
+        for name, call in contenders.items():
+            dist.barrier()
+            wall, cpu = time.perf_counter(), time.thread_time()
+            call()
+            if number >= 20:  # warm-up
+                times[name].append((time.perf_counter() - wall, time.thread_time() - cpu))
+    if rank == 0:
+        print(f"### The floor: one gather of (predictions, labels) on {world} gloo ranks, µs per call\n")
+        print("| call | median / p10 / CPU |")
+        print("|---|---|")
+        for name, runs in times.items():
+            print(f"| {name} | {' / '.join(_us(value) for value in _stats(runs))} |")
+        print()
+    dist.destroy_process_group()
+
+
 _STARTUP = """
 import time
 start = time.perf_counter()
 import torch
 from torch import nn
-torch_done = time.perf_counter()
+torch_done, torch_cpu = time.perf_counter(), time.process_time()
 from {library} import Accelerator
 accelerator = Accelerator(cpu=True)
 model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
@@ -254,37 +295,55 @@ loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 built = time.perf_counter()
 model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-end = time.perf_counter()
-print(end - torch_done, end - built)
+end, end_cpu = time.perf_counter(), time.process_time()
+print(end - torch_done, end - built, end_cpu - torch_cpu)
 """
 
 
 def _startup(repeats: int) -> None:
     """Fresh interpreters, the libraries alternating; the minimum is the figure least disturbed by
-    other load on the machine."""
+    other load on the machine. A first, untimed round per library writes the bytecode caches an
+    installed package has (``PYTHONDONTWRITEBYTECODE`` would otherwise time compiling hasten's
+    sources against Accelerate's cached bytecode)."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
     totals: dict[str, list[float]] = {library: [] for library in LIBRARIES}
     prepares: dict[str, list[float]] = {library: [] for library in LIBRARIES}
-    for _ in range(repeats):
+    cpus: dict[str, list[float]] = {library: [] for library in LIBRARIES}
+    for round_ in range(repeats + 1):
         for library in LIBRARIES:
             out = subprocess.run(
                 [sys.executable, "-c", _STARTUP.format(library=library)],
                 check=True,
                 capture_output=True,
                 text=True,
+                env=env,
             )
-            total, prepare = map(float, out.stdout.split())
+            if round_ == 0:
+                continue
+            total, prepare, cpu = map(float, out.stdout.split())
             totals[library].append(total)
             prepares[library].append(prepare)
+            cpus[library].append(cpu)
     print(f"### Start-up, 1 process: fresh interpreter after `import torch`, {repeats} runs alternating\n")
-    print("| library | import + Accelerator() + prepare: min / median | prepare alone: min / median |")
-    print("|---|---|---|")
+    print(
+        "| library | import + Accelerator() + prepare: min / median | its CPU time: min / median "
+        "| prepare alone: min / median |"
+    )
+    print("|---|---|---|---|")
     for library in LIBRARIES:
-        total, prepare = sorted(totals[library]), sorted(prepares[library])
+        total, prepare, cpu = sorted(totals[library]), sorted(prepares[library]), sorted(cpus[library])
         print(
             f"| {library} | {total[0] * 1e3:.0f} / {statistics.median(total) * 1e3:.0f} ms | "
+            f"{cpu[0] * 1e3:.0f} / {statistics.median(cpu) * 1e3:.0f} ms | "
             f"{prepare[0] * 1e3:.2f} / {statistics.median(prepare) * 1e3:.2f} ms |"
         )
     print()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def main() -> None:
@@ -295,17 +354,19 @@ def main() -> None:
     parser.add_argument(
         "--startup", type=int, default=0, help="repeats of the start-up measurement (0: skip)"
     )
+    parser.add_argument(
+        "--floor", type=int, default=0, help="calls of the 2-rank gather floor measurement (0: skip)"
+    )
     args = parser.parse_args()
     if args.startup:
         _startup(args.startup)
+    if args.floor:
+        mp.spawn(_floor, args=(2, _free_port(), args.floor), nprocs=2, join=True)
     for world in args.ranks:
         if world == 1:
             _run(0, 1, 0, args.epochs, args.scenarios)
             continue
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        mp.spawn(_run, args=(world, port, args.epochs, args.scenarios), nprocs=world, join=True)
+        mp.spawn(_run, args=(world, _free_port(), args.epochs, args.scenarios), nprocs=world, join=True)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,18 @@ def library_run(
     return losses, {k: v.detach().clone() for k, v in weights.items()}
 
 
+def train_prepared(accelerator: Any) -> tuple[Any, list[float], list[Any], dict[str, Any] | None]:
+    """Prepare the model, optimizer and scheduler with ``accelerator``, train them on
+    :func:`raw_loader`'s batches; returns the prepared model, the losses, the clipping norms and
+    ``get_state_dict`` of the model."""
+    net = model()
+    optimizer, scheduler = _optimizer(net.parameters())
+    net, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
+    loader = raw_loader(accelerator.num_processes, accelerator.process_index)
+    losses, norms = accelerated_epochs(accelerator, net, optimizer, scheduler, loader)
+    return net, losses, norms, accelerator.get_state_dict(net)
+
+
 def accelerated_epochs(
     accelerator: Any, net: Any, optimizer: Any, scheduler: Any, loader: Any, epochs: int = 2
 ) -> tuple[list[float], list[Any]]:

@@ -50,6 +50,7 @@ LAYERS: dict[str, int] = {
     "hasten.utils.precision": 2,
     "hasten.process_group": 3,
     "hasten.state": 3,
+    "hasten.gradient_state": 3,
     "hasten.logging": 3,
     "hasten.utils.operations": 4,
     "hasten.utils.exchange": 4,

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from tests.ranks import RankPool
-from tests.training import _optimizer, accelerated_epochs, model, raw_loader
+from tests.training import train_prepared
 
 pytest.importorskip("accelerate")
 
@@ -66,12 +66,7 @@ def _accelerator(library: str, engine: str) -> Any:
 
 def _run(library: str, engine: str) -> tuple[list[float], dict[str, torch.Tensor] | None, str]:
     accelerator = _accelerator(library, engine)
-    net = model()
-    optimizer, scheduler = _optimizer(net.parameters())
-    net, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
-    loader = raw_loader(accelerator.num_processes, accelerator.process_index)
-    losses, _ = accelerated_epochs(accelerator, net, optimizer, scheduler, loader)
-    weights = accelerator.get_state_dict(net)
+    net, losses, _, weights = train_prepared(accelerator)
     kind = type(net).__name__
     if engine == "deepspeed":
         accelerator.free_memory()

@@ -41,8 +41,9 @@ def test_training_matches_ddp_written_by_hand_bit_for_bit(
     assert results[0][1] != results[1][1]  # each rank saw its own batches
 
 
-def test_bf16_training_matches_autocast_written_by_hand(ranks2: Any) -> None:
-    results = ranks2.run(_equivalent, 4, "bf16")
+@pytest.mark.parametrize("pool", POOLS)
+def test_bf16_training_matches_autocast_written_by_hand(pool: str, request: pytest.FixtureRequest) -> None:
+    results = request.getfixturevalue(pool).run(_equivalent, 4, "bf16")
     assert all(same for same, _ in results), results
 
 

@@ -1,6 +1,7 @@
 """The Accelerator's DeepSpeed engine on 2 gloo ranks (CPU): ZeRO-2 training against DDP by hand with
-accumulation, clipping and a torch scheduler; ZeRO-3 with the config's optimizer and scheduler
-(DummyOptim / DummyScheduler), the full state dict gathered on the main process, two named plugins.
+accumulation, clipping and a torch scheduler; ZeRO-3 likewise (fp32, torch optimizer), and with the
+config's optimizer and scheduler (DummyOptim / DummyScheduler), the full state dict gathered on the main
+process, two named plugins.
 
 Each ``deepspeed.initialize`` costs seconds here, so the tests are few and each checks a lot.
 """
@@ -14,7 +15,15 @@ import torch
 from torch.nn import functional
 
 from tests.ranks import RankPool, raised
-from tests.training import _optimizer, accelerated_epochs, dataset, model, raw_loader, raw_run
+from tests.training import (
+    _optimizer,
+    accelerated_epochs,
+    dataset,
+    model,
+    raw_loader,
+    raw_run,
+    train_prepared,
+)
 
 pytest.importorskip("deepspeed")
 
@@ -121,6 +130,49 @@ def test_zero2_training_matches_ddp_with_accumulation_and_clipping(ranks2: RankP
         assert "device_placement=[True]: the DeepSpeed engine places" in result["custom placement"]
     assert results[0]["norms"] == results[1]["norms"]  # one global norm
     assert results[0]["losses"] != results[1]["losses"]
+
+
+def _zero3_and_ddp(steps: int) -> dict[str, Any]:
+    """ZeRO-3 with a torch optimizer and scheduler, in fp32, against DDP written by hand."""
+    from hasten import Accelerator
+    from hasten.utils import DeepSpeedPlugin
+
+    config = _config(3)
+    config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny weights
+    accelerator = Accelerator(
+        deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), gradient_accumulation_steps=steps
+    )
+    engine, losses, norms, weights = train_prepared(accelerator)
+    local_shapes = {tuple(p.shape) for p in engine.parameters()}
+    accumulation = accelerator.deepspeed_config["gradient_accumulation_steps"]
+    accelerator.free_memory()
+    _reset()
+    ddp_losses, ddp_weights = raw_run(steps)
+    return {
+        "close to DDP": all(
+            abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(losses, ddp_losses, strict=True)
+        ),
+        "close weights": None
+        if weights is None
+        else all(torch.allclose(weights[k], ddp_weights[k], rtol=1e-3, atol=1e-4) for k in ddp_weights),
+        "keys": None if weights is None else sorted(weights),
+        "norms": len(norms),
+        "local shapes": local_shapes,
+        "accumulation": accumulation,
+    }
+
+
+def test_zero3_training_matches_ddp_with_accumulation(ranks2: RankPool) -> None:
+    results = ranks2.run(_zero3_and_ddp, 2, timeout=300)
+    for rank, result in enumerate(results):
+        assert result["close to DDP"], result
+        assert result["local shapes"] == {(0,)}  # partitioned: the weights live in DeepSpeed's shards
+        assert result["norms"] == 12 and result["accumulation"] == 2
+        if rank == 0:
+            assert result["close weights"] and result["keys"] == ["0.bias", "0.weight", "2.bias", "2.weight"]
+        else:
+            assert result["close weights"] is None  # gathered on the main process only
 
 
 def _zero3_with_config_optimizer() -> dict[str, Any]:

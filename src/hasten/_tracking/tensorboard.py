@@ -12,8 +12,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import yaml
-
 from hasten._tracking.base import (
     NUMBERS,
     GeneralTracker,
@@ -110,6 +108,8 @@ class TensorBoardTracker(GeneralTracker):
         else:
             self.writer.add_hparams(hparams, metric_dict={}, run_name=stamp)
         self.writer.flush()
+        import yaml  # here, not at module level: `import hasten` does not pay for it
+
         with atomic_write(os.path.join(self.logging_dir, stamp, "hparams.yml"), "w") as handle:
             yaml.safe_dump(hparams, handle)
 

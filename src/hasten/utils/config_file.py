@@ -12,8 +12,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hasten.utils.atomic import atomic_write
 from hasten.utils.dataclasses.enums import ComputeEnvironment, DistributedType, PrecisionType
 from hasten.utils.device import accelerator_count, accelerator_type
@@ -75,6 +73,8 @@ def basic_config(mixed_precision: str = "no") -> dict[str, Any]:
 
 def save_config_file(config: dict[str, Any], path: PathLike) -> Path:
     """Write ``config`` atomically, as JSON when ``path`` ends in ``.json`` and as YAML otherwise."""
+    import yaml  # here, not at module level: `import hasten` does not pay for it
+
     target = Path(path)
     with atomic_write(target, "w", encoding="utf-8") as handle:
         if target.suffix == ".json":
@@ -136,6 +136,8 @@ def load_config_file(path: PathLike) -> dict[str, Any]:
         FileNotFoundError: there is no such file.
         ValueError: the file is not valid YAML/JSON or does not hold a mapping (naming the file).
     """
+    import yaml  # here, not at module level: `import hasten` does not pay for it
+
     target = Path(path)
     text = target.read_text(encoding="utf-8")
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 
-import psutil
 import torch
 from torch import nn
 
@@ -50,6 +49,8 @@ def _check_key(key: object) -> None:
 
 
 def _detect_budget() -> dict[DeviceKey, int]:
+    import psutil  # here, not at module level: `import hasten` does not pay for it
+
     budget: dict[DeviceKey, int] = {}
     kind = accelerator_type()
     if kind == "mps":
