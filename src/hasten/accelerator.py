@@ -13,19 +13,19 @@ which one it is, probing packages or reading the environment.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+from hasten._checkpointing.methods import CheckpointingMixin
+from hasten._tracking.methods import TrackingMixin
 from hasten._tracking.registry import filter_trackers
 from hasten.data_loader import prepare_data_loader, skip_first_batches
 from hasten.engines.accumulation import Accumulate
 from hasten.engines.connector import connect
 from hasten.engines.ddp import trigger_sync_in_backward
-from hasten.engines.outputs import check_saveable, write_model
 from hasten.engines.processes import ProcessMixin
 from hasten.scheduler import AcceleratedScheduler
 from hasten.utils.compilation import is_compiled_module
@@ -34,7 +34,6 @@ from hasten.utils.dataclasses.kwargs import AutocastKwargs, ProfileKwargs
 from hasten.utils.dataclasses.plugins.dynamo import TorchDynamoPlugin
 from hasten.utils.errors import ConfigurationError
 from hasten.utils.memory import release_memory
-from hasten.utils.parallel import save
 from hasten.utils.typing import PathLike
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,7 +47,7 @@ def _bool(value: Any, name: str) -> bool:
     return value
 
 
-class Accelerator(ProcessMixin):
+class Accelerator(ProcessMixin, CheckpointingMixin, TrackingMixin):
     """Prepares models, optimizers, schedulers and data loaders for the process layout and precision
     given, then runs the training step's backward, accumulation, clipping and gathering.
 
@@ -156,7 +155,7 @@ class Accelerator(ProcessMixin):
         self.log_with = trackers
         self.trackers: list[Any] = []
         self.flag_tensor: torch.Tensor | None = None
-        # What save_state / load_state (issue 17) work from, named as Accelerate names them.
+        # What save_state / load_state work from, named as Accelerate names them.
         self.step = 0
         self._models: list[nn.Module] = []
         self._optimizers: list[Any] = []
@@ -538,40 +537,6 @@ class Accelerator(ProcessMixin):
     def clear(self, *objects: Any) -> list[None]:
         """:meth:`free_memory`."""
         return self.free_memory(*objects)
-
-    def save(self, obj: Any, f: Any, safe_serialization: bool = False) -> None:
-        """``hasten.utils.save``: write ``obj`` once (per machine with ``save_on_each_node``), atomically."""
-        save(
-            obj,
-            f,
-            save_on_each_node=self.project_configuration.save_on_each_node,
-            safe_serialization=safe_serialization,
-        )
-
-    def save_model(
-        self,
-        model: nn.Module,
-        save_directory: PathLike,
-        max_shard_size: int | str = "10GB",
-        safe_serialization: bool = True,
-    ) -> None:
-        """Write ``model``'s weights to ``save_directory`` as safetensors (or ``.bin``) shards of at most
-        ``max_shard_size``, with an index when sharded: the layout ``load_checkpoint_in_model`` and
-        transformers read. Tied weights are stored once; each file is written atomically.
-
-        Raises:
-            NotADirectoryError: ``save_directory`` is a file.
-            ValueError: some parameters are on the meta device.
-        """
-        check_saveable(model, save_directory)
-        state_dict = self.get_state_dict(model)
-        writer = (
-            self.is_local_main_process
-            if self.project_configuration.save_on_each_node
-            else self.is_main_process
-        )
-        if state_dict is not None and writer:
-            write_model(state_dict, os.fspath(save_directory), max_shard_size, safe_serialization)
 
     @contextlib.contextmanager
     def profile(self, profile_handler: ProfileKwargs | None = None) -> Iterator[Any]:

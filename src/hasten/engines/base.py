@@ -43,6 +43,16 @@ Whole model:
     ``unwrap(model, keep_fp32_wrapper, keep_torch_compile) -> nn.Module``
     ``release()``: drop what the engine holds (DeepSpeed destroys its engine), for ``free_memory``.
 
+Checkpoints (``save_state`` / ``load_state``; every process calls them):
+    ``checkpoint_parts(models, optimizers, schedulers) -> CheckpointParts``
+        What the generic training-state files hold (``model*.safetensors``, ``optimizer*.bin``,
+        ``scheduler*.bin``): everything by default; FSDP2 and DeepSpeed keep models and
+        optimizers out and save them themselves.
+    ``save_checkpoint(folder, models, optimizers, kwargs)`` / ``load_checkpoint(...)``
+        Write or read what the engine keeps itself (FSDP2: ``pytorch_model_fsdp*`` and
+        ``optimizer*`` through ``hasten.utils.fsdp_checkpoint``; DeepSpeed: its engine's own
+        ``save_checkpoint`` / ``load_checkpoint`` folder ``pytorch_model*``); nothing by default.
+
 Adding an engine: subclass :class:`Engine` (or ``SingleDeviceEngine``) in its own module here,
 map its ``DistributedType`` to it in ``connector.ENGINES``, drop it from
 ``connector._refuse_engines_not_built``, and resolve its plugin in ``plugins.py`` (passed on
@@ -62,6 +72,8 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
@@ -127,6 +139,15 @@ def refuse_unknown(objects: Sequence[Any]) -> None:
                 f"the Accelerator does not know how to prepare. It prepares {_KNOWN}; use other objects as "
                 "they are, without passing them to prepare()."
             )
+
+
+@dataclass(frozen=True)
+class CheckpointParts:
+    """The models, optimizers and schedulers whose state goes into the generic checkpoint files."""
+
+    models: list[nn.Module]
+    optimizers: list[Any]
+    schedulers: list[Any]
 
 
 class Engine(abc.ABC):
@@ -219,6 +240,24 @@ class Engine(abc.ABC):
         if model._orig_mod is bare:
             return model
         return type(model)(bare, model.dynamo_ctx)
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def checkpoint_parts(
+        self, models: Sequence[nn.Module], optimizers: Sequence[Any], schedulers: Sequence[Any]
+    ) -> CheckpointParts:
+        """What the generic checkpoint files hold: everything, unless the engine saves it itself."""
+        return CheckpointParts(list(models), list(optimizers), list(schedulers))
+
+    def save_checkpoint(  # noqa: B027  (an optional hook: single device and DDP save nothing themselves)
+        self, folder: Path, models: Sequence[nn.Module], optimizers: Sequence[Any], kwargs: dict[str, Any]
+    ) -> None:
+        """Write into ``folder`` what :meth:`checkpoint_parts` keeps out of the generic files."""
+
+    def load_checkpoint(  # noqa: B027
+        self, folder: Path, models: Sequence[nn.Module], optimizers: Sequence[Any], kwargs: dict[str, Any]
+    ) -> None:
+        """Load from ``folder`` what :meth:`save_checkpoint` wrote."""
 
     def release(self) -> None:  # noqa: B027  (an optional hook: most engines hold nothing)
         """Drop whatever the engine holds for the objects it prepared."""

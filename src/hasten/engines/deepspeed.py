@@ -14,12 +14,13 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
-from hasten.engines.base import Engine, Preparer, kind_of, refuse_unknown
+from hasten.engines.base import CheckpointParts, Engine, Preparer, kind_of, refuse_unknown
 from hasten.engines.deepspeed_setup import SetUp, fill_config, loader_batch_size
 from hasten.optimizer import AcceleratedOptimizer
 from hasten.scheduler import AcceleratedScheduler
@@ -32,7 +33,7 @@ from hasten.utils.deepspeed import (
     DummyScheduler,
     map_pytorch_optim_to_deepspeed,
 )
-from hasten.utils.errors import ConfigurationError
+from hasten.utils.errors import CheckpointError, ConfigurationError
 from hasten.utils.imports import require
 
 if TYPE_CHECKING:
@@ -286,6 +287,49 @@ class DeepSpeedEngine(Engine):
 
         bare = self.unwrap(model, keep_fp32_wrapper=True, keep_torch_compile=False) if unwrap else model
         return clone_tensors_for_torch_save(bare.state_dict())
+
+    def checkpoint_parts(
+        self, models: Sequence[nn.Module], optimizers: Sequence[Any], schedulers: Sequence[Any]
+    ) -> CheckpointParts:
+        """DeepSpeed's own checkpoint holds the models, optimizers and the schedulers it steps."""
+        return CheckpointParts(
+            [], [], [s for s in schedulers if not isinstance(s, DeepSpeedSchedulerWrapper)]
+        )
+
+    def _checkpointed(self, models: Sequence[nn.Module]) -> list[tuple[str, Any]]:
+        found = []
+        for index, model in enumerate(models):
+            engine = self._engine_of(model)
+            if engine is None:
+                raise ConfigurationError(
+                    f"Model {index} ({type(model).__qualname__}) was not prepared by DeepSpeed, so its state "
+                    "cannot go into DeepSpeed's checkpoint; prepare every trained model with the Accelerator."
+                )
+            found.append(("pytorch_model" if index == 0 else f"pytorch_model_{index}", engine))
+        return found
+
+    def save_checkpoint(
+        self, folder: Path, models: Sequence[nn.Module], optimizers: Sequence[Any], kwargs: dict[str, Any]
+    ) -> None:
+        """Each engine's ``save_checkpoint(folder, "pytorch_model[_i]", **kwargs)`` (Accelerate's tags)."""
+        for tag, engine in self._checkpointed(models):
+            engine.save_checkpoint(str(folder), tag, **kwargs)
+
+    def load_checkpoint(
+        self, folder: Path, models: Sequence[nn.Module], optimizers: Sequence[Any], kwargs: dict[str, Any]
+    ) -> None:
+        """Each engine's ``load_checkpoint(folder, "pytorch_model[_i]", **kwargs)``.
+
+        Raises:
+            CheckpointError: DeepSpeed found no checkpoint under that tag.
+        """
+        for tag, engine in self._checkpointed(models):
+            path, _ = engine.load_checkpoint(str(folder), tag, **kwargs)
+            if path is None:
+                raise CheckpointError(
+                    f"{folder / tag}: DeepSpeed found no checkpoint to load there (was it saved by "
+                    "save_state under DeepSpeed, with the same number of processes?)."
+                )
 
     def release(self) -> None:
         """Destroy the DeepSpeed engines (their hooks and buffers) and forget them."""

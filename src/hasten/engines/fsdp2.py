@@ -13,13 +13,14 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from hasten.engines.base import Preparer, kind_of, refuse_unknown
+from hasten.engines.base import CheckpointParts, Preparer, kind_of, refuse_unknown
 from hasten.engines.single import SingleDeviceEngine
 from hasten.optimizer import AcceleratedOptimizer
 from hasten.state import AcceleratorState
@@ -232,6 +233,41 @@ class FSDP2Engine(SingleDeviceEngine):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state_dict = get_model_state_dict(model, options=options)
         return state_dict if self.settings.process_index == 0 else None
+
+    def checkpoint_parts(
+        self, models: Sequence[nn.Module], optimizers: Sequence[Any], schedulers: Sequence[Any]
+    ) -> CheckpointParts:
+        """Models and optimizers are saved by :meth:`save_checkpoint` (sharded or full, as the plugin
+        says)."""
+        return CheckpointParts([], [], list(schedulers))
+
+    def save_checkpoint(
+        self, folder: Path, models: Sequence[nn.Module], optimizers: Sequence[Any], kwargs: dict[str, Any]
+    ) -> None:
+        """Each model and the optimizer at its index, through ``hasten.utils.fsdp_checkpoint``
+        (Accelerate's files: ``pytorch_model_fsdp_<i>`` / ``optimizer_<i>`` folders, or ``.bin`` files
+        for full state dicts)."""
+        from hasten.utils.fsdp_checkpoint import save_fsdp_model, save_fsdp_optimizer
+
+        plugin = self.state.fsdp_plugin
+        for index, model in enumerate(models):
+            save_fsdp_model(plugin, self.state, model, folder, index)
+        for index, optimizer in enumerate(optimizers):
+            inner = getattr(optimizer, "optimizer", optimizer)
+            save_fsdp_optimizer(plugin, self.state, inner, models[min(index, len(models) - 1)], folder, index)
+
+    def load_checkpoint(
+        self, folder: Path, models: Sequence[nn.Module], optimizers: Sequence[Any], kwargs: dict[str, Any]
+    ) -> None:
+        """Load what :meth:`save_checkpoint` wrote (a missing file is an error on every rank)."""
+        from hasten.utils.fsdp_checkpoint import load_fsdp_model, load_fsdp_optimizer
+
+        plugin = self.state.fsdp_plugin
+        for index, model in enumerate(models):
+            load_fsdp_model(plugin, self.state, model, folder, index)
+        for index, optimizer in enumerate(optimizers):
+            inner = getattr(optimizer, "optimizer", optimizer)
+            load_fsdp_optimizer(plugin, self.state, inner, models[min(index, len(models) - 1)], folder, index)
 
     def release(self) -> None:
         """Forget the parameters sharding replaced."""
