@@ -307,17 +307,8 @@ def test_training_modules_match_accelerate(module: str, names: list[str]) -> Non
         assert not missing, f"{module}.{name} lacks Accelerate's members {missing}"
 
 
-# Accelerator members other issues build (trackers and checkpoints: issue 17) or hasten leaves out.
+# Accelerator members hasten leaves out.
 LATER_MEMBERS = {
-    "end_training": "issue 17 (trackers)",
-    "get_tracker": "issue 17 (trackers)",
-    "init_trackers": "issue 17 (trackers)",
-    "log": "issue 17 (trackers)",
-    "load_state": "issue 17 (checkpoints)",
-    "save_state": "issue 17 (checkpoints)",
-    "register_for_checkpointing": "issue 17 (checkpoints)",
-    "register_load_state_pre_hook": "issue 17 (checkpoints)",
-    "register_save_state_pre_hook": "issue 17 (checkpoints)",
     "deepspeed_ulysses_dl_adapter": "DeepSpeed's sequence parallelism needs parallelism_config, which hasten "
     "refuses (docs/design.md)",
     "lomo_backward": "LOMO optimizers are not supported (docs/design.md)",

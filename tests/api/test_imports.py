@@ -83,6 +83,7 @@ LAYERS: dict[str, int] = {
     "hasten.checkpointing": 7,
     "hasten.tracking": 7,
     "hasten._tracking": 7,
+    "hasten._checkpointing": 7,
     "hasten.launchers": 7,
     "hasten.utils.deepspeed": 7,
     "hasten.engines": 7,
