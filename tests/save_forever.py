@@ -24,7 +24,9 @@ def seed_of(iteration: int, rank: int) -> int:
 
 def prepared(project_dir: str) -> tuple[Accelerator, torch.nn.Module, torch.optim.Optimizer]:
     accelerator = Accelerator(
-        project_config=ProjectConfiguration(project_dir=project_dir, automatic_checkpoint_naming=True, total_limit=2)
+        project_config=ProjectConfiguration(
+            project_dir=project_dir, automatic_checkpoint_naming=True, total_limit=2
+        )
     )
     model = torch.nn.Linear(WIDTH, WIDTH)
     optimizer = torch.optim.AdamW(model.parameters())

@@ -26,7 +26,6 @@ from hasten.data_loader import prepare_data_loader, skip_first_batches
 from hasten.engines.accumulation import Accumulate
 from hasten.engines.connector import connect
 from hasten.engines.ddp import trigger_sync_in_backward
-from hasten.engines.processes import ProcessMixin
 from hasten.scheduler import AcceleratedScheduler
 from hasten.utils.compilation import is_compiled_module
 from hasten.utils.dataclasses.configs import DataLoaderConfiguration, ProjectConfiguration
@@ -47,7 +46,7 @@ def _bool(value: Any, name: str) -> bool:
     return value
 
 
-class Accelerator(ProcessMixin, CheckpointingMixin, TrackingMixin):
+class Accelerator(CheckpointingMixin, TrackingMixin):
     """Prepares models, optimizers, schedulers and data loaders for the process layout and precision
     given, then runs the training step's backward, accumulation, clipping and gathering.
 
@@ -368,7 +367,7 @@ class Accelerator(ProcessMixin, CheckpointingMixin, TrackingMixin):
         wrapped = self._engine.wrap_optimizer(
             optimizer, self.device_placement if device_placement is None else device_placement
         )
-        wrapped._is_accelerate_prepared = True  # type: ignore[attr-defined]
+        wrapped._is_accelerate_prepared = True
         self._optimizers.append(wrapped)
         return wrapped
 
@@ -402,7 +401,7 @@ class Accelerator(ProcessMixin, CheckpointingMixin, TrackingMixin):
         wrapped = self._engine.wrap_scheduler(
             scheduler, [optimizer], self.step_scheduler_with_optimizer, self.split_batches
         )
-        wrapped._is_accelerate_prepared = True  # type: ignore[attr-defined]
+        wrapped._is_accelerate_prepared = True
         self._schedulers.append(wrapped)
         return wrapped
 

@@ -21,11 +21,12 @@ from torch.utils.hooks import RemovableHandle
 from hasten._checkpointing import files, folders
 from hasten._checkpointing.training_state import read_state, write_state
 from hasten.engines.outputs import check_saveable, write_model
+from hasten.engines.processes import ProcessMixin
 from hasten.utils.parallel import save
 from hasten.utils.typing import PathLike
 
 
-class CheckpointingMixin:
+class CheckpointingMixin(ProcessMixin):
     """What the ``Accelerator`` saves and loads; its attributes are set by the ``Accelerator``."""
 
     _engine: Any
@@ -37,11 +38,6 @@ class CheckpointingMixin:
     project_configuration: Any
     scaler: Any
     step: int
-    state: Any
-    is_main_process: bool
-    is_local_main_process: bool
-    process_index: int
-    wait_for_everyone: Callable[[], None]
     get_state_dict: Callable[..., Any]
 
     @property
@@ -55,6 +51,16 @@ class CheckpointingMixin:
     def _writes(self) -> bool:
         config = self.project_configuration
         return self.is_local_main_process if config.save_on_each_node else self.is_main_process
+
+    def _pending_gradients(self, models: list[nn.Module]) -> list[dict[str, Any]] | None:
+        """Each model's gradients when saving in the middle of an accumulation (the next optimizer step
+        adds to them), else ``None``."""
+        if self.step % self.gradient_state.num_steps == 0:
+            return None
+        return [
+            {name: p.grad.detach().cpu() for name, p in model.named_parameters() if p.grad is not None}
+            for model in models
+        ]
 
     def save(self, obj: Any, f: Any, safe_serialization: bool = False) -> None:
         """``hasten.utils.save``: write ``obj`` once (per machine with ``save_on_each_node``), atomically."""
@@ -159,6 +165,7 @@ class CheckpointingMixin:
             self.scaler,
             save_on_each_node=config.save_on_each_node,
             safe_serialization=safe_serialization,
+            gradients=self._pending_gradients(parts.models),
         )
         for index, obj in enumerate(self._custom_objects):
             save(obj.state_dict(), staging / files.custom_file(index), config.save_on_each_node)
@@ -209,6 +216,7 @@ class CheckpointingMixin:
             map_location,
             load_kwargs,
             customs=self._custom_objects,
+            trained_models=list(parts.models),
             **({} if engine_kwargs else load_model_func_kwargs),
         )
         read.apply_scaler()  # before the engine's optimizer load: FSDP2 steps the optimizer once to load it

@@ -27,6 +27,7 @@ from hasten.utils.loading import load_checkpoint_in_model, plan_load
 from hasten.utils.parallel import save
 
 LOADERS_KEY = "dataloaders"
+GRADIENTS_KEY = "gradients"
 _CUSTOM = re.compile(r"custom_checkpoint_\d+\.pkl")
 
 
@@ -41,11 +42,13 @@ def write_state(
     scaler: Any = None,
     save_on_each_node: bool = False,
     safe_serialization: bool = True,
+    gradients: list[dict[str, Any]] | None = None,
 ) -> None:
     """Write everything into ``folder`` (which exists), each file atomically.
 
     Model, optimizer, scheduler, scaler and stateful-loader files come from the main process
-    (the local main one with ``save_on_each_node``); every process writes its RNG file.
+    (the local main one with ``save_on_each_node``); every process writes its RNG file, with
+    its ``gradients`` (saved in the middle of an accumulation: what the next step adds to).
     """
     for index, weights in enumerate(model_states):
         if weights is not None:
@@ -72,6 +75,8 @@ def write_state(
     if scaler is not None:
         save(scaler.state_dict(), folder / SCALER_NAME, save_on_each_node=save_on_each_node)
     states = {"step": step, **rng.capture(), LOADERS_KEY: loader_states}
+    if gradients is not None:
+        states[GRADIENTS_KEY] = gradients
     files.write(states, folder / files.rng_file(process_index))
 
 
@@ -121,6 +126,7 @@ class ReadState:
     customs: list[tuple[Any, Any]] = field(default_factory=list)
     rngs: dict[str, Any] = field(default_factory=dict)
     step: int | None = None
+    gradients: list[tuple[nn.Module, dict[str, Any]]] = field(default_factory=list)
 
     def apply_scaler(self) -> None:
         if self.scaler is not None:
@@ -141,6 +147,10 @@ class ReadState:
             loader.load_state_dict(state)
         for obj, state in self.customs:
             obj.load_state_dict(state)
+        for model, saved in self.gradients:
+            for name, parameter in model.named_parameters():
+                grad = saved.get(name)
+                parameter.grad = None if grad is None else grad.to(parameter.device, parameter.dtype)
 
     def restore_rngs(self) -> None:
         if self.rngs:
@@ -158,9 +168,13 @@ def read_state(
     map_location: Any = None,
     load_kwargs: dict[str, Any] | None = None,
     customs: list[Any] | None = None,
+    trained_models: list[nn.Module] | None = None,
     **load_model_func_kwargs: Any,
 ) -> ReadState:
     """Read and check every file this process needs from ``folder``; change nothing.
+
+    ``trained_models`` (default ``models``) get the pending gradients of a save made in the middle
+    of an accumulation: every prepared model, including those a load hook took over.
 
     Raises:
         CheckpointError: a file is missing, truncated, corrupt or does not fit its object (the message
@@ -204,6 +218,15 @@ def read_state(
     read.rngs = states
     read.step = states.get("step")
     read.loaders = _loader_states(folder, dataloaders, states.get(LOADERS_KEY), rng_path, load_kwargs)
+    saved_gradients = states.get(GRADIENTS_KEY)
+    if saved_gradients is not None:
+        trained = models if trained_models is None else trained_models
+        if not isinstance(saved_gradients, list) or len(saved_gradients) != len(trained):
+            raise CheckpointError(
+                f"{rng_path} holds the pending gradients of {len(saved_gradients)} models, but "
+                f"{len(trained)} are prepared. Prepare the same models as the saved run. Nothing was loaded."
+            )
+        read.gradients = list(zip(trained, saved_gradients))
     if customs is not None:
         read.customs = _custom_states(folder, customs, load_kwargs)
     return read

@@ -12,15 +12,14 @@ from typing import Any
 
 from hasten._tracking.base import GeneralTracker
 from hasten._tracking.lifecycle import find_tracker, finish_trackers, log_to_trackers, start_trackers
+from hasten.engines.processes import ProcessMixin
 
 
-class TrackingMixin:
+class TrackingMixin(ProcessMixin):
     """What the ``Accelerator`` logs with; ``log_with`` and ``trackers`` are set by its constructor."""
 
     log_with: list[Any]
     trackers: list[GeneralTracker]
-    state: Any
-    is_main_process: bool
     logging_dir: Any
 
     def init_trackers(
