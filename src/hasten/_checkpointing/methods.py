@@ -22,8 +22,29 @@ from hasten._checkpointing import files, folders
 from hasten._checkpointing.training_state import read_state, write_state
 from hasten.engines.outputs import check_saveable, write_model
 from hasten.engines.processes import ProcessMixin
+from hasten.utils.errors import CheckpointError
+from hasten.utils.operations import gather_object
 from hasten.utils.parallel import save
 from hasten.utils.typing import PathLike
+
+
+def _agree(problem: str, distributed: bool) -> None:
+    """Raise on every process when one could not read its part of the checkpoint (so none loads, and
+    none waits for the others in the engine's collectives).
+
+    Raises:
+        CheckpointError: this process's ``problem``, or the first other process's.
+    """
+    problems = [(0, problem)]
+    if distributed:
+        problems = list(enumerate(gather_object([problem])))
+    if problem:
+        raise CheckpointError(problem)
+    for rank, other in problems:
+        if other:
+            raise CheckpointError(
+                f"Process {rank} could not load its part of the checkpoint; nothing was loaded: {other}"
+            )
 
 
 class CheckpointingMixin(ProcessMixin):
@@ -205,20 +226,25 @@ class CheckpointingMixin(ProcessMixin):
         for hook in self._load_model_state_pre_hook.values():
             hook(models, os.fspath(folder))
         engine_kwargs = {} if parts.models or not self._models else dict(load_model_func_kwargs)
-        read = read_state(
-            folder,
-            models,
-            parts.optimizers,
-            parts.schedulers,
-            self._dataloaders,
-            self.process_index,
-            self.scaler,
-            map_location,
-            load_kwargs,
-            customs=self._custom_objects,
-            trained_models=list(parts.models),
-            **({} if engine_kwargs else load_model_func_kwargs),
-        )
+        try:
+            read = read_state(
+                folder,
+                models,
+                parts.optimizers,
+                parts.schedulers,
+                self._dataloaders,
+                self.process_index,
+                self.scaler,
+                map_location,
+                load_kwargs,
+                customs=self._custom_objects,
+                trained_models=list(parts.models),
+                **({} if engine_kwargs else load_model_func_kwargs),
+            )
+            problem = ""
+        except CheckpointError as error:
+            problem = str(error)
+        _agree(problem, self.num_processes > 1)
         read.apply_scaler()  # before the engine's optimizer load: FSDP2 steps the optimizer once to load it
         self._engine.load_checkpoint(folder, self._models, self._optimizers, engine_kwargs)
         read.apply()
