@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hasten._checkpointing import files
+from hasten._checkpointing.files import AtomicFiles
 from hasten._checkpointing.training_state import read_state, write_state
 from hasten.utils.parallel import save
 from hasten.utils.typing import PathLike
@@ -49,7 +50,7 @@ def save_accelerator_state(
         process_index,
         step,
         scaler,
-        save_on_each_node=save_on_each_node,
+        out=AtomicFiles(save_on_each_node),
         safe_serialization=safe_serialization,
     )
     return folder

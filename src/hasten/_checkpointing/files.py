@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hasten.utils.atomic import atomic_path
+from hasten.utils.atomic import _fsync_file, atomic_path
 from hasten.utils.constants import (
     MODEL_NAME,
     OPTIMIZER_NAME,
@@ -26,7 +27,7 @@ from hasten.utils.constants import (
     SCHEDULER_NAME,
 )
 from hasten.utils.errors import CheckpointError
-from hasten.utils.parallel import load
+from hasten.utils.parallel import clean_state_dict_for_safetensors, load, save
 
 CUSTOM_NAME = "custom_checkpoint"
 LOADER_STATE_NAME = "dl_state_dict"
@@ -77,6 +78,64 @@ def write(obj: Any, path: Path) -> None:
     """``torch.save`` ``obj`` to ``path`` through a synced temporary file renamed into place."""
     with atomic_path(path) as temporary:
         torch.save(obj, temporary)
+
+
+class AtomicFiles:
+    """Writes each file atomically (temporary name, sync, rename): for folders others can see."""
+
+    def __init__(self, save_on_each_node: bool = False) -> None:
+        self.save_on_each_node = save_on_each_node
+
+    def put(
+        self, obj: Any, path: Path, shared: bool = True, safe: bool = False, spread: bool = False
+    ) -> None:
+        """Write ``obj`` (a state dict as safetensors when ``safe``); ``shared`` files from one process."""
+        if shared:
+            save(obj, path, save_on_each_node=self.save_on_each_node, safe_serialization=safe)
+        else:
+            write(obj, path)
+
+
+class StagedFiles:
+    """Writes files straight into a staging folder no reader looks at, syncing each in the background
+    while the next one is serialised; :meth:`sync` waits for them. The folder's rename into place
+    then makes them visible together.
+
+    Shared files (the same on every process) are written by process ``index`` of ``count`` writers;
+    the large ones (``spread=True``: model and optimizer states, identical on every process under
+    DDP) go round-robin to the writers, so processes write them in parallel.
+    """
+
+    def __init__(self, index: int, count: int) -> None:
+        self.index, self.count = index, count
+        self._spread = 0
+        self._syncs: list[Future[None]] = []
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hasten-fsync")
+
+    def put(
+        self, obj: Any, path: Path, shared: bool = True, safe: bool = False, spread: bool = False
+    ) -> None:
+        """Write ``obj`` (a state dict as safetensors when ``safe``) if this process is its writer."""
+        if shared:
+            writer = self._spread % self.count if spread else 0
+            self._spread += spread
+            if writer != self.index:
+                return
+        if safe:
+            from safetensors.torch import save_file
+
+            save_file(clean_state_dict_for_safetensors(obj), str(path), metadata={"format": "pt"})
+        else:
+            torch.save(obj, path)
+        self._syncs.append(self._pool.submit(_fsync_file, path))
+
+    def sync(self) -> None:
+        """Wait until every file written is on the disk."""
+        try:
+            for pending in self._syncs:
+                pending.result()
+        finally:
+            self._pool.shutdown()
 
 
 def read(path: Path, what: str, load_kwargs: dict[str, Any] | None = None, map_location: Any = "cpu") -> Any:

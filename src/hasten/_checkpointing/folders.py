@@ -17,7 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
-from hasten.utils.atomic import _fsync_directory
+from hasten.utils.atomic import _fsync_directory, _fsync_file
 from hasten.utils.dataclasses.configs import ProjectConfiguration
 from hasten.utils.errors import CheckpointError
 
@@ -116,14 +116,19 @@ def prepare_staging(target: Path) -> Path:
 
 
 def _sync_tree(folder: Path) -> None:
-    for root, directories, _ in os.walk(folder):
+    """Sync every file and folder under ``folder`` (cheap for files their writer synced already; this
+    catches what hooks and engines wrote)."""
+    for root, directories, names in os.walk(folder):
+        for name in names:
+            _fsync_file(Path(root) / name)
         for directory in directories:
             _fsync_directory(Path(root) / directory)
     _fsync_directory(folder)
 
 
 def commit(staging: Path, target: Path) -> None:
-    """Make ``target`` the complete checkpoint in ``staging`` (the files in ``staging`` are synced)."""
+    """Make ``target`` the complete checkpoint in ``staging`` (every process synced the files it wrote;
+    the folders are synced here)."""
     _sync_tree(staging)
     if not target.exists():
         os.replace(staging, target)

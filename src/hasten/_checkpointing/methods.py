@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from hasten._checkpointing import files, folders
+from hasten._checkpointing.files import StagedFiles
 from hasten._checkpointing.training_state import read_state, write_state
 from hasten.engines.outputs import check_saveable, write_model
 from hasten.engines.processes import ProcessMixin
@@ -175,6 +176,11 @@ class CheckpointingMixin(ProcessMixin):
         self._engine.save_checkpoint(staging, self._models, self._optimizers, save_model_func_kwargs)
         for hook in self._save_model_state_pre_hook.values():
             hook(self._models, weights, os.fspath(staging))
+        # The shared files are spread over every process, or written by each node's main process.
+        if config.save_on_each_node:
+            out = StagedFiles(self.local_process_index, 1)
+        else:
+            out = StagedFiles(self.process_index, self.num_processes)
         write_state(
             staging,
             weights,
@@ -184,12 +190,13 @@ class CheckpointingMixin(ProcessMixin):
             self.process_index,
             self.step,
             self.scaler,
-            save_on_each_node=config.save_on_each_node,
+            out=out,
             safe_serialization=safe_serialization,
             gradients=self._pending_gradients(parts.models),
         )
         for index, obj in enumerate(self._custom_objects):
-            save(obj.state_dict(), staging / files.custom_file(index), config.save_on_each_node)
+            out.put(obj.state_dict(), staging / files.custom_file(index))
+        out.sync()
         self.wait_for_everyone()
         if writer:
             folders.commit(staging, target)

@@ -24,7 +24,6 @@ from hasten._checkpointing import files, rng
 from hasten.utils.constants import SCALER_NAME
 from hasten.utils.errors import CheckpointError
 from hasten.utils.loading import load_checkpoint_in_model, plan_load
-from hasten.utils.parallel import save
 
 LOADERS_KEY = "dataloaders"
 GRADIENTS_KEY = "gradients"
@@ -40,44 +39,41 @@ def write_state(
     process_index: int,
     step: int,
     scaler: Any = None,
-    save_on_each_node: bool = False,
+    out: files.AtomicFiles | files.StagedFiles | None = None,
     safe_serialization: bool = True,
     gradients: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Write everything into ``folder`` (which exists), each file atomically.
+    """Write everything into ``folder`` (which exists) through ``out`` (default: each file atomically).
 
-    Model, optimizer, scheduler, scaler and stateful-loader files come from the main process
-    (the local main one with ``save_on_each_node``); every process writes its RNG file, with
-    its ``gradients`` (saved in the middle of an accumulation: what the next step adds to).
+    Model, optimizer, scheduler, scaler and stateful-loader files come from one process (the
+    main one; the local main ones with ``save_on_each_node``); every process writes its RNG file,
+    with its ``gradients`` (saved in the middle of an accumulation: what the next step adds to).
     """
+    out = out or files.AtomicFiles()
     for index, weights in enumerate(model_states):
         if weights is not None:
-            save(
+            out.put(
                 weights,
                 folder / files.model_file(index, safe_serialization),
-                save_on_each_node=save_on_each_node,
-                safe_serialization=safe_serialization,
+                safe=safe_serialization,
+                spread=True,
             )
     for index, optimizer in enumerate(optimizers):
-        save(
-            optimizer.state_dict(), folder / files.optimizer_file(index), save_on_each_node=save_on_each_node
-        )
+        out.put(optimizer.state_dict(), folder / files.optimizer_file(index), spread=True)
     for index, scheduler in enumerate(schedulers):
-        save(
-            scheduler.state_dict(), folder / files.scheduler_file(index), save_on_each_node=save_on_each_node
-        )
+        out.put(scheduler.state_dict(), folder / files.scheduler_file(index))
     loader_states = [loader.state_dict() if hasattr(loader, "state_dict") else None for loader in dataloaders]
     for index, (loader, state) in enumerate(zip(dataloaders, loader_states)):
         if state is not None and getattr(loader, "use_stateful_dataloader", False):
             # Accelerate's file for torchdata loaders: torchdata's keys only, so Accelerate reads it too.
             own = {key: value for key, value in state.items() if key not in _PROGRESS_KEYS}
-            save(own, folder / files.loader_file(index), save_on_each_node=save_on_each_node)
+            out.put(own, folder / files.loader_file(index))
     if scaler is not None:
-        save(scaler.state_dict(), folder / SCALER_NAME, save_on_each_node=save_on_each_node)
+        out.put(scaler.state_dict(), folder / SCALER_NAME)
     states = {"step": step, **rng.capture(), LOADERS_KEY: loader_states}
     if gradients is not None:
         states[GRADIENTS_KEY] = gradients
-    files.write(states, folder / files.rng_file(process_index))
+    out.put(states, folder / files.rng_file(process_index), shared=False)
 
 
 _PROGRESS_KEYS = ("iteration", "batches_yielded", "generators", "rng_state", "sampler")

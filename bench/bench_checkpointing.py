@@ -1,0 +1,115 @@
+"""``save_state`` / ``load_state`` of a ~100 MiB model with AdamW: hasten against Accelerate, on 1 and 2
+processes (gloo on 127.0.0.1), in one run.
+
+Run: ``.venv/bin/python bench/bench_checkpointing.py [--rounds 5] [--mib 100]``. Prints Markdown tables for
+docs/benchmarks.md. hasten's save includes what makes it crash-safe (every file synced, the folder
+written beside its final name and renamed into place); Accelerate's writes in place without syncing.
+Both save the model as safetensors and the optimizer (~2x the model) with ``torch.save``. Each round
+saves to a fresh folder and then loads it back (from the page cache, for both alike); the rounds
+alternate between the libraries. Times are rank 0's, between barriers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import Timing, rank_environment, table
+
+WIDTH = 2048  # one Linear(2048, 2048) is 16 MiB of fp32 weights
+
+
+def _prepared(library: str, mib: int) -> tuple[Any, nn.Module, Any]:
+    module = __import__(library)
+    accelerator = module.Accelerator(cpu=True)  # Accelerate forms a CPU group only when told
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(max(1, round(mib / 16)))])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model(torch.ones(1, WIDTH)).sum().backward()
+    optimizer.step()  # the optimizer state exists (2 tensors per parameter)
+    optimizer.zero_grad()
+    return accelerator, model, optimizer
+
+
+def _timed(accelerator: Any, call: Any) -> float:
+    accelerator.wait_for_everyone()
+    start = time.perf_counter()
+    call()
+    accelerator.wait_for_everyone()
+    return time.perf_counter() - start
+
+
+def _run(rank: int, world: int, port: int, rounds: int, mib: int, folder: str, results: Any) -> None:
+    os.environ.update(rank_environment(rank, world, port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    contenders = {library: _prepared(library, mib) for library in ("hasten", "accelerate")}
+    times: dict[str, list[float]] = {f"{kind} {lib}": [] for kind in ("save", "load") for lib in contenders}
+    for round_index in range(rounds + 1):  # the first round warms up
+        for library, (accelerator, _, _) in contenders.items():
+            target = f"{folder}/{library}_{round_index}"
+            saved = _timed(accelerator, lambda a=accelerator, t=target: a.save_state(t))
+            loaded = _timed(accelerator, lambda a=accelerator, t=target: a.load_state(t))
+            if round_index:
+                times[f"save {library}"].append(saved)
+                times[f"load {library}"].append(loaded)
+            accelerator.wait_for_everyone()
+            if rank == 0:
+                shutil.rmtree(target)
+    if rank == 0:
+        results.put(times)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _timing(name: str, samples: list[float]) -> Timing:
+    return Timing(name, min(samples), statistics.median(samples))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--mib", type=int, default=100, help="model size in MiB (fp32 weights)")
+    args = parser.parse_args()
+    rows = []
+    context = mp.get_context("spawn")
+    for world in (1, 2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        results = context.SimpleQueue()
+        with tempfile.TemporaryDirectory() as folder:
+            mp.start_processes(
+                _run,
+                args=(world, port, args.rounds, args.mib, folder, results),
+                nprocs=world,
+                join=True,
+                start_method="spawn",
+            )
+        times = results.get()
+        for kind in ("save_state", "load_state"):
+            short = kind.split("_")[0]
+            timings = [_timing(lib, times[f"{short} {lib}"]) for lib in ("hasten", "accelerate")]
+            rows.append((f"{kind}, {world} process{'es' if world > 1 else ''}", timings))
+    print(
+        table(f"save_state / load_state of a {args.mib} MiB model with AdamW (median of {args.rounds})", rows)
+    )
+
+
+if __name__ == "__main__":
+    main()
