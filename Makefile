@@ -27,6 +27,7 @@ $(VENV)/.hasten-bench: $(VENV)/.hasten
 demo: $(VENV)/.hasten
 	$(PY) -m hasten launch --cpu --num_processes 2 examples/quickstart.py
 	$(PY) -m hasten launch --cpu --num_processes 2 examples/train.py
+	$(PY) -m hasten launch --cpu --num_processes 2 examples/train.py --resume
 	$(PY) examples/big_model_inference.py
 
 test: $(VENV)/.hasten-test

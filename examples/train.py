@@ -6,14 +6,22 @@ two batches, trains under bf16 autocast, clips gradients, measures accuracy with
 ``gather_for_metrics`` on a validation set of 301 samples (not divisible by the number of
 processes, so the last batch is padded and trimmed back) and saves the model as safetensors.
 
+Halfway through it saves the whole training state with ``accelerator.save_state()`` (automatic
+checkpoint naming under ``--output_dir``). Run it again with ``--resume``: it loads that state with
+``accelerator.load_state()``, finishes the epoch in progress with ``skip_first_batches`` and
+trains to the end, then prints whether every loss after the checkpoint equals the first run's, bit
+for bit (dropout, shuffling and the optimizer included).
+
 Run it on two processes with ``make demo`` (``hasten launch --cpu --num_processes 2
-examples/train.py``), or alone with ``python examples/train.py``.
+examples/train.py``, then the same with ``--resume``), or alone with ``python examples/train.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import tempfile
 
 import torch
@@ -22,7 +30,7 @@ from torch.nn import functional
 from torch.utils.data import DataLoader, TensorDataset
 
 from hasten import Accelerator
-from hasten.utils import set_seed
+from hasten.utils import ProjectConfiguration, set_seed
 
 FEATURES, CLASSES = 16, 4
 
@@ -41,11 +49,20 @@ def main() -> None:
     parser.add_argument("--gradient_accumulation_steps", type=int, default=2)
     parser.add_argument("--mixed_precision", default="bf16")
     parser.add_argument("--output_dir", default=os.path.join(tempfile.gettempdir(), "hasten-train-demo"))
+    parser.add_argument(
+        "--resume", action="store_true", help="resume from the checkpoint the first run saved"
+    )
     args = parser.parse_args()
 
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, automatic_checkpoint_naming=True),
     )
+    checkpoints = os.path.join(args.output_dir, "checkpoints")
+    if not args.resume and accelerator.is_main_process and os.path.isdir(checkpoints):
+        shutil.rmtree(checkpoints)  # a fresh run numbers its checkpoints from 0
+    accelerator.wait_for_everyone()
     set_seed(42)
     train_dataloader = DataLoader(make_data(1024, seed=1), batch_size=16, shuffle=True)
     eval_dataloader = DataLoader(make_data(301, seed=2), batch_size=32)
@@ -62,10 +79,29 @@ def main() -> None:
         f"{accelerator.mixed_precision}, {accelerator.gradient_accumulation_steps} batches per optimizer step"
     )
 
-    for epoch in range(args.epochs):
+    step, save_at, first_epoch, epoch_batches = (
+        0,
+        args.epochs * len(train_dataloader) // 2,
+        0,
+        train_dataloader,
+    )
+    record = os.path.join(args.output_dir, f"losses_{accelerator.process_index}.json")
+    first_run: dict[str, str] = {}
+    if args.resume:
+        accelerator.load_state()  # the latest checkpoint: models, optimizer, scheduler, loaders, RNGs, step
+        position = train_dataloader.state_dict()  # the epoch in progress and how far it got
+        first_epoch = position["iteration"]
+        step = first_epoch * len(train_dataloader) + position["batches_yielded"]
+        epoch_batches = accelerator.skip_first_batches(train_dataloader, position["batches_yielded"])
+        with open(record) as handle:
+            first_run = json.load(handle)
+        accelerator.print(f"resumed at batch {step} (epoch {first_epoch}) from {checkpoints}")
+    run_losses: dict[str, str] = {}
+
+    for epoch in range(first_epoch, args.epochs):
         model.train()
         losses = []
-        for inputs, targets in train_dataloader:
+        for inputs, targets in epoch_batches:
             with accelerator.accumulate(model):
                 outputs = model(inputs)
                 loss = functional.cross_entropy(outputs, targets)
@@ -76,6 +112,11 @@ def main() -> None:
                 scheduler.step()
                 optimizer.zero_grad()
             losses.append(loss.detach())
+            step += 1
+            run_losses[str(step)] = loss.item().hex()
+            if step == save_at and not args.resume:
+                accelerator.print(f"saved the training state at batch {step}: {accelerator.save_state()}")
+        epoch_batches = train_dataloader
         mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
 
         model.eval()
@@ -91,6 +132,18 @@ def main() -> None:
             f"on {seen} samples"
         )
 
+    if args.resume:
+        same = all(first_run.get(key) == value for key, value in run_losses.items()) and len(run_losses) > 0
+        agree = (
+            accelerator.reduce(torch.tensor(float(same)), reduction="sum").item() == accelerator.num_processes
+        )
+        accelerator.print(
+            f"resumed run: {len(run_losses)} losses per process after the checkpoint "
+            f"{'match the first run bit for bit' if agree else 'DIFFER from the first run'}"
+        )
+    else:
+        with open(record, "w") as handle:
+            json.dump(run_losses, handle)
     accelerator.wait_for_everyone()
     accelerator.save_model(model, args.output_dir)
     accelerator.wait_for_everyone()

@@ -18,11 +18,11 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "train.py"
 
 
-def _launch(script: Path, processes: int, output: Path) -> list[str]:
+def _launch(script: Path, processes: int, output: Path, *extra: str) -> list[str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("ACCELERATE_", "PYTEST_"))}
     result = subprocess.run(
         [sys.executable, "-m", "hasten", "launch", "--cpu", "--num_processes", str(processes)]
-        + ["--main_process_port", str(free_port()), str(script), "--output_dir", str(output)],
+        + ["--main_process_port", str(free_port()), str(script), "--output_dir", str(output), *extra],
         capture_output=True,
         text=True,
         timeout=240,
@@ -30,7 +30,7 @@ def _launch(script: Path, processes: int, output: Path) -> list[str]:
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return [line for line in result.stdout.splitlines() if line.startswith(("epoch", "saved"))]
+    return [line for line in result.stdout.splitlines() if line.startswith(("epoch", "saved [", "resume"))]
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -55,3 +55,9 @@ def test_the_example_trains_on_one_and_two_processes_like_accelerate(tmp_path: P
     assert [line.split(" to ")[0] for line in two] == [line.split(" to ")[0] for line in two_theirs]
     ours, reference = _weights(tmp_path / "two"), _weights(tmp_path / "two-accelerate")
     assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+    resumed = _launch(SCRIPT, 2, tmp_path / "two", "--resume")  # from the state saved halfway
+    assert resumed[0].startswith("resumed at batch 48 (epoch 1)")
+    assert "resumed run: 48 losses per process after the checkpoint match the first run bit for bit" in resumed
+    assert resumed[-3] == two[-2]  # the last epoch prints the same loss and accuracy
+    assert _weights(tmp_path / "two").keys() == ours.keys()
+    assert all(torch.equal(_weights(tmp_path / "two")[k], ours[k]) for k in ours)
