@@ -2,8 +2,8 @@
 
 Run: ``.venv/bin/python bench/bench_tracking.py``. Prints a Markdown table for docs/benchmarks.md.
 What is timed is one ``tracker.log({...}, step=step)`` call, the call ``Accelerator.log`` makes once per
-tracker per step, including the flush to the event file that both trackers do on every call. The
-``Accelerator`` is not in hasten yet, so the trackers are called directly on both sides.
+tracker per step, including the flush to the event file that both trackers do on every call; then the
+whole ``accelerator.log({...}, step=step)`` of an ``Accelerator(log_with="tensorboard")`` on each side.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import best_interleaved, table
 
-import hasten.tracking as hasten
+import hasten
+import hasten.tracking
 from hasten.state import PartialState
 
 
@@ -54,12 +55,34 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for index, (name, make_values) in enumerate(CASES):
             values = make_values()
-            ours, our_tracker = logger(hasten, f"{folder}/hasten{index}", values)
+            ours, our_tracker = logger(hasten.tracking, f"{folder}/hasten{index}", values)
             theirs, their_tracker = logger(accelerate_tracking, f"{folder}/accelerate{index}", values)
             rows.append((name, best_interleaved([("hasten", ours), ("accelerate", theirs)])))
             our_tracker.finish()
             their_tracker.finish()
     print(table("TensorBoardTracker.log per step (flush included, one process)", rows))
+    print()
+    print(table("Accelerator.log per step, TensorBoard (flush included, one process)", _accelerator_rows()))
+
+
+def _accelerator_log(library: Any, folder: str, values: dict[str, Any]) -> Callable[[], None]:
+    accelerator = library.Accelerator(log_with="tensorboard", project_dir=folder)
+    accelerator.init_trackers("run")
+    steps = itertools.count()
+    return lambda: accelerator.log(values, step=next(steps))
+
+
+def _accelerator_rows() -> list[tuple[str, Any]]:
+    import accelerate
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for index, (name, make_values) in enumerate(CASES[:2]):
+            values = make_values()
+            ours = _accelerator_log(hasten, f"{folder}/hasten{index}", values)
+            theirs = _accelerator_log(accelerate, f"{folder}/accelerate{index}", values)
+            rows.append((name, best_interleaved([("hasten", ours), ("accelerate", theirs)])))
+    return rows
 
 
 if __name__ == "__main__":
