@@ -13,18 +13,9 @@ import pytest
 import torch
 from torch import nn
 
+from tests.unit.test_checkpointing import Counter
+
 pytest.importorskip("accelerate")
-
-
-class Counter:
-    def __init__(self, value: Any = 0) -> None:
-        self.value = value
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.value = state["value"]
 
 
 class Pickled:

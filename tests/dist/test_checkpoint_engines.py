@@ -87,8 +87,33 @@ def save_and_resume(engine: str, folder: str) -> dict[str, Any]:
         os.remove(Path(folder) / "random_states_1.pkl")
     accelerator.wait_for_everyone()
     missing = raised(lambda: accelerator.load_state(folder))
+    engine_errors = _engine_errors(accelerator, engine, Path(folder).parent)
     accelerator.free_memory()
-    return {"same": resumed == expected, "files": files, "missing": missing}
+    return {"same": resumed == expected, "files": files, "missing": missing, **engine_errors}
+
+
+def _engine_errors(accelerator: Any, engine: str, root: Path) -> dict[str, str]:
+    """What the engine's own checkpoint code refuses, called as save_state / load_state call it."""
+    import shutil
+
+    from torch import nn
+
+    bare = accelerator._engine
+    if engine == "fsdp2-sharded":
+        optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters())
+        return {"no model": raised(lambda: bare.save_checkpoint(root / "x", [], [optimizer], {}))}
+    if engine != "deepspeed":
+        return {}
+    folder = root / "without-deepspeed-files"
+    accelerator.save_state(folder)
+    if accelerator.is_main_process:
+        shutil.rmtree(folder / "pytorch_model")
+        (folder / "latest").unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    return {
+        "no checkpoint": raised(lambda: accelerator.load_state(folder)),
+        "not deepspeed": raised(lambda: bare.save_checkpoint(root, [nn.Linear(2, 2)], [], {})),
+    }
 
 
 @pytest.mark.parametrize(
@@ -106,6 +131,8 @@ def test_save_and_resume_on_two_ranks(
     for rank, result in enumerate(results):
         assert result["same"], f"rank {rank}: the resumed losses differ"
         assert expected_files <= set(result["files"]), result["files"]
+    if engine == "fsdp2-sharded":
+        assert all("no model is prepared" in result["no model"] for result in results)
     assert "Process 1 could not load its part" in results[0]["missing"]  # every rank raises, none hangs
     assert "random_states_1.pkl is missing" in results[0]["missing"]
     assert results[1]["missing"].startswith("CheckpointError: ")
@@ -119,3 +146,5 @@ def test_deepspeed_checkpoint_on_two_ranks(tmp_path: Path, ranks2: RankPool) -> 
         assert result["same"]
         assert {"pytorch_model", "scheduler.bin", "random_states_0.pkl"} <= set(result["files"])
         assert "random_states_1.pkl is missing" in result["missing"]
+        assert "pytorch_model is missing: DeepSpeed has no checkpoint" in result["no checkpoint"]
+        assert "Model 0 (Linear) was not prepared by DeepSpeed" in result["not deepspeed"]

@@ -321,15 +321,15 @@ class DeepSpeedEngine(Engine):
         """Each engine's ``load_checkpoint(folder, "pytorch_model[_i]", **kwargs)``.
 
         Raises:
-            CheckpointError: DeepSpeed found no checkpoint under that tag.
+            CheckpointError: the checkpoint has no DeepSpeed folder under that tag.
         """
         for tag, engine in self._checkpointed(models):
-            path, _ = engine.load_checkpoint(str(folder), tag, **kwargs)
-            if path is None:
+            if not (folder / tag).is_dir():
                 raise CheckpointError(
-                    f"{folder / tag}: DeepSpeed found no checkpoint to load there (was it saved by "
-                    "save_state under DeepSpeed, with the same number of processes?)."
+                    f"{folder / tag} is missing: DeepSpeed has no checkpoint to load there (was the state "
+                    "saved by save_state under DeepSpeed?). Nothing was loaded."
                 )
+            engine.load_checkpoint(str(folder), tag, **kwargs)
 
     def release(self) -> None:
         """Destroy the DeepSpeed engines (their hooks and buffers) and forget them."""

@@ -241,6 +241,32 @@ class FSDP2Engine(SingleDeviceEngine):
         says)."""
         return CheckpointParts([], [], list(schedulers))
 
+    def _checkpoint_each(
+        self,
+        folder: Path,
+        models: Sequence[nn.Module],
+        optimizers: Sequence[Any],
+        model_io: Any,
+        optimizer_io: Any,
+    ) -> None:
+        """Call ``model_io`` on each model and ``optimizer_io`` on each optimizer with the model at its
+        index (the last one when there are fewer models), as Accelerate pairs them.
+
+        Raises:
+            ConfigurationError: optimizers are prepared without any model.
+        """
+        if optimizers and not models:
+            raise ConfigurationError(
+                "save_state / load_state under FSDP2: the optimizer state is keyed by the sharded model's "
+                "parameter names, and no model is prepared. Prepare the model with the optimizer."
+            )
+        plugin = self.state.fsdp_plugin
+        for index, model in enumerate(models):
+            model_io(plugin, self.state, model, folder, index)
+        for index, optimizer in enumerate(optimizers):
+            inner = getattr(optimizer, "optimizer", optimizer)
+            optimizer_io(plugin, self.state, inner, models[min(index, len(models) - 1)], folder, index)
+
     def save_checkpoint(
         self, folder: Path, models: Sequence[nn.Module], optimizers: Sequence[Any], kwargs: dict[str, Any]
     ) -> None:
@@ -249,12 +275,7 @@ class FSDP2Engine(SingleDeviceEngine):
         for full state dicts)."""
         from hasten.utils.fsdp_checkpoint import save_fsdp_model, save_fsdp_optimizer
 
-        plugin = self.state.fsdp_plugin
-        for index, model in enumerate(models):
-            save_fsdp_model(plugin, self.state, model, folder, index)
-        for index, optimizer in enumerate(optimizers):
-            inner = getattr(optimizer, "optimizer", optimizer)
-            save_fsdp_optimizer(plugin, self.state, inner, models[min(index, len(models) - 1)], folder, index)
+        self._checkpoint_each(folder, models, optimizers, save_fsdp_model, save_fsdp_optimizer)
 
     def load_checkpoint(
         self, folder: Path, models: Sequence[nn.Module], optimizers: Sequence[Any], kwargs: dict[str, Any]
@@ -262,12 +283,7 @@ class FSDP2Engine(SingleDeviceEngine):
         """Load what :meth:`save_checkpoint` wrote (a missing file is an error on every rank)."""
         from hasten.utils.fsdp_checkpoint import load_fsdp_model, load_fsdp_optimizer
 
-        plugin = self.state.fsdp_plugin
-        for index, model in enumerate(models):
-            load_fsdp_model(plugin, self.state, model, folder, index)
-        for index, optimizer in enumerate(optimizers):
-            inner = getattr(optimizer, "optimizer", optimizer)
-            load_fsdp_optimizer(plugin, self.state, inner, models[min(index, len(models) - 1)], folder, index)
+        self._checkpoint_each(folder, models, optimizers, load_fsdp_model, load_fsdp_optimizer)
 
     def release(self) -> None:
         """Forget the parameters sharding replaced."""
