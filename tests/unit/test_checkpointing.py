@@ -345,3 +345,50 @@ def test_pending_gradients_must_match_the_models(tmp_path: Path) -> None:
     other, *_ = _setup(gradient_accumulation_steps=2)
     with pytest.raises(CheckpointError, match=r"pending gradients of 2 models, but 1 are prepared"):
         other.load_state(folder)
+
+
+def test_numbering_starts_at_the_configured_iteration(tmp_path: Path) -> None:
+    accelerator = Accelerator(
+        project_config=ProjectConfiguration(
+            project_dir=str(tmp_path), automatic_checkpoint_naming=True, iteration=5, save_on_each_node=True
+        )
+    )
+    assert Path(accelerator.save_state()).name == "checkpoint_5"
+    assert accelerator.save_iteration == 6
+
+
+def test_grad_scaler_state_round_trips(tmp_path: Path) -> None:
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler._lazy_init_scale_growth_tracker(torch.device("cpu"))
+    save_accelerator_state(tmp_path, [], [], [], [], 0, step=0, scaler=scaler)
+    assert (tmp_path / "scaler.pt").is_file()
+    restored = torch.amp.GradScaler("cpu", init_scale=2.0)
+    load_accelerator_state(tmp_path, [], [], [], [], 0, scaler=restored)
+    assert restored.get_scale() == 1024.0
+    os.remove(tmp_path / "scaler.pt")
+    with pytest.raises(
+        CheckpointError, match=r"scaler.pt is missing: the checkpoint has no gradient scaler state"
+    ):
+        load_accelerator_state(tmp_path, [], [], [], [], 0, scaler=restored)
+
+
+def test_a_stateful_loader_continues_where_it_was(tmp_path: Path) -> None:
+    from hasten.utils import DataLoaderConfiguration
+
+    def prepared() -> tuple[Accelerator, Any]:
+        accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_stateful_dataloader=True))
+        data = torch.utils.data.TensorDataset(torch.arange(20.0))
+        return accelerator, accelerator.prepare(torch.utils.data.DataLoader(data, batch_size=2, shuffle=True))
+
+    torch.manual_seed(0)
+    accelerator, loader = prepared()
+    iterator = iter(loader)
+    for _ in range(3):
+        next(iterator)
+    accelerator.save_state(tmp_path / "s")
+    rest = [batch[0].tolist() for batch in iterator]
+    assert (tmp_path / "s" / "dl_state_dict.bin").is_file()  # Accelerate's file for torchdata loaders
+    torch.manual_seed(1)
+    accelerator, loader = prepared()
+    accelerator.load_state(tmp_path / "s")
+    assert [batch[0].tolist() for batch in loader] == rest
