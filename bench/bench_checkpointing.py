@@ -7,6 +7,10 @@ written beside its final name and renamed into place); Accelerate's writes in pl
 Both save the model as safetensors and the optimizer (~2x the model) with ``torch.save``. Each round
 saves to a fresh folder and then loads it back (from the page cache, for both alike); the rounds
 alternate between the libraries. Times are rank 0's, between barriers.
+
+A third contender is the floor for a crash-safe save: Accelerate's ``save_state`` into a staging
+folder, then what durability adds to it (every file it wrote and the folder synced, the folder
+renamed into place, its parent synced), so the two libraries are compared at the same guarantee.
 """
 
 from __future__ import annotations
@@ -55,12 +59,50 @@ def _timed(accelerator: Any, call: Any) -> float:
     return time.perf_counter() - start
 
 
+def _sync_and_publish(staging: str, target: str) -> None:
+    """Make a written folder durable and atomic: sync its files and itself, rename it, sync the parent."""
+    for root, _, names in os.walk(staging):
+        for name in names:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for folder in (staging, os.path.dirname(staging)):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.rename(staging, target)
+
+
+def _synced_save(accelerator: Any, target: str) -> None:
+    staging = f"{target}.staging"
+    accelerator.save_state(staging)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _sync_and_publish(staging, target)
+
+
+FLOOR = "accelerate, synced and renamed (floor)"
+
+
 def _run(rank: int, world: int, port: int, rounds: int, mib: int, folder: str, results: Any) -> None:
     os.environ.update(rank_environment(rank, world, port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     contenders = {library: _prepared(library, mib) for library in ("hasten", "accelerate")}
     times: dict[str, list[float]] = {f"{kind} {lib}": [] for kind in ("save", "load") for lib in contenders}
+    times[f"save {FLOOR}"] = []
     for round_index in range(rounds + 1):  # the first round warms up
+        accelerate = contenders["accelerate"][0]
+        floor_target = f"{folder}/floor_{round_index}"
+        floor = _timed(accelerate, lambda: _synced_save(accelerate, floor_target))
+        if round_index:
+            times[f"save {FLOOR}"].append(floor)
+        accelerate.wait_for_everyone()
+        if rank == 0:
+            shutil.rmtree(floor_target)
         for library, (accelerator, _, _) in contenders.items():
             target = f"{folder}/{library}_{round_index}"
             saved = _timed(accelerator, lambda a=accelerator, t=target: a.save_state(t))
@@ -86,7 +128,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--mib", type=int, default=100, help="model size in MiB (fp32 weights)")
     args = parser.parse_args()
-    rows = []
+    rows: dict[str, list[tuple[str, list[Timing]]]] = {"save_state": [], "load_state": []}
     context = mp.get_context("spawn")
     for world in (1, 2):
         with socket.socket() as sock:
@@ -104,11 +146,12 @@ def main() -> None:
         times = results.get()
         for kind in ("save_state", "load_state"):
             short = kind.split("_")[0]
-            timings = [_timing(lib, times[f"{short} {lib}"]) for lib in ("hasten", "accelerate")]
-            rows.append((f"{kind}, {world} process{'es' if world > 1 else ''}", timings))
-    print(
-        table(f"save_state / load_state of a {args.mib} MiB model with AdamW (median of {args.rounds})", rows)
-    )
+            names = ("hasten", "accelerate", FLOOR) if short == "save" else ("hasten", "accelerate")
+            timings = [_timing(lib, times[f"{short} {lib}"]) for lib in names]
+            rows[kind].append((f"{world} process{'es' if world > 1 else ''}", timings))
+    for kind, kind_rows in rows.items():
+        print(table(f"{kind} of a {args.mib} MiB model with AdamW (median of {args.rounds})", kind_rows))
+        print()
 
 
 if __name__ == "__main__":
