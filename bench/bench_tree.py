@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections import namedtuple
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import Timing, measure, table
+from timing import Timing, fmt_seconds, interleave, table
 
 import hasten.utils as hasten
 
@@ -51,31 +52,17 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _round_robin(contenders: list[tuple[str, Callable[[], Any]]], rounds: int) -> list[Timing]:
-    """Interleave the contenders ``rounds`` times and keep each one's median of medians."""
-    runs: dict[str, list[Timing]] = {name: [] for name, _ in contenders}
-    for _ in range(rounds):
-        for name, function in contenders:
-            runs[name].append(measure(name, function, repeat=5, budget=0.05))
-    return [
-        Timing(name, min(t.best for t in found), sorted(t.median for t in found)[len(found) // 2])
-        for name, found in runs.items()
-    ]
+Contenders = list[tuple[str, Callable[[], Any]]]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=5)
-    rounds = parser.parse_args().rounds
-    import optree
-    from accelerate.utils import convert_to_fp32 as acc_fp32
-    from accelerate.utils import operations as acc
-
+def _traversal_cases(optree: Any, acc: Any) -> list[tuple[str, Contenders]]:
+    """send_to_device and recursively_apply on the flat batch and the nested structure."""
     cpu = torch.device("cpu")
     detach = torch.Tensor.detach
-    cases: list[tuple[str, list[tuple[str, Callable[[], Any]]]]] = []
+    cases: list[tuple[str, Contenders]] = []
     for label, data in (("flat batch (3 tensors)", flat_batch()), ("nested (1,000 tensors)", nested())):
-        cases.append(
+        leaves = _leaves(data)
+        cases += [
             (
                 f"send_to_device, {label}",
                 [
@@ -83,9 +70,7 @@ def main() -> None:
                     ("accelerate", lambda d=data: acc.send_to_device(d, "cpu")),
                     ("optree.tree_map", lambda d=data: optree.tree_map(lambda x: x.to(cpu), d)),
                 ],
-            )
-        )
-        cases.append(
+            ),
             (
                 f"recursively_apply(identity: pure traversal), {label}",
                 [
@@ -93,26 +78,39 @@ def main() -> None:
                     ("accelerate", lambda d=data: acc.recursively_apply(_identity, d)),
                     ("optree.tree_map", lambda d=data: optree.tree_map(_identity, d)),
                 ],
-            )
-        )
-        cases.append(
+            ),
             (
                 f"recursively_apply(detach), {label}",
                 [
                     ("hasten", lambda d=data: hasten.recursively_apply(detach, d)),
                     ("accelerate", lambda d=data: acc.recursively_apply(detach, d)),
                     ("optree.tree_map", lambda d=data: optree.tree_map(detach, d)),
+                    ("bare loop", lambda xs=leaves: [x.detach() for x in xs]),
                 ],
-            )
-        )
-    half = nested(torch.bfloat16)
-    batches = [nested(), nested()]
-    data = nested()
-    cases += [
+            ),
+        ]
+    return cases
+
+
+def _leaves(data: Any) -> list[torch.Tensor]:
+    from hasten.utils.tree import tree_leaves
+
+    return tree_leaves(data)
+
+
+def _floor_cases(optree: Any, acc: Any, acc_fp32: Any) -> list[tuple[str, Contenders]]:
+    """convert_to_fp32, slice_tensors and concatenate on the nested structure, with their floor:
+    the same per-leaf torch call in a bare loop over the leaves, flattened beforehand."""
+    half, data, batches = nested(torch.bfloat16), nested(), [nested(), nested()]
+    half_leaves, leaves = _leaves(half), _leaves(data)
+    left, right = _leaves(batches[0]), _leaves(batches[1])
+    rows = slice(0, 2)
+    return [
         (
             "convert_to_fp32, nested bf16 (1,000 tensors)",
             [
                 ("hasten", lambda: hasten.convert_to_fp32(half)),
+                ("bare loop", lambda: [x.float() for x in half_leaves]),
                 ("accelerate", lambda: acc_fp32(half)),
                 (
                     "optree.tree_map",
@@ -123,22 +121,76 @@ def main() -> None:
         (
             "slice_tensors, nested (1,000 tensors)",
             [
-                ("hasten", lambda: hasten.slice_tensors(data, slice(0, 2))),
-                ("accelerate", lambda: acc.slice_tensors(data, slice(0, 2))),
-                ("optree.tree_map", lambda: optree.tree_map(lambda x: x[0:2], data)),
+                ("hasten", lambda: hasten.slice_tensors(data, rows)),
+                ("bare loop", lambda: [x[rows] for x in leaves]),
+                ("accelerate", lambda: acc.slice_tensors(data, rows)),
+                ("optree.tree_map", lambda: optree.tree_map(lambda x: x[rows], data)),
             ],
         ),
         (
             "concatenate, 2 nested batches (1,000 tensors each)",
             [
                 ("hasten", lambda: hasten.concatenate(batches)),
+                ("bare loop", lambda: [torch.cat((a, b)) for a, b in zip(left, right)]),
                 ("accelerate", lambda: acc.concatenate(batches)),
                 ("optree.tree_map", lambda: optree.tree_map(lambda *xs: torch.cat(xs), *batches)),
             ],
         ),
     ]
-    rows = [(case, _round_robin(contenders, rounds)) for case, contenders in cases]
-    print(table("Tree traversal (CPU to CPU, medians)", rows))
+
+
+def _floor_table(rows: list[tuple[str, list[Timing]]]) -> str:
+    """hasten against its floor (the bare loop), then against Accelerate."""
+    lines = [
+        "### Against the floor: the same per-leaf torch calls in a bare loop",
+        "",
+        "| case | hasten | bare loop | hasten ÷ bare loop | accelerate | hasten vs accelerate |",
+        "|---|---|---|---|---|---|",
+    ]
+    for case, timings in rows:
+        by_name = {timing.name: timing.median for timing in timings}
+        ours, floor, theirs = by_name["hasten"], by_name["bare loop"], by_name["accelerate"]
+        lines.append(
+            f"| {case} | {fmt_seconds(ours)} | {fmt_seconds(floor)} | {ours / floor:.3f}× "
+            f"| {fmt_seconds(theirs)} | {theirs / ours:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=41, help="interleaved batches per contender")
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="cpu: this thread's CPU time (steady on a shared machine); wall: elapsed time",
+    )
+    parser.add_argument("--only", default=None, help="run only the cases whose title contains this")
+    args = parser.parse_args()
+    import optree
+    from accelerate.utils import convert_to_fp32 as acc_fp32
+    from accelerate.utils import operations as acc
+
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    cases = _traversal_cases(optree, acc)
+    floors = _floor_cases(optree, acc, acc_fp32)
+    rows = [
+        (case, interleave(contenders, args.rounds, clock=clock))
+        for case, contenders in cases + floors
+        if not args.only or args.only in case
+    ]
+    keep = ("hasten", "accelerate", "optree.tree_map")
+    print(
+        table(
+            "Tree traversal (CPU to CPU, medians)",
+            [(case, [t for name in keep for t in timings if t.name == name]) for case, timings in rows],
+        )
+    )
+    print()
+    with_floor = [row for row in rows if any(t.name == "bare loop" for t in row[1])]
+    if with_floor:
+        print(_floor_table(with_floor))
 
 
 if __name__ == "__main__":

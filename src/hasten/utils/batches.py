@@ -12,6 +12,7 @@ the same container types.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -257,7 +258,7 @@ def slice_tensors(
 
     ``process_index`` and ``num_processes`` are accepted for compatibility and not used.
     """
-    return tree_map(lambda t: t[tensor_slice], data, caller="slice_tensors")
+    return tree_map(operator.itemgetter(tensor_slice), data, caller="slice_tensors")  # t[tensor_slice]
 
 
 def _concatenate_level(items: list[Any], dim: int, path: str) -> Any:
