@@ -189,14 +189,16 @@ def walk_modules(model: nn.Module, remove_duplicate: bool = True) -> list[tuple[
 
 def _count_when_held_once() -> int:
     """The reference count of a value read by ``for key, value in store.items()`` when ``store`` is the
-    only thing holding it (the loop's own references included), measured by the same loop shape."""
-    store = {"value": object()}
+    only thing holding it (the loop's own references included), measured by the same loop shape.
+
+    Measured at each scan rather than once at import, so that a tracer or debugger that holds extra
+    references to frame locals raises this count along with the scan's (never the reverse, which
+    would hide ties).
+    """
+    store, count = {"value": object()}, 0
     for _, value in store.items():
-        return sys.getrefcount(value)
-    raise AssertionError("unreachable")
-
-
-_HELD_ONCE = _count_when_held_once()
+        count = sys.getrefcount(value)
+    return count
 
 
 class ModuleScan:
@@ -224,7 +226,7 @@ class ModuleScan:
         modules: list[tuple[str, nn.Module]] = []
         seen = {id(model)}
         shared = 0
-        getrefcount, held_once = sys.getrefcount, _HELD_ONCE
+        getrefcount, held_once = sys.getrefcount, _count_when_held_once()
 
         def factor_of(kind: torch.dtype) -> float:
             factor: float = kind.itemsize
