@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import fmt_seconds, interleave, measure, table
+from timing import CLOCKS, add_clock_option, fmt_seconds, interleave, measure, table
 
 from hasten.big_modeling import init_empty_weights
 from hasten.utils import device_map as hasten_map
@@ -207,16 +206,11 @@ if __name__ == "__main__":
         "--linearity", action="store_true", help="only hasten against the walk (no Accelerate timings)"
     )
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds for the linearity ratios")
-    parser.add_argument(
-        "--clock",
-        choices=["cpu", "wall"],
-        default="cpu",
-        help="cpu: this thread's CPU time (steady on a shared machine); wall: elapsed time",
-    )
+    add_clock_option(parser)
     args = parser.parse_args()
     run(
         args.quick,
         args.linearity,
         args.rounds,
-        time.thread_time if args.clock == "cpu" else time.perf_counter,
+        CLOCKS[args.clock],
     )

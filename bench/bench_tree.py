@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import operator
 import sys
-import time
 from collections import namedtuple
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import Timing, fmt_seconds, interleave, table
+from timing import CLOCKS, Timing, add_clock_option, fmt_seconds, interleave, table
 
 import hasten.utils as hasten
 
@@ -210,19 +209,14 @@ def _floor_table(rows: list[tuple[str, list[Timing]]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=41, help="interleaved batches per contender")
-    parser.add_argument(
-        "--clock",
-        choices=["cpu", "wall"],
-        default="cpu",
-        help="cpu: this thread's CPU time (steady on a shared machine); wall: elapsed time",
-    )
+    add_clock_option(parser)
     parser.add_argument("--only", default=None, help="run only the cases whose title contains this")
     args = parser.parse_args()
     import optree
     from accelerate.utils import convert_to_fp32 as acc_fp32
     from accelerate.utils import operations as acc
 
-    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    clock = CLOCKS[args.clock]
     cases = _traversal_cases(optree, acc)
     floors = _floor_cases(optree, acc, acc_fp32)
     rows = [

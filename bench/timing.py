@@ -7,6 +7,7 @@ ratios, ready to paste into ``docs/benchmarks.md`` with the command that made it
 
 from __future__ import annotations
 
+import argparse
 import gc
 import random
 import statistics
@@ -110,6 +111,19 @@ def interleave(
     return [
         Timing(name, min(found), statistics.median(found)) for (name, _), found in zip(contenders, samples)
     ]
+
+
+CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.thread_time, "wall": time.perf_counter}
+
+
+def add_clock_option(parser: argparse.ArgumentParser) -> None:
+    """The ``--clock`` option of benchmarks that time single-threaded work (read ``CLOCKS[args.clock]``)."""
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="cpu",
+        help="cpu: this thread's CPU time (steady on a shared machine); wall: elapsed time",
+    )
 
 
 def fmt_seconds(seconds: float) -> str:
