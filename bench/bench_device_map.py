@@ -9,15 +9,18 @@ mixture-of-experts model of 48 layers with 16 to 512 small experts each. Prints 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import fmt_seconds, measure, table
+from timing import CLOCKS, add_clock_option, fmt_seconds, interleave, measure, table
 
 from hasten.big_modeling import init_empty_weights
 from hasten.utils import device_map as hasten_map
@@ -66,9 +69,62 @@ def build(kind: str, scale: int) -> nn.Module:
         return Decoder(scale, 64) if kind == "stack" else Decoder(48, 32, experts=scale)
 
 
-def run(quick: bool) -> None:
+def _against_accelerate(
+    model: nn.Module,
+    case: str,
+    count: int,
+    budget: dict[Any, int],
+    split: dict[Any, int],
+    size_rows: list[Any],
+    budget_rows: list[Any],
+    split_rows: list[Any],
+    clock: Callable[[], float],
+) -> None:
+    """hasten and Accelerate on one model: sizes, the CPU + disk map and the split-heavy map."""
     from accelerate.utils import modeling as accelerate_modeling
 
+    repeat = 3 if count > 50_000 else 5
+    size_rows.append(
+        (
+            case,
+            [
+                measure("hasten", lambda: hasten_sizes.compute_module_sizes(model), repeat, 1, clock=clock),
+                measure(
+                    "Accelerate",
+                    lambda: accelerate_modeling.compute_module_sizes(model),
+                    repeat,
+                    1,
+                    clock=clock,
+                ),
+            ],
+        )
+    )
+    for rows, memory, no_split in ((budget_rows, budget, ["DecoderLayer"]), (split_rows, split, None)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours = hasten_map.infer_auto_device_map(model, dict(memory), no_split)
+            theirs = accelerate_modeling.infer_auto_device_map(model, dict(memory), no_split)
+            assert dict(ours) == dict(theirs), f"{case}: the maps differ"
+            timings = [
+                measure(
+                    "hasten",
+                    lambda: hasten_map.infer_auto_device_map(model, dict(memory), no_split),
+                    repeat,
+                    1,
+                    clock=clock,
+                ),
+                measure(
+                    "Accelerate",
+                    lambda: accelerate_modeling.infer_auto_device_map(model, dict(memory), no_split),
+                    1 if count > 50_000 else 3,
+                    1,
+                    clock=clock,
+                ),
+            ]
+        rows.append((case, timings))
+
+
+def run(quick: bool, only_linearity: bool, rounds: int, clock: Callable[[], float]) -> None:
     families = [("stack", [220, 800, 2800, 6400]), ("moe", [16, 64, 224, 512])]
     if quick:
         families = [("stack", [220, 800]), ("moe", [16, 64])]
@@ -79,88 +135,85 @@ def run(quick: bool) -> None:
             count = entries(model)
             case = f"{kind} {count // 1000}k"
             total = hasten_sizes.compute_module_sizes(model)[""]
-            repeat = 3 if count > 50_000 else 5
-            size_rows.append(
-                (
-                    case,
-                    [
-                        measure(
-                            "hasten",
-                            lambda: hasten_sizes.compute_module_sizes(model),
-                            repeat=repeat,
-                            number=1,
-                        ),
-                        measure(
-                            "Accelerate",
-                            lambda: accelerate_modeling.compute_module_sizes(model),
-                            repeat=repeat,
-                            number=1,
-                        ),
-                    ],
-                )
-            )
             budget = {"cpu": int(total * 0.3)}
             split = {**{index: int(total * 0.025) for index in range(8)}, "cpu": int(total * 0.1)}
-            for rows, memory, no_split in (
-                (budget_rows, budget, ["DecoderLayer"]),
-                (split_rows, split, None),
-            ):
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    ours = hasten_map.infer_auto_device_map(model, dict(memory), no_split)
-                    theirs = accelerate_modeling.infer_auto_device_map(model, dict(memory), no_split)
-                    assert dict(ours) == dict(theirs), f"{case}: the maps differ"
-                    timings = [
-                        measure(
-                            "hasten",
-                            lambda: hasten_map.infer_auto_device_map(model, dict(memory), no_split),
-                            repeat=repeat,
-                            number=1,
-                        ),
-                        measure(
-                            "Accelerate",
-                            lambda: accelerate_modeling.infer_auto_device_map(model, dict(memory), no_split),
-                            repeat=1 if count > 50_000 else 3,
-                            number=1,
-                        ),
-                    ]
-                rows.append((case, timings))
-            floor = measure(
-                "walk", lambda: sum(t.numel() for _, t in model.named_parameters()), repeat=repeat, number=1
+            if not only_linearity:
+                _against_accelerate(
+                    model, case, count, budget, split, size_rows, budget_rows, split_rows, clock
+                )
+            # hasten and torch's own walk of the same model, interleaved, for the linearity ratios.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ours_sizes, ours_map, floor = interleave(
+                    [
+                        ("sizes", lambda: hasten_sizes.compute_module_sizes(model)),
+                        ("map", lambda: hasten_map.infer_auto_device_map(model, dict(split), None)),
+                        ("walk", lambda: sum(t.numel() for _, t in model.named_parameters())),
+                    ],
+                    rounds=rounds,
+                    budget=0.05,
+                    clock=clock,
+                )
+            curve.append((kind, count, ours_sizes.median, ours_map.median, floor.median))
+    if not only_linearity:
+        print(table("compute_module_sizes (model on meta)", size_rows))
+        print()
+        print(
+            table(
+                "infer_auto_device_map: CPU at 30% of the model + disk, "
+                "no_split_module_classes=['DecoderLayer']",
+                budget_rows,
             )
-            curve.append((kind, count, size_rows[-1][1][0].median, split_rows[-1][1][0].median, floor.median))
-    print(table("compute_module_sizes (model on meta)", size_rows))
-    print()
-    print(
-        table(
-            "infer_auto_device_map: CPU at 30% of the model + disk, no_split_module_classes=['DecoderLayer']",
-            budget_rows,
         )
-    )
-    print()
-    print(
-        table(
-            "infer_auto_device_map: 8 devices at 2.5% each, CPU at 10%, disk; nothing kept whole", split_rows
+        print()
+        print(
+            table(
+                "infer_auto_device_map: 8 devices at 2.5% each, CPU at 10%, disk; nothing kept whole",
+                split_rows,
+            )
         )
-    )
-    print()
+        print()
     print("### hasten's time per entry (linearity)")
     print()
     # The floor: torch's own walk over the same tensors, which slows per entry as the model
     # outgrows the CPU caches; the last column shows whether hasten grows beyond that.
     print(
         "| family | entries | compute_module_sizes per entry | split-heavy map per entry "
-        "| named_parameters walk per entry | sizes vs walk |"
+        "| named_parameters walk per entry | sizes ÷ walk | map ÷ walk |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for kind, count, sizes_time, map_time, walk_time in curve:
         print(
             f"| {kind} | {count} | {fmt_seconds(sizes_time / count)} | {fmt_seconds(map_time / count)} "
-            f"| {fmt_seconds(walk_time / count)} | {sizes_time / walk_time:.2f}× |"
+            f"| {fmt_seconds(walk_time / count)} | {sizes_time / walk_time:.3f} "
+            f"| {map_time / walk_time:.3f} |"
+        )
+    print()
+    print("Growth of the ratio to the walk, largest model over smallest (target: at most 1.15):")
+    print()
+    for kind in dict.fromkeys(kind for kind, *_ in curve):
+        points = [row for row in curve if row[0] == kind]
+        (_, small, s0, m0, w0), (_, large, s1, m1, w1) = points[0], points[-1]
+        print(
+            f"- {kind} ({small} to {large} entries): compute_module_sizes {(s1 / w1) / (s0 / w0):.3f}, "
+            f"split-heavy infer_auto_device_map {(m1 / w1) / (m0 / w0):.3f}"
         )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="only the two smaller sizes of each family")
-    run(parser.parse_args().quick)
+    parser.add_argument(
+        "--linearity", action="store_true", help="only hasten against the walk (no Accelerate timings)"
+    )
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds for the linearity ratios")
+    add_clock_option(parser)
+    args = parser.parse_args()
+    # Both libraries log that the 8 planned devices are absent here, on every call: not timed.
+    logging.disable(logging.WARNING)
+    run(
+        args.quick,
+        args.linearity,
+        args.rounds,
+        CLOCKS[args.clock],
+    )

@@ -47,11 +47,10 @@ def _cases(rank: int) -> list[tuple[str, list[tuple[str, Callable[[], Any]]]]]:
 
     world = dist.get_world_size()
     all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    megabyte = torch.full((262_144,), float(rank))  # 1 MiB of float32
 
-    def raw_gather() -> torch.Tensor:
-        out = torch.empty(world * megabyte.numel())
-        all_gather_single(out, megabyte)
+    def raw_gather(tensor: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(world * tensor.numel())
+        all_gather_single(out, tensor)
         return out
 
     def raw_gather_object(obj: Any) -> list[Any]:
@@ -97,14 +96,6 @@ def _cases(rank: int) -> list[tuple[str, list[tuple[str, Callable[[], Any]]]]]:
             ],
         ),
         (
-            "gather, one 1 MiB tensor",
-            [
-                ("hasten", lambda: hasten.gather(megabyte)),
-                ("accelerate", lambda: acc.gather(megabyte)),
-                ("raw all_gather_single", raw_gather),
-            ],
-        ),
-        (
             "gather_object, 8 small dicts per rank",
             [
                 ("hasten", lambda: hasten.gather_object(small_objects)),
@@ -137,6 +128,18 @@ def _cases(rank: int) -> list[tuple[str, list[tuple[str, Callable[[], Any]]]]]:
             ],
         ),
     ]
+    for mebibytes in (1, 16, 64):
+        one = torch.full((mebibytes * 262_144,), float(rank))  # float32
+        cases.append(
+            (
+                f"gather, one {mebibytes} MiB tensor",
+                [
+                    ("hasten", lambda t=one: hasten.gather(t)),
+                    ("accelerate", lambda t=one: acc.gather(t)),
+                    ("raw all_gather_single", lambda t=one: raw_gather(t)),
+                ],
+            )
+        )
     return cases
 
 
@@ -161,11 +164,14 @@ def _worker(rank: int, world: int, port: int, rounds: int, number: int, selected
     for case, contenders in _cases(rank):
         if selected and selected not in case:
             continue
+        # Large gathers take tens of milliseconds: fewer calls per repeat (the same on both ranks).
+        large = " MiB tensor" in case and not case.startswith("gather, one 1 ")
+        calls = max(2, number // 16) if large else number
         runs: dict[str, list[Timing]] = {name: [] for name, _ in contenders}
         for _ in range(rounds):
             for name, function in contenders:
                 state.wait_for_everyone()
-                runs[name].append(measure(name, function, repeat=3, number=number))
+                runs[name].append(measure(name, function, repeat=3, number=calls))
         rows.append(
             (
                 case,

@@ -7,7 +7,9 @@ ratios, ready to paste into ``docs/benchmarks.md`` with the command that made it
 
 from __future__ import annotations
 
+import argparse
 import gc
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -25,25 +27,30 @@ class Timing:
 
 
 def measure(
-    name: str, function: Callable[[], Any], repeat: int = 7, number: int | None = None, budget: float = 0.2
+    name: str,
+    function: Callable[[], Any],
+    repeat: int = 7,
+    number: int | None = None,
+    budget: float = 0.2,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Timing:
     """Time ``function()``: ``repeat`` rounds of ``number`` calls (chosen to fill ``budget`` s when
-    ``None``)."""
+    ``None``), by ``clock``."""
     function()  # warm-up
     if number is None:
-        start = time.perf_counter()
+        start = clock()
         function()
-        once = max(time.perf_counter() - start, 1e-7)
+        once = max(clock() - start, 1e-7)
         number = max(1, int(budget / once))
     rounds = []
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         for _ in range(repeat):
-            start = time.perf_counter()
+            start = clock()
             for _ in range(number):
                 function()
-            rounds.append((time.perf_counter() - start) / number)
+            rounds.append((clock() - start) / number)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -62,6 +69,61 @@ def best_interleaved(
         timings = [measure(name, function, repeat=repeat) for name, function in contenders]
         best = timings if not best else [min(a, b, key=lambda t: t.median) for a, b in zip(best, timings)]
     return best
+
+
+def interleave(
+    contenders: Sequence[tuple[str, Callable[[], Any]]],
+    rounds: int = 31,
+    budget: float = 0.01,
+    clock: Callable[[], float] = time.perf_counter,
+    seed: int = 0,
+) -> list[Timing]:
+    """Time ``contenders`` against each other under the same conditions: ``rounds`` times, each one
+    runs a batch of calls (sized to about ``budget`` s), in a shuffled order; median and best batch.
+
+    Interleaving at this grain spreads the load of a shared machine evenly over the contenders.
+    ``clock=time.thread_time`` counts only the CPU time of this thread (single-threaded work),
+    so time spent waiting for a core while other processes run is left out.
+    """
+    numbers = []
+    for _, function in contenders:
+        function()  # warm-up
+        start = clock()
+        function()
+        numbers.append(max(1, int(budget / max(clock() - start, 1e-7))))
+    samples: list[list[float]] = [[] for _ in contenders]
+    order = list(range(len(contenders)))
+    shuffle = random.Random(seed).shuffle
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            shuffle(order)
+            for index in order:
+                function, number = contenders[index][1], numbers[index]
+                start = clock()
+                for _ in range(number):
+                    function()
+                samples[index].append((clock() - start) / number)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return [
+        Timing(name, min(found), statistics.median(found)) for (name, _), found in zip(contenders, samples)
+    ]
+
+
+CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.thread_time, "wall": time.perf_counter}
+
+
+def add_clock_option(parser: argparse.ArgumentParser) -> None:
+    """The ``--clock`` option of benchmarks that time single-threaded work (read ``CLOCKS[args.clock]``)."""
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="cpu",
+        help="cpu: this thread's CPU time (steady on a shared machine); wall: elapsed time",
+    )
 
 
 def fmt_seconds(seconds: float) -> str:

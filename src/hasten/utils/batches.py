@@ -12,6 +12,8 @@ the same container types.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -257,7 +259,7 @@ def slice_tensors(
 
     ``process_index`` and ``num_processes`` are accepted for compatibility and not used.
     """
-    return tree_map(lambda t: t[tensor_slice], data, caller="slice_tensors")
+    return tree_map(operator.itemgetter(tensor_slice), data, caller="slice_tensors")  # t[tensor_slice]
 
 
 def _concatenate_level(items: list[Any], dim: int, path: str) -> Any:
@@ -299,15 +301,17 @@ def _concatenate_level(items: list[Any], dim: int, path: str) -> Any:
     )
 
 
-def _concatenate_fast(first: Any, rest: Sequence[Any], dim: int) -> Any:
+def _concatenate_fast(first: Any, rest: Sequence[Any], cat: Callable[..., torch.Tensor]) -> Any:
     """:func:`concatenate` without keeping paths; any surprise raises and the careful walk takes over.
 
     Children are zipped across batches (dict keys must come in the same order), and tensor
-    children are concatenated in the comprehension itself, without a call per leaf.
+    children are concatenated in the comprehension itself, without a call per leaf. ``cat`` is
+    ``torch.cat`` itself for dim 0 (passing the dimension costs torch's argument parser about 10%
+    of a small concatenation).
     """
     cls = type(first)
     if cls is _Tensor:
-        return torch.cat([first, *rest], dim)
+        return cat([first, *rest])
     sequence = cls is list or cls is tuple
     if not sequence and (cls is dict or isinstance(first, Mapping)):
         keys = list(first)
@@ -316,9 +320,7 @@ def _concatenate_fast(first: Any, rest: Sequence[Any], dim: int) -> Any:
                 raise KeyError("keys differ")
         columns = zip(first.values(), *[other.values() for other in rest])
         merged = {
-            key: torch.cat(column, dim)
-            if type(column[0]) is _Tensor
-            else _concatenate_fast(column[0], column[1:], dim)
+            key: cat(column) if type(column[0]) is _Tensor else _concatenate_fast(column[0], column[1:], cat)
             for key, column in zip(keys, columns)
         }
         return merged if cls is dict else rebuild_mapping(first, merged)
@@ -327,9 +329,7 @@ def _concatenate_fast(first: Any, rest: Sequence[Any], dim: int) -> Any:
             if len(other) != len(first):
                 raise ValueError("lengths differ")
         items = [
-            torch.cat(column, dim)
-            if type(column[0]) is _Tensor
-            else _concatenate_fast(column[0], column[1:], dim)
+            cat(column) if type(column[0]) is _Tensor else _concatenate_fast(column[0], column[1:], cat)
             for column in zip(first, *rest)
         ]
         return items if cls is list else tuple(items) if cls is tuple else rebuild_sequence(first, items)
@@ -347,7 +347,9 @@ def concatenate(data: Sequence[Any], dim: int = 0) -> Any:
     if not isinstance(data, (list, tuple)) or len(data) == 0:
         raise ValueError(f"concatenate: data must be a non-empty list of batches, got {data!r:.80}.")
     try:
-        return _concatenate_fast(data[0], data[1:], dim)
+        return _concatenate_fast(
+            data[0], data[1:], torch.cat if dim == 0 else functools.partial(torch.cat, dim=dim)
+        )
     except Exception:
         pass
     try:

@@ -63,15 +63,10 @@ def _split_entries(name: str, module: nn.Module) -> list[Entry]:
     return [(f"{name}.{key}", value) for key, value in top_level_entries(module)]
 
 
-def _layer_stats(
-    modules: list[tuple[str, nn.Module]], sizes: dict[str, float], no_split: Sequence[str]
-) -> dict[str, tuple[float, int]]:
-    """For every module (walked in pre-order): its largest layer's size and how many layers have it.
-
-    A layer is a module without children or of a no-split class; one reverse pass folds each
-    module's result into its parent's.
-    """
-    keep_whole = set(no_split)
+def _outside_kept_whole(
+    modules: list[tuple[str, nn.Module]], keep_whole: set[str]
+) -> list[tuple[str, nn.Module]]:
+    """``modules`` (in pre-order) without the descendants of modules whose class is kept whole."""
     relevant: list[tuple[str, nn.Module]] = []
     inside: str | None = None
     for name, module in modules:  # pre-order: a no-split module's descendants follow it directly
@@ -81,11 +76,25 @@ def _layer_stats(
         relevant.append((name, module))
         if type(module).__name__ in keep_whole:
             inside = name + "."
+    return relevant
+
+
+def _layer_stats(
+    modules: list[tuple[str, nn.Module]], sizes: dict[str, float], no_split: Sequence[str]
+) -> dict[str, tuple[float, int]]:
+    """For every module (walked in pre-order): its largest layer's size and how many layers have it.
+
+    A layer is a module without children or of a no-split class; one reverse pass folds each
+    module's result into its parent's.
+    """
+    keep_whole = set(no_split)
+    # Without no-split classes no module's class is read: at 100k+ modules each read is a cache miss.
+    relevant = modules if not keep_whole else _outside_kept_whole(modules, keep_whole)
     folded: dict[str, tuple[float, int]] = {}
     stats: dict[str, tuple[float, int]] = {}
     for name, module in reversed(relevant):
         own = folded.pop(name, None)
-        if own is None or type(module).__name__ in keep_whole:
+        if own is None or (keep_whole and type(module).__name__ in keep_whole):
             own = (sizes.get(name, 0), 1)
         stats[name] = own
         if not name:

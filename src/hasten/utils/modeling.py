@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import re
+import sys
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -186,6 +187,20 @@ def walk_modules(model: nn.Module, remove_duplicate: bool = True) -> list[tuple[
     return _walk(model, remove_duplicate)[0]
 
 
+def _count_when_held_once() -> int:
+    """The reference count of a value read by ``for key, value in store.items()`` when ``store`` is the
+    only thing holding it (the loop's own references included), measured by the same loop shape.
+
+    Measured at each scan rather than once at import, so that a tracer or debugger that holds extra
+    references to frame locals raises this count along with the scan's (never the reverse, which
+    would hide ties).
+    """
+    store, count = {"value": object()}, 0
+    for _, value in store.items():
+        count = sys.getrefcount(value)
+    return count
+
+
 class ModuleScan:
     """One pass over a model: sizes (as :func:`compute_module_sizes`), buffer bytes, tied parameters.
 
@@ -211,6 +226,7 @@ class ModuleScan:
         modules: list[tuple[str, nn.Module]] = []
         seen = {id(model)}
         shared = 0
+        getrefcount, held_once = sys.getrefcount, _count_when_held_once()
 
         def factor_of(kind: torch.dtype) -> float:
             factor: float = kind.itemsize
@@ -226,11 +242,14 @@ class ModuleScan:
                 if tensor is None:
                     continue
                 full = dot + name
-                known = first_name.setdefault(id(tensor), full)
-                if known is not full:
-                    if not is_buffer:
-                        ties.setdefault(known, [known]).append(full)
-                    continue
+                # Only a tensor held by more than this one dict can be met again under another name
+                # (tied): the others skip the identity table, which at 100k+ tensors costs cache misses.
+                if getrefcount(tensor) > held_once:
+                    known = first_name.setdefault(id(tensor), full)
+                    if known is not full:
+                        if not is_buffer:
+                            ties.setdefault(known, [known]).append(full)
+                        continue
                 factor = per_element.get(tensor.dtype) or factor_of(tensor.dtype)
                 size = tensor.numel() * (special[full] if special and full in special else factor)
                 sizes[full] = size
@@ -248,10 +267,11 @@ class ModuleScan:
             for key, child in module._modules.items():
                 if child is None:
                     continue
-                if id(child) in seen:
-                    shared += 1
-                    continue
-                seen.add(id(child))
+                if getrefcount(child) > held_once:  # as for tensors: only these can be met twice
+                    if id(child) in seen:
+                        shared += 1
+                        continue
+                    seen.add(id(child))
                 full = dot + key
                 child_total, child_buffers, child_count = visit(full, full + ".", child)
                 total += child_total

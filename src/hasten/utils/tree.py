@@ -71,7 +71,42 @@ class Unbuildable(Exception):
         self.problem = problem
 
 
-_NAMEDTUPLE: dict[type, bool] = {}  # sequence class -> whether it is a namedtuple (rebuilt by position)
+# How each container type other than dict, list and tuple is rebuilt, learned once per type.
+_TUPLE_NEW = 1  # a namedtuple whose constructor does nothing but tuple.__new__: built straight from a list
+_POSITIONAL = 2  # another namedtuple: cls(*items)
+_SEQUENCE = 3  # another list or tuple subclass: cls(items)
+_MAPPING = 4  # a Mapping other than dict
+_NOT_CONTAINER = 5
+_KINDS: dict[type, int] = {}
+_MAX_KINDS = 4096  # the cache holds its classes; past this many (classes made on the fly), start over
+_tuple_new = tuple.__new__
+
+
+def _only_tuple_new(cls: type) -> bool:
+    """Whether ``cls(*items)`` amounts to ``tuple.__new__(cls, items)``: its ``__new__`` is the one
+    ``collections.namedtuple`` generates (which only calls ``tuple.__new__``) and no ``__init__`` runs."""
+    new = getattr(cls.__new__, "__globals__", None)
+    return (
+        isinstance(new, dict)
+        and new.get("_tuple_new") is _tuple_new
+        and str(new.get("__name__", "")).startswith("namedtuple_")
+        and cls.__init__ is object.__init__  # type: ignore[misc]  # the class's, not an instance's
+    )
+
+
+def _learn_kind(cls: type) -> int:
+    if issubclass(cls, tuple) and hasattr(cls, "_asdict") and hasattr(cls, "_fields"):
+        kind = _TUPLE_NEW if _only_tuple_new(cls) else _POSITIONAL
+    elif issubclass(cls, (list, tuple)):
+        kind = _SEQUENCE
+    elif issubclass(cls, Mapping):
+        kind = _MAPPING
+    else:
+        kind = _NOT_CONTAINER
+    if len(_KINDS) >= _MAX_KINDS:
+        _KINDS.clear()
+    _KINDS[cls] = kind
+    return kind
 
 
 def rebuild_sequence(node: Any, items: list[Any]) -> Any:
@@ -81,11 +116,11 @@ def rebuild_sequence(node: Any, items: list[Any]) -> Any:
         return items
     if cls is tuple:
         return tuple(items)
-    by_position = _NAMEDTUPLE.get(cls)
-    if by_position is None:
-        by_position = _NAMEDTUPLE[cls] = is_namedtuple(node)
+    kind = _KINDS.get(cls) or _learn_kind(cls)
+    if kind == _TUPLE_NEW:
+        return _tuple_new(cls, items)
     try:
-        return cls(*items) if by_position else cls(items)
+        return cls(*items) if kind == _POSITIONAL else cls(items)
     except TypeError as error:
         raise Unbuildable(
             node, f"{cls.__qualname__} could not be rebuilt from its items ({error})"
@@ -126,20 +161,23 @@ def _items_of(node: Any) -> Iterator[tuple[Any, Any]]:
 # --- the traversal core -------------------------------------------------------------------------
 
 
-def _walker(
+def _walk(
+    data: Any,
     func: Callable[[Any], Any],
     test: Callable[[Any], bool],
     tensors: bool,
     strict: bool,
     skip_keys: frozenset[Any],
     leaf_first: bool,
-) -> Callable[[Any], Any]:
-    """A visitor that applies ``func`` to the leaves ``test`` accepts and rebuilds every container.
+) -> Any:
+    """Apply ``func`` to the leaves of ``data`` that ``test`` accepts and rebuild every container.
 
     With ``tensors``, plain ``torch.Tensor`` objects are leaves without asking ``test``, and the
-    comprehensions over lists, tuples and dicts call ``func`` on them directly (the fast path:
-    no call to ``visit`` per tensor).
+    comprehensions over containers call ``func`` on them directly (the fast path: no call to
+    ``visit`` per tensor). Containers other than dict, list and tuple are told apart by a
+    per-type lookup, so a namedtuple costs what a tuple costs.
     """
+    kinds = _KINDS
 
     def leaf(node: Any) -> Any:
         if test(node):
@@ -158,23 +196,35 @@ def _walker(
             if tensors:
                 return {k: func(v) if type(v) is _Tensor else visit(v) for k, v in node.items()}
             return {k: visit(v) for k, v in node.items()}
-        if cls is list or cls is tuple:
+        if cls is list:
             if tensors:
-                items = [func(v) if type(v) is _Tensor else visit(v) for v in node]
-            else:
-                items = [visit(v) for v in node]
-            return items if cls is list else tuple(items)
+                return [func(v) if type(v) is _Tensor else visit(v) for v in node]
+            return [visit(v) for v in node]
+        if cls is tuple:
+            if tensors:
+                return tuple([func(v) if type(v) is _Tensor else visit(v) for v in node])
+            return tuple([visit(v) for v in node])
         if leaf_first and test(node):
             return func(node)
-        if isinstance(node, (list, tuple)):
-            return rebuild_sequence(
-                node, [func(v) if tensors and type(v) is _Tensor else visit(v) for v in node]
-            )
-        if isinstance(node, Mapping):
+        kind = kinds.get(cls) or _learn_kind(cls)
+        if kind == _TUPLE_NEW:
+            if tensors:
+                return _tuple_new(cls, [func(v) if type(v) is _Tensor else visit(v) for v in node])
+            return _tuple_new(cls, [visit(v) for v in node])
+        if kind == _NOT_CONTAINER:
+            return leaf(node)
+        if kind == _MAPPING:
             return rebuild_mapping(node, {k: v if k in skip_keys else visit(v) for k, v in node.items()})
-        return leaf(node)
+        if tensors:
+            return rebuild_sequence(node, [func(v) if type(v) is _Tensor else visit(v) for v in node])
+        return rebuild_sequence(node, [visit(v) for v in node])
 
-    return visit
+    try:
+        return visit(data)
+    finally:
+        # visit refers to itself through its closure cell: point the cell elsewhere so the functions
+        # (and what ``func`` holds) are freed now rather than at the next garbage collection.
+        visit = leaf
 
 
 def tree_map(
@@ -212,8 +262,8 @@ def tree_map(
     test = is_torch_tensor if is_leaf is None else is_leaf
     try:
         if tensors and not skip_keys and type(data) in _FLAT:
-            return _flat(func, data, lambda: _walker(func, test, tensors, strict, skip_keys, leaf_first))
-        return _walker(func, test, tensors, strict, skip_keys, leaf_first)(data)
+            return _flat(func, data, test, strict, leaf_first)
+        return _walk(data, func, test, tensors, strict, skip_keys, leaf_first)
     except Unbuildable as error:
         raise _explain(error, data, test, _name(caller), argument) from None
     except RecursionError as error:
@@ -223,11 +273,13 @@ def tree_map(
 _FLAT = {dict, list, tuple, _Tensor}
 
 
-def _flat(func: Callable[[Any], Any], data: Any, make_walker: Callable[[], Callable[[Any], Any]]) -> Any:
+def _flat(
+    func: Callable[[Any], Any], data: Any, test: Callable[[Any], bool], strict: bool, leaf_first: bool
+) -> Any:
     """The fast path for a flat batch: a dict, list or tuple of plain tensors needs no walker.
 
-    At the first value that is not a plain tensor, a walker is made and finishes the rest, so
-    ``func`` still runs once per leaf, in order.
+    At the first value that is not a plain tensor, the walker finishes the rest (as one list or
+    dict of the remaining values), so ``func`` still runs once per leaf, in order.
     """
     cls = type(data)
     if cls is _Tensor:
@@ -237,18 +289,16 @@ def _flat(func: Callable[[Any], Any], data: Any, make_walker: Callable[[], Calla
         items = iter(data.items())
         for key, value in items:
             if type(value) is not _Tensor:
-                visit = make_walker()
-                out[key] = visit(value)
-                for key, value in items:
-                    out[key] = visit(value)
+                rest = {key: value}
+                rest.update(items)
+                out.update(_walk(rest, func, test, True, strict, frozenset(), leaf_first))
                 break
             out[key] = func(value)
         return out
     done: list[Any] = []
     for value in data:
         if type(value) is not _Tensor:
-            visit = make_walker()
-            done.extend([visit(value) for value in data[len(done) :]])
+            done += _walk(data[len(done) :], func, test, True, strict, frozenset(), leaf_first)
             break
         done.append(func(value))
     return done if cls is list else tuple(done)

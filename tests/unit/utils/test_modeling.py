@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -281,3 +283,36 @@ def test_tied_params_map_shares_one_copy_per_device() -> None:
     assert shared[pointer]["meta"] is model.embed.weight
     set_module_tensor_to_device(model, "head.weight", "meta", tied_params_map=shared)
     assert model.head.weight is model.embed.weight  # the copy already on that device, not a second one
+
+
+def test_ties_and_shared_modules_held_only_by_the_model_are_still_found() -> None:
+    # The scan consults its identity tables only for objects held more than once; a tie made and
+    # then left with no outside reference is held by exactly the two modules that share it.
+    model = nn.Module()
+    model.a, model.b = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+    model.b.weight = model.a.weight
+    model.c = nn.Sequential(nn.Linear(4, 2))
+    model.d = model.c  # the same module under two names
+    ties = [["a.weight", "b.weight"], ["c.0.bias", "d.0.bias"], ["c.0.weight", "d.0.weight"]]
+    assert sorted(find_tied_parameters(model)) == ties
+    sizes = compute_module_sizes(model)
+    assert sizes[""] == (16 + 8 + 2) * 4 and "b.weight" not in sizes and "d" not in sizes
+    assert sizes["c"] == (8 + 2) * 4
+    # An untied parameter that something else also holds is counted as itself, not as a tie.
+    held = model.c[0].weight
+    assert sorted(find_tied_parameters(model)) == ties
+    assert compute_module_sizes(model)["c.0.weight"] == held.numel() * 4
+
+
+def test_the_scan_learns_how_many_references_one_dict_holds() -> None:
+    from hasten.utils.modeling import _count_when_held_once
+
+    held_once = _count_when_held_once()
+    store = {"w": nn.Parameter(torch.ones(1))}
+    for _, value in store.items():
+        assert sys.getrefcount(value) == held_once  # held by the dict alone
+    model = nn.Linear(1, 1)
+    model.weight = store["w"]
+    for _, value in model._parameters.items():
+        if value is store["w"]:
+            assert sys.getrefcount(value) > held_once  # the dict above holds it too

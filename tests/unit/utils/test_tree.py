@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 import sys
+import weakref
 from collections import OrderedDict, UserDict, defaultdict, namedtuple
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
 
+import hasten.utils.tree as tree_module
 from hasten.utils.batches import TensorInformation, is_tensor_information, send_to_device
 from hasten.utils.errors import TreeNestingError
 from hasten.utils.tree import (
@@ -241,3 +244,70 @@ def test_the_docstring_examples_of_the_tree_layer_run(module: str) -> None:
 
     failed, attempted = doctest.testmod(importlib.import_module(module))
     assert attempted > 0 and failed == 0
+
+
+# --- how container types are rebuilt (learned once per type) -------------------------------------
+
+
+class Checked(namedtuple("Checked", ["low", "high"])):  # a namedtuple whose own __new__ must run
+    __slots__ = ()
+    built = 0
+
+    def __new__(cls, low: Any, high: Any) -> Checked:
+        cls.built += 1
+        return super().__new__(cls, low, high)
+
+
+class Counted(namedtuple("Counted", ["a", "b"])):  # a namedtuple with an __init__ that must run
+    __slots__ = ()
+    inits = 0
+
+    def __init__(self, *items: Any) -> None:
+        type(self).inits += 1
+
+
+class Typed(NamedTuple):
+    left: Any
+    right: Any = None
+
+
+def test_namedtuples_are_rebuilt_by_their_own_constructor_when_they_have_one() -> None:
+    data = [Point(torch.ones(1), torch.ones(1)), Typed(torch.ones(1), [torch.ones(1)])]
+    out = recursively_apply(double, data)
+    assert type(out[0]) is Point and out[0].x.item() == 2.0 and out[0]._fields == ("x", "y")
+    assert type(out[1]) is Typed and out[1].left.item() == 2.0 and out[1].right[0].item() == 2.0
+    before_new, before_init = Checked.built, Counted.inits
+    checked = recursively_apply(double, {"c": Checked(torch.ones(1), torch.ones(1))})["c"]
+    counted = recursively_apply(double, {"c": Counted(torch.ones(1), torch.ones(1))})["c"]
+    assert type(checked) is Checked and Checked.built == before_new + 2  # built here and rebuilt
+    assert type(counted) is Counted and Counted.inits == before_init + 2
+    assert checked.high.item() == 2.0 and counted.b.item() == 2.0
+
+
+def test_the_per_type_cache_starts_over_when_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tree_module, "_MAX_KINDS", 2)
+    monkeypatch.setattr(tree_module, "_KINDS", {})
+    made = [namedtuple(f"Made{i}", ["v"]) for i in range(5)]  # classes made on the fly
+    for cls in made:
+        out = recursively_apply(double, {"n": cls(torch.ones(1))})["n"]
+        assert type(out) is cls and out.v.item() == 2.0
+    assert 1 <= len(tree_module._KINDS) <= 2
+
+
+def test_the_walk_frees_func_at_once_without_a_garbage_collection() -> None:
+    class Doubler:
+        def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+            return tensor * 2
+
+    func = Doubler()
+    alive = weakref.ref(func)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        out = tree_map(func, {"a": [torch.ones(1), Point(torch.ones(1), 3)]})
+        del func
+        assert alive() is None  # the walker's self-reference did not keep it (and func) alive
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert out["a"][1].x.item() == 2.0 and out["a"][1].y == 3
