@@ -138,8 +138,30 @@ class StagedFiles:
             self._pool.shutdown()
 
 
-def read(path: Path, what: str, load_kwargs: dict[str, Any] | None = None, map_location: Any = "cpu") -> Any:
+def mappable(path: Path, load_kwargs: dict[str, Any] | None = None) -> bool:
+    """Whether :func:`read` with ``mapped=True`` maps ``path`` (a zip-format torch file, and the caller's
+    ``load_kwargs`` do not say ``mmap=False``); ``torch.load`` maps only that format."""
+    if "mmap" in (load_kwargs or {}):
+        return bool((load_kwargs or {})["mmap"])
+    try:
+        with open(path, "rb") as file:
+            return file.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False  # read() names the problem
+
+
+def read(
+    path: Path,
+    what: str,
+    load_kwargs: dict[str, Any] | None = None,
+    map_location: Any = "cpu",
+    mapped: bool = False,
+) -> Any:
     """Read a ``torch.save`` file of the checkpoint, naming it and what it should hold on failure.
+
+    ``mapped`` (when :func:`mappable`): the tensors view a private map of the file instead of being
+    copied out of it; every record is located and the pickle read, but the bytes are copied only
+    when the caller copies the tensors (which it must do before handing them out).
 
     Raises:
         CheckpointError: the file is missing, truncated or corrupt, or holds objects that only full
@@ -147,6 +169,8 @@ def read(path: Path, what: str, load_kwargs: dict[str, Any] | None = None, map_l
     """
     kwargs = dict(load_kwargs or {})
     kwargs.setdefault("map_location", map_location)
+    if mapped:
+        kwargs.setdefault("mmap", True)
     if not path.is_file():
         raise CheckpointError(
             f"{path} is missing: the checkpoint has no {what}. Was it written by save_state with the same "

@@ -6,6 +6,11 @@ reads and checks every file this process needs (raising :class:`CheckpointError`
 file and what it expected), then :meth:`ReadState.apply` loads it all, and
 :meth:`ReadState.restore_rngs` puts the random streams back last, after anything that draws.
 
+The optimizer files (the largest) are read memory-mapped: :func:`read_state` parses each one and
+locates every tensor, and :meth:`ReadState.apply` copies the saved values straight into the
+optimizer's current state tensors (the ones its steps update in place; fresh ones when it has none
+yet), so the load allocates nothing and nothing views the file afterwards.
+
 Each process's RNG file also holds its data loaders' states (plain data: the epoch, the
 position and what fixes the order; see :mod:`hasten.data_loading.progress`) and the step;
 Accelerate ignores the extra key, so it still reads these files.
@@ -18,12 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from hasten._checkpointing import files, rng
 from hasten.utils.constants import SCALER_NAME
 from hasten.utils.errors import CheckpointError
 from hasten.utils.loading import load_checkpoint_in_model, plan_load
+from hasten.utils.tree import tree_map
 
 LOADERS_KEY = "dataloaders"
 GRADIENTS_KEY = "gradients"
@@ -109,13 +116,50 @@ def _check_model(model: nn.Module, path: Path, strict: bool) -> None:
         checkpoint.close()
 
 
+def _owned_optimizer_state(optimizer: Any, state: dict[str, Any], mapped: bool) -> dict[str, Any]:
+    """``state`` with memory of its own: each saved tensor is copied into the optimizer's current tensor
+    of the same shape, dtype and device (no new memory; the optimizer's steps update these in place
+    too), and when ``state`` views a mapped file, every other tensor is cloned."""
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    saved_ids = [index for group in state["param_groups"] for index in group.get("params", ())]
+    param_of = dict(zip(saved_ids, params))
+    current = getattr(optimizer, "state", {})
+    owned: set[int] = set()
+    values_of: dict[Any, Any] = {}
+    with torch.no_grad():
+        for key, values in state["state"].items():
+            held = current.get(param_of.get(key), {})
+            if not isinstance(values, dict) or not isinstance(held, dict):
+                values_of[key] = values
+                continue
+            values_of[key] = dict(values)
+            for name, value in values.items():
+                into = held.get(name)
+                if (
+                    isinstance(value, torch.Tensor)
+                    and isinstance(into, torch.Tensor)
+                    and into is not value
+                    and (into.shape, into.dtype, into.device) == (value.shape, value.dtype, value.device)
+                ):
+                    values_of[key][name] = into.copy_(value)
+                    owned.add(id(into))
+    result = {**state, "state": values_of}
+    if not mapped:
+        return result
+    return tree_map(
+        lambda tensor: tensor.clone() if tensor.device.type == "cpu" and id(tensor) not in owned else tensor,
+        result,
+    )
+
+
 @dataclass
 class ReadState:
     """Everything one process read from a checkpoint, checked, not yet applied."""
 
     models: list[tuple[nn.Module, Path]] = field(default_factory=list)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    optimizers: list[tuple[Any, Any]] = field(default_factory=list)
+    optimizers: list[tuple[Any, Any, bool]] = field(default_factory=list)
+    """(optimizer, saved state, whether the state views its mapped file)"""
     schedulers: list[tuple[Any, Any]] = field(default_factory=list)
     loaders: list[tuple[Any, Any]] = field(default_factory=list)
     scaler: tuple[Any, Any] | None = None
@@ -135,8 +179,8 @@ class ReadState:
         for model, path in self.models:
             load_checkpoint_in_model(model, path, strict=self.model_kwargs.get("strict", True))
         self.apply_scaler()
-        for optimizer, state in self.optimizers:
-            optimizer.load_state_dict(state)
+        for optimizer, state, mapped in self.optimizers:
+            optimizer.load_state_dict(_owned_optimizer_state(optimizer, state, mapped))
         for scheduler, state in self.schedulers:
             scheduler.load_state_dict(state)
         for loader, state in self.loaders:
@@ -200,9 +244,10 @@ def read_state(
         read.models.append((model, path))
     for index, optimizer in enumerate(optimizers):
         path = folder / files.optimizer_file(index)
-        state = files.read(path, f"state of optimizer {index}", load_kwargs, location)
+        mapped = files.mappable(path, load_kwargs)
+        state = files.read(path, f"state of optimizer {index}", load_kwargs, location, mapped=mapped)
         _check_optimizer(state, optimizer, path)
-        read.optimizers.append((optimizer, state))
+        read.optimizers.append((optimizer, state, mapped))
     for index, scheduler in enumerate(schedulers):
         path = folder / files.scheduler_file(index)
         read.schedulers.append((scheduler, files.read(path, f"state of scheduler {index}", load_kwargs)))
