@@ -20,6 +20,7 @@ model, ``torch.load`` + ``load_state_dict`` for the optimizer (no RNG file, no c
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import socket
@@ -27,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,11 +118,12 @@ def _run(rank: int, world: int, port: int, rounds: int, mib: int, folder: str, r
         if round_index:
             times[f"save {FLOOR}"].append(floor)
         targets = {library: f"{folder}/{library}_{round_index}" for library in contenders}
-        loads = {
-            library: (lambda a=accelerator, t=targets[library]: a.load_state(t))
+        loads: dict[str, Callable[[], None]] = {
+            library: functools.partial(accelerator.load_state, targets[library])
             for library, (accelerator, _, _) in contenders.items()
         }
-        loads[BY_HAND] = lambda: _load_by_hand(bare_model, accelerate_optimizer, targets["accelerate"])
+        by_hand = (bare_model, accelerate_optimizer, targets["accelerate"])
+        loads[BY_HAND] = functools.partial(_load_by_hand, *by_hand)
         for library, (accelerator, _, _) in contenders.items():
             saved = _timed(accelerator, lambda a=accelerator, t=targets[library]: a.save_state(t))
             if round_index:

@@ -392,3 +392,67 @@ def test_a_stateful_loader_continues_where_it_was(tmp_path: Path) -> None:
     accelerator, loader = prepared()
     accelerator.load_state(tmp_path / "s")
     assert [batch[0].tolist() for batch in loader] == rest
+
+
+def _optimizer_state(optimizer: Any) -> dict[str, Any]:
+    state = optimizer.state_dict()["state"]
+    return {key: {name: value.clone() for name, value in values.items()} for key, values in state.items()}
+
+
+def _same_state(got: dict[str, Any], expected: dict[str, Any]) -> bool:
+    return got.keys() == expected.keys() and all(
+        values.keys() == expected[key].keys()
+        and all(torch.equal(value, expected[key][name]) for name, value in values.items())
+        for key, values in got.items()
+    )
+
+
+def _zero_in_place(path: Path) -> None:
+    """Overwrite the file's bytes without replacing it: anything still viewing it would change."""
+    size = path.stat().st_size
+    with open(path, "r+b") as file:
+        file.write(bytes(size))
+
+
+def test_the_optimizer_state_is_loaded_into_its_own_tensors_and_views_no_file(tmp_path: Path) -> None:
+    accelerator, model, optimizer, scheduler, loader = _setup()
+    batches = list(loader)
+    _train(accelerator, model, optimizer, scheduler, batches[:2])
+    folder = Path(accelerator.save_state(tmp_path / "state"))
+    expected = _optimizer_state(optimizer)
+    _train(accelerator, model, optimizer, scheduler, batches[2:4])
+    held = {id(value) for values in optimizer.state.values() for value in values.values()}
+    accelerator.load_state(folder)
+    # The optimizer's own tensors (the ones its steps update in place) now hold the saved values.
+    assert {id(value) for values in optimizer.state.values() for value in values.values()} == held
+    _zero_in_place(folder / "optimizer.bin")
+    assert _same_state(_optimizer_state(optimizer), expected)
+    _train(accelerator, model, optimizer, scheduler, batches[4:])  # and the run goes on
+
+
+def test_a_fresh_optimizer_gets_the_saved_state_in_memory_of_its_own(tmp_path: Path) -> None:
+    accelerator, model, optimizer, scheduler, loader = _setup()
+    _train(accelerator, model, optimizer, scheduler, list(loader)[:2])
+    folder = Path(accelerator.save_state(tmp_path / "state"))
+    expected = _optimizer_state(optimizer)
+    accelerator2, _, optimizer2, *_ = _setup()
+    assert not optimizer2.state  # no step yet: nothing to load into
+    accelerator2.load_state(folder)
+    _zero_in_place(folder / "optimizer.bin")
+    assert _same_state(_optimizer_state(optimizer2), expected)
+
+
+def test_an_optimizer_file_in_the_legacy_format_is_read_whole(tmp_path: Path) -> None:
+    from hasten._checkpointing.files import mappable
+
+    accelerator, model, optimizer, scheduler, loader = _setup()
+    _train(accelerator, model, optimizer, scheduler, list(loader)[:2])
+    folder = Path(accelerator.save_state(tmp_path / "state"))
+    path = folder / "optimizer.bin"
+    assert mappable(path) and not mappable(path, {"mmap": False})
+    expected = _optimizer_state(optimizer)
+    torch.save(optimizer.state_dict(), path, _use_new_zipfile_serialization=False)
+    assert not mappable(path)
+    accelerator2, _, optimizer2, *_ = _setup()
+    accelerator2.load_state(folder)
+    assert _same_state(_optimizer_state(optimizer2), expected)
