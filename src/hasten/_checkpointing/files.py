@@ -161,7 +161,9 @@ def read(
 
     ``mapped`` (when :func:`mappable`): the tensors view a private map of the file instead of being
     copied out of it; every record is located and the pickle read, but the bytes are copied only
-    when the caller copies the tensors (which it must do before handing them out).
+    when the caller copies the tensors (which it must do before handing them out). The map is
+    private: replacing or deleting the file meanwhile changes nothing, but truncating it in place
+    (which no hasten save does: they replace files) would kill the process with ``SIGBUS`` at the copy.
 
     Raises:
         CheckpointError: the file is missing, truncated or corrupt, or holds objects that only full
