@@ -124,9 +124,9 @@ class GatherPlan:
         self._heads = self._received.numpy().reshape(world, ENVELOPE_BYTES)[:, :start]
         self._lock = threading.Lock()  # the buffers serve one call at a time
         self._inputs: list[torch.Tensor] = []
-        self._outputs: list[tuple[torch.Tensor, tuple[int, ...]]] = []
+        self._outputs: list[tuple[Any, tuple[int, ...], torch.dtype | None]] = []
         if self.inline:
-            for (begin, end, _, dtype, shape), leaf in zip(self.layout, ready):
+            for (begin, end, numpy_dtype, dtype, shape), leaf in zip(self.layout, ready):
                 where = start + begin
                 self._inputs.append(self._send[where : start + end].view(dtype).view(leaf.shape))
                 itemsize = leaf.element_size()
@@ -136,7 +136,15 @@ class GatherPlan:
                     (ENVELOPE_BYTES // itemsize, *_contiguous_strides(leaf.shape)),
                     where // itemsize,
                 )
-                self._outputs.append((rows, shape))
+                if numpy_dtype is None:  # numpy lacks the dtype: torch copies the rows out
+                    self._outputs.append((rows, shape, dtype))
+                    continue
+                host = np.lib.stride_tricks.as_strided(
+                    self._received.numpy()[where:].view(numpy_dtype),
+                    rows.shape,
+                    tuple(stride * itemsize for stride in rows.stride()),
+                )
+                self._outputs.append((host, shape, None))
 
     def exchange(self, leaves: Sequence[torch.Tensor]) -> list[torch.Tensor] | Exchanged | None:
         """Exchange the envelope for ``leaves`` (this plan's signature, any strides, 0-d allowed).
@@ -155,8 +163,15 @@ class GatherPlan:
                 return Exchanged(self._received.clone(), self.words, self.world, torch.device("cpu"))
             if not self.inline:
                 return None
-            # reshape copies the strided rows into a fresh tensor (a view only when world is 1).
-            out = [rows.reshape(shape) for rows, shape in self._outputs]
+            # The rows are strided (one envelope apart), so making them contiguous copies them into
+            # fresh memory (numpy's is the cheaper call); only on one rank could they already be
+            # contiguous, a view of the reused buffer, so that case is copied again.
+            out = [
+                torch.from_numpy(np.ascontiguousarray(rows).reshape(shape))
+                if torch_dtype is None
+                else rows.contiguous().view(shape)
+                for rows, shape, torch_dtype in self._outputs
+            ]
             return out if self.world > 1 else [tensor.clone() for tensor in out]
         finally:
             self._lock.release()

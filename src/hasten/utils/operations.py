@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import io
+import operator
 import pickle
 import warnings
 from collections.abc import Callable, Sequence
@@ -156,7 +157,15 @@ def gather(tensor: Any) -> Any:
     state = _distributed()
     if state is None:
         return tensor
-    leaves, spec = tree_flatten(tensor, strict=True, caller="gather", argument="tensor")
+    kind = type(tensor)
+    rebuild: Callable[[list[Any]], Any]
+    if kind is torch.Tensor:  # the common shapes skip the tree walk
+        leaves, rebuild = [tensor], operator.itemgetter(0)
+    elif (kind is tuple or kind is list) and all(type(leaf) is torch.Tensor for leaf in tensor):
+        leaves, rebuild = list(tensor), kind
+    else:
+        leaves, spec = tree_flatten(tensor, strict=True, caller="gather", argument="tensor")
+        rebuild = spec.unflatten
     if state.debug:
         _check_devices(state, leaves, tensor, "gather", "tensor")
     world = state.num_processes
@@ -165,7 +174,7 @@ def gather(tensor: Any) -> Any:
         plan = gather_plan(leaves, world)
         found = plan.exchange(leaves)
         if isinstance(found, list):  # every rank passed the same shapes and the data came along
-            return spec.unflatten(found)
+            return rebuild(found)
         layout, offsets, total = plan.layout, plan.offsets, plan.total
     else:
         ready = gatherable(leaves)
@@ -174,7 +183,7 @@ def gather(tensor: Any) -> Any:
         found = exchange_envelopes(call_of(Op.GATHER, ready), (ready, offsets, total))
         block = found.block()
         if block is not None:
-            return spec.unflatten(unpack_rows(block, layout))
+            return rebuild(unpack_rows(block, layout))
     if found is not None:  # the calls disagree, or the signature needs decoding: check it
         check_calls(found.replies(), _paths(tensor, "tensor"))  # raises unless the shapes agree
     ready = gatherable(leaves)
@@ -182,12 +191,12 @@ def gather(tensor: Any) -> Any:
         (leaf,) = ready
         out = torch.empty((world * leaf.shape[0], *leaf.shape[1:]), dtype=leaf.dtype, device=leaf.device)
         all_gather_into(as_bytes(out), as_bytes(leaf))
-        return spec.unflatten([out])
+        return rebuild([out])
     send = torch.empty(total, dtype=torch.uint8, device=device)
     pack_into(send, offsets, ready)
     received = torch.empty(world * total, dtype=torch.uint8, device=device)
     all_gather_into(received, send)
-    return spec.unflatten(unpack_rows(received.view(world, total), layout))
+    return rebuild(unpack_rows(received.view(world, total), layout))
 
 
 # --- objects ------------------------------------------------------------------------------------
