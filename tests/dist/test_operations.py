@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from hasten.state import PartialState
-from hasten.utils.batches import listify
 from hasten.utils.errors import ConfigurationError, DistributedOperationException
 from hasten.utils.exchange import ENVELOPE_BYTES
 from hasten.utils.operations import (
@@ -27,6 +26,7 @@ from hasten.utils.operations import (
     pad_across_processes,
     reduce,
 )
+from hasten.utils.batches import listify
 from tests.ranks import RankPool
 
 Pair = namedtuple("Pair", ["left", "right"])
@@ -42,7 +42,7 @@ def _state(debug: bool = False) -> PartialState:
 def _raised(function: Any, *args: Any, **kwargs: Any) -> str:
     try:
         function(*args, **kwargs)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - the test reads the type and message
         return f"{type(error).__name__}: {error}"
     return "nothing raised"
 
