@@ -41,6 +41,7 @@ from hasten.utils.exchange import (
     Op,
     all_gather_into,
     as_bytes,
+    as_sendable,
     call_of,
     check_calls,
     comm_device,
@@ -190,7 +191,7 @@ def gather(tensor: Any) -> Any:
     if len(ready) == 1:  # one tensor: straight into its output, no packing
         (leaf,) = ready
         out = torch.empty((world * leaf.shape[0], *leaf.shape[1:]), dtype=leaf.dtype, device=leaf.device)
-        all_gather_into(as_bytes(out), as_bytes(leaf))
+        all_gather_into(as_sendable(out), as_sendable(leaf))
         return rebuild([out])
     send = torch.empty(total, dtype=torch.uint8, device=device)
     pack_into(send, offsets, ready)
