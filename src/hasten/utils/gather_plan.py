@@ -178,7 +178,7 @@ class GatherPlan:
 
 
 _PLANS: dict[tuple[Any, ...], GatherPlan] = {}
-_MAX_PLANS = 64
+_MAX_PLANS = 16  # each holds (world + 1) envelopes of buffers
 
 
 def gather_plan(leaves: Sequence[torch.Tensor], world: int) -> GatherPlan:
