@@ -53,6 +53,12 @@ def _cases(rank: int) -> list[tuple[str, list[tuple[str, Callable[[], Any]]]]]:
         all_gather_single(out, tensor)
         return out
 
+    def floor_gather(tensor: torch.Tensor) -> torch.Tensor:
+        """The least a checked gather can do: one small all-gather (the shapes) and the raw one."""
+        shapes = torch.empty(world * 8, dtype=torch.int64)
+        all_gather_single(shapes, torch.zeros(8, dtype=torch.int64))
+        return raw_gather(tensor)
+
     def raw_gather_object(obj: Any) -> list[Any]:
         out: list[Any] = [None] * world
         dist.all_gather_object(out, obj)
@@ -137,6 +143,7 @@ def _cases(rank: int) -> list[tuple[str, list[tuple[str, Callable[[], Any]]]]]:
                     ("hasten", lambda t=one: hasten.gather(t)),
                     ("accelerate", lambda t=one: acc.gather(t)),
                     ("raw all_gather_single", lambda t=one: raw_gather(t)),
+                    ("floor: small + raw all_gather_single", lambda t=one: floor_gather(t)),
                 ],
             )
         )

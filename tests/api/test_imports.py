@@ -54,6 +54,7 @@ LAYERS: dict[str, int] = {
     "hasten.logging": 3,
     "hasten.utils.operations": 4,
     "hasten.utils.exchange": 4,
+    "hasten.utils.gather_plan": 4,
     "hasten.utils.amp": 4,
     "hasten.utils.random": 4,
     "hasten.utils.memory": 4,

@@ -17,6 +17,7 @@ import torch
 from hasten.state import PartialState
 from hasten.utils.errors import ConfigurationError, DistributedOperationException
 from hasten.utils.exchange import ENVELOPE_BYTES
+from hasten.utils.gather_plan import gather_plan
 from hasten.utils.operations import (
     broadcast,
     broadcast_object_list,
@@ -118,6 +119,43 @@ def test_gather_big_strided_grad_scalar_and_long_structures(ranks2: RankPool) ->
         assert result["scalar"] == [0.5, 1.5]
         assert result["many"] == [[0, 0, 1, 0], [0, 1, 1, 1], 1500]
         assert result["int16"] == [-7, -6]  # gloo has no int16: the bytes travel instead
+
+
+def _on_rank_gather_repeated() -> Any:
+    """The same signature gathered again reuses its cached plan: every output stays the caller's."""
+    rank = _state().process_index
+
+    def batch(step: int) -> tuple[torch.Tensor, ...]:
+        return (
+            torch.full((1, 3), float(step + rank)),  # rows of one: a reshape could be a view
+            torch.tensor(step * 10 + rank),  # 0-d
+            torch.full((2,), step + rank, dtype=torch.bfloat16),  # a dtype numpy lacks
+            torch.full((2,), float(rank), requires_grad=True) * step,
+        )
+
+    first = gather(batch(1))
+    second = gather(batch(2))
+    mismatch = _raised(gather, (torch.ones(1, 3 + rank), *batch(3)[1:]))  # after the cached calls
+    third = gather(batch(3))
+    plan = gather_plan(list(batch(4)), 2)
+    with plan._lock:  # as if another thread were inside this plan's gather: fresh buffers are used
+        fourth = gather(batch(4))
+    return {
+        "fourth": [t.tolist() for t in fourth],
+        "first": [t.tolist() for t in first],
+        "second": [t.tolist() for t in second],
+        "third": [t.tolist() for t in third],
+        "mismatch": mismatch,
+    }
+
+
+def test_gather_repeated_signature_outputs_are_fresh_and_still_checked(ranks2: RankPool) -> None:
+    for result in ranks2.run(_on_rank_gather_repeated):
+        assert result["first"] == [[[1.0] * 3, [2.0] * 3], [10, 11], [1.0, 1.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0]]
+        assert result["second"] == [[[2.0] * 3, [3.0] * 3], [20, 21], [2.0, 2.0, 3.0, 3.0], [0.0, 0.0, 2.0, 2.0]]
+        assert result["third"][1] == [30, 31]
+        assert result["fourth"][:2] == [[[4.0] * 3, [5.0] * 3], [40, 41]]
+        assert "tensor[0]: rank 0 float32[1, 3], rank 1 float32[1, 4]" in result["mismatch"]
 
 
 def _on_rank_gather_mismatch(case: str) -> str:

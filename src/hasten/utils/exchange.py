@@ -168,6 +168,17 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1).view(torch.uint8)
 
 
+_NATIVE = frozenset(
+    (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int8, torch.uint8)
+)
+"""Dtypes every backend sends as they are (gloo moves large float tensors a little faster than bytes)."""
+
+
+def as_sendable(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor as a 1-D view a collective can send: itself for a native dtype, else its bytes."""
+    return tensor.reshape(-1) if tensor.dtype in _NATIVE else tensor.reshape(-1).view(torch.uint8)
+
+
 def packed_offsets(leaves: Sequence[torch.Tensor]) -> tuple[list[int], int]:
     """Aligned byte offsets of ``leaves`` in a packed buffer, and the buffer's (aligned) size."""
     offsets, end = [], 0
@@ -218,26 +229,41 @@ Packed = tuple[Sequence[torch.Tensor], Sequence[int], int]
 """Leaves to pack into the envelope: the tensors, their byte offsets and the packed size."""
 
 
-def _write_envelope(op: int, words: list[int], payload: torch.Tensor | Packed | None) -> torch.Tensor:
-    """The envelope, built in host memory with numpy (a few cheap array operations instead of many
-    small tensor operations: this runs before every checked collective)."""
+def envelope_head(op: int, words: list[int], size: int) -> tuple[np.ndarray, int, int, bool]:
+    """An envelope with its header and signature written and the payload bytes zero; the payload's
+    start, the size word (``-2 - size`` when ``size`` bytes do not fit inline) and whether the
+    signature fit (else it travels in a second exchange, see :class:`Exchanged`)."""
     header_words = _HEADER_WORDS + len(words)
     fits_words = header_words <= ENVELOPE_BYTES // 8
     start = align(8 * header_words)
-    size = -1 if payload is None else payload.numel() if isinstance(payload, torch.Tensor) else payload[2]
-    if payload is not None and not (fits_words and start + size <= ENVELOPE_BYTES):
+    if size >= 0 and not (fits_words and start + size <= ENVELOPE_BYTES):
         size = -2 - size  # too big to travel inline; the size still tells the others how big
     buffer = np.zeros(ENVELOPE_BYTES, dtype=np.uint8)
     head = [op, len(words), size] + (words if fits_words else [])
     buffer[: 8 * len(head)].view(np.int64)[:] = head
+    return buffer, start, size, fits_words
+
+
+def _pack_host(
+    buffer: np.ndarray, start: int, offsets: Sequence[int], leaves: Sequence[torch.Tensor]
+) -> None:
+    """Copy each leaf's bytes into the host ``buffer`` at ``start`` + its offset."""
+    for offset, leaf in zip(offsets, leaves):
+        if leaf.numel():
+            data = _host_bytes(leaf)
+            buffer[start + offset : start + offset + data.size] = data
+
+
+def _write_envelope(op: int, words: list[int], payload: torch.Tensor | Packed | None) -> torch.Tensor:
+    """The envelope, built in host memory with numpy (a few cheap array operations instead of many
+    small tensor operations: this runs before every checked collective)."""
+    size = -1 if payload is None else payload.numel() if isinstance(payload, torch.Tensor) else payload[2]
+    buffer, start, size, _ = envelope_head(op, words, size)
     if isinstance(payload, torch.Tensor) and size >= 0:
         buffer[start : start + size] = _host_bytes(payload)
     elif payload is not None and size >= 0:
         leaves, offsets, _ = payload
-        for offset, leaf in zip(offsets, leaves):
-            if leaf.numel():
-                data = _host_bytes(leaf)
-                buffer[start + offset : start + offset + data.size] = data
+        _pack_host(buffer, start, offsets, leaves)
     return torch.from_numpy(buffer)
 
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import functools
 import io
+import operator
 import pickle
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar, get_args
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -41,6 +41,7 @@ from hasten.utils.exchange import (
     Op,
     all_gather_into,
     as_bytes,
+    as_sendable,
     call_of,
     check_calls,
     comm_device,
@@ -51,6 +52,7 @@ from hasten.utils.exchange import (
     packed_offsets,
     view_leaf,
 )
+from hasten.utils.gather_plan import gather_plan, gatherable, layout_of, unpack_rows
 from hasten.utils.reexport import lazy_reexports
 from hasten.utils.tree import leaf_paths, tree_flatten
 
@@ -141,53 +143,6 @@ def _debug_check(
 # --- gather -------------------------------------------------------------------------------------
 
 
-def _as_gatherable(leaf: torch.Tensor) -> torch.Tensor:
-    leaf = leaf.detach() if leaf.requires_grad else leaf
-    if leaf.ndim == 0:
-        leaf = leaf.reshape(1)
-    return leaf if leaf.is_contiguous() else leaf.contiguous()
-
-
-def _unpack_gathered(
-    rows: torch.Tensor | np.ndarray, offsets: Sequence[int], leaves: Sequence[torch.Tensor]
-) -> list[torch.Tensor]:
-    """Each leaf's rows from every rank, concatenated along dim 0 (``rows`` is world x bytes, uint8:
-    a tensor, or a numpy array of host memory).
-
-    Host bytes are copied out with numpy (one cheap call per leaf); torch views them as dtypes
-    numpy lacks (bfloat16, float8, ...).
-    """
-    host = rows if isinstance(rows, np.ndarray) else rows.numpy() if rows.device.type == "cpu" else None
-    world = rows.shape[0]
-    out = []
-    for offset, leaf in zip(offsets, leaves):
-        size = leaf.numel() * leaf.element_size()
-        shape = (world * leaf.shape[0], *leaf.shape[1:])
-        if host is None:
-            out.append(rows[:, offset : offset + size].view(leaf.dtype).reshape(shape))  # type: ignore[call-overload]
-            continue
-        chunk = np.ascontiguousarray(host[:, offset : offset + size])
-        numpy_dtype = _NUMPY_DTYPES.get(leaf.dtype)
-        if numpy_dtype is not None:
-            out.append(torch.from_numpy(chunk.view(numpy_dtype).reshape(shape)))
-        else:
-            out.append(torch.from_numpy(chunk).view(leaf.dtype).reshape(shape))
-    return out
-
-
-_NUMPY_DTYPES = {
-    torch.float32: np.float32,
-    torch.float64: np.float64,
-    torch.float16: np.float16,
-    torch.int64: np.int64,
-    torch.int32: np.int32,
-    torch.int16: np.int16,
-    torch.int8: np.int8,
-    torch.uint8: np.uint8,
-    torch.bool: np.bool_,
-}
-
-
 @_reports_timeouts
 def gather(tensor: Any) -> Any:
     """Gather every tensor of a nested structure from all processes, concatenated along dim 0 in rank order.
@@ -203,28 +158,46 @@ def gather(tensor: Any) -> Any:
     state = _distributed()
     if state is None:
         return tensor
-    leaves, spec = tree_flatten(tensor, strict=True, caller="gather", argument="tensor")
+    kind = type(tensor)
+    rebuild: Callable[[list[Any]], Any]
+    if kind is torch.Tensor:  # the common shapes skip the tree walk
+        leaves, rebuild = [tensor], operator.itemgetter(0)
+    elif (kind is tuple or kind is list) and all(type(leaf) is torch.Tensor for leaf in tensor):
+        leaves, rebuild = list(tensor), kind
+    else:
+        leaves, spec = tree_flatten(tensor, strict=True, caller="gather", argument="tensor")
+        rebuild = spec.unflatten
     if state.debug:
         _check_devices(state, leaves, tensor, "gather", "tensor")
-    ready = [_as_gatherable(leaf) for leaf in leaves]
-    offsets, total = packed_offsets(ready)
-    device = comm_device(state)
-    found = exchange_envelopes(call_of(Op.GATHER, ready), (ready, offsets, total))
-    block = found.block()  # every rank passed the same shapes and the data came along: done
-    if block is not None:
-        return spec.unflatten(_unpack_gathered(block, offsets, ready))
-    check_calls(found.replies(), _paths(tensor, "tensor"))  # raises unless the shapes agree
     world = state.num_processes
+    device = comm_device(state)
+    if device.type == "cpu":  # host buffers: the signature's cached plan
+        plan = gather_plan(leaves, world)
+        found = plan.exchange(leaves)
+        if isinstance(found, list):  # every rank passed the same shapes and the data came along
+            return rebuild(found)
+        layout, offsets, total = plan.layout, plan.offsets, plan.total
+    else:
+        ready = gatherable(leaves)
+        offsets, total = packed_offsets(ready)
+        layout = layout_of(offsets, ready, world)
+        found = exchange_envelopes(call_of(Op.GATHER, ready), (ready, offsets, total))
+        block = found.block()
+        if block is not None:
+            return rebuild(unpack_rows(block, layout))
+    if found is not None:  # the calls disagree, or the signature needs decoding: check it
+        check_calls(found.replies(), _paths(tensor, "tensor"))  # raises unless the shapes agree
+    ready = gatherable(leaves)
     if len(ready) == 1:  # one tensor: straight into its output, no packing
         (leaf,) = ready
         out = torch.empty((world * leaf.shape[0], *leaf.shape[1:]), dtype=leaf.dtype, device=leaf.device)
-        all_gather_into(as_bytes(out), as_bytes(leaf))
-        return spec.unflatten([out])
+        all_gather_into(as_sendable(out), as_sendable(leaf))
+        return rebuild([out])
     send = torch.empty(total, dtype=torch.uint8, device=device)
     pack_into(send, offsets, ready)
     received = torch.empty(world * total, dtype=torch.uint8, device=device)
     all_gather_into(received, send)
-    return spec.unflatten(_unpack_gathered(received.view(world, total), offsets, ready))
+    return rebuild(unpack_rows(received.view(world, total), layout))
 
 
 # --- objects ------------------------------------------------------------------------------------
