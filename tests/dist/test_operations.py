@@ -184,7 +184,8 @@ def test_gather_dtype_count_and_type_mismatches(ranks2: RankPool) -> None:
         assert "the ranks passed different numbers of tensors" in message
         assert "rank 0: 1 tensors ['float32[1]']" in message and "rank 1: 2 tensors" in message
     for message in ranks2.run(_on_rank_gather_mismatch, "type"):
-        assert message.startswith("TypeError: gather: tensor is a str ('not a tensor')")
+        assert message.startswith("TypeError: Unsupported types (<class 'str'>) passed to `gather`.")
+        assert "gather: tensor is a str ('not a tensor')" in message
 
 
 # --- pad_across_processes -----------------------------------------------------------------------
