@@ -65,30 +65,14 @@ def _timed(accelerator: Any, call: Any) -> float:
     return time.perf_counter() - start
 
 
-def _sync_and_publish(staging: str, target: str) -> None:
-    """Make a written folder durable and atomic: sync its files and itself, rename it, sync the parent."""
-    for root, _, names in os.walk(staging):
-        for name in names:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    for folder in (staging, os.path.dirname(staging)):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    os.rename(staging, target)
-
-
 def _synced_save(accelerator: Any, target: str) -> None:
-    staging = f"{target}.staging"
+    from hasten._checkpointing.folders import commit
+
+    staging = Path(f"{target}.staging")
     accelerator.save_state(staging)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _sync_and_publish(staging, target)
+        commit(staging, Path(target))  # what hasten does to make a written folder durable and atomic
 
 
 FLOOR = "accelerate, synced and renamed (floor)"
